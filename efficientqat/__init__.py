@@ -1,0 +1,5 @@
+"""EfficientQAT: Block-AP and E2E-QP quantization-aware training for Hugging Face causal LMs."""
+
+from efficientqat.quantizer import QuantSpec
+
+__all__ = ["QuantSpec"]

@@ -1,0 +1,143 @@
+"""Quantized linear layers: the fake-quant layer Block-AP trains, and the packed layer it ships.
+
+``FakeQuantLinear`` keeps a float weight plus learnable step sizes and zero points and
+quantize-dequantizes on every forward (gradients to all three by the STE).
+``PackedLinear`` holds the integer codes packed GPTQ-v2 style (see :mod:`efficientqat.packing`),
+frozen zero points and step sizes that E2E-QP may train. Its forward uses the fused Triton
+dequant-matmul on CUDA when available and dequantize-then-matmul in PyTorch otherwise.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from efficientqat.errors import ConfigError
+from efficientqat.packing import (
+    chunk_values,
+    group_index,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qweight,
+    unpack_qzeros,
+)
+from efficientqat.quantizer import QuantSpec, fake_quantize, init_scale_zero, quantize_to_int
+
+
+def check_packable(in_features: int, out_features: int, spec: QuantSpec, name: str = "layer") -> None:
+    """Raise a ConfigError naming the layer if its shape cannot be quantized/packed with ``spec``."""
+    try:
+        spec.group_len(in_features)
+    except ConfigError as err:
+        raise ConfigError(f"{name} ({out_features}x{in_features}): {err}") from None
+    per_chunk = chunk_values(spec.bits)
+    for what, size in (("in_features", in_features), ("out_features", out_features)):
+        if size % per_chunk:
+            raise ConfigError(
+                f"{name} ({out_features}x{in_features}): {what}={size} is not a multiple of {per_chunk}, "
+                f"which {spec.bits}-bit packing requires"
+            )
+
+
+class FakeQuantLinear(nn.Module):
+    """Linear layer trained with quantize-dequantize weights (Block-AP)."""
+
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        check_packable(linear.in_features, linear.out_features, spec)
+        self.spec = spec
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().to(dtype).clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype).clone())
+        scale, zero = init_scale_zero(self.weight, spec)
+        self.scale = nn.Parameter(scale)
+        self.zero = nn.Parameter(zero)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return fake_quantize(self.weight, self.scale, self.zero, self.spec)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        bias = self.bias
+        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def to_packed(self, compute_dtype: torch.dtype = torch.float16) -> "PackedLinear":
+        """Round the weights onto the grid and pack them (the end of a block's training)."""
+        codes, scale, zero = quantize_to_int(self.weight, self.scale, self.zero, self.spec)
+        return PackedLinear.from_codes(codes, scale, zero, self.bias, self.spec, compute_dtype)
+
+
+class PackedLinear(nn.Module):
+    """Linear layer over packed integer weights with per-group step sizes and zero points."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool,
+        compute_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        check_packable(in_features, out_features, spec)
+        self.spec = spec
+        self.in_features, self.out_features = in_features, out_features
+        bits, g = spec.bits, spec.n_groups(in_features)
+        self.register_buffer(
+            "qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("qzeros", torch.zeros(g, out_features * bits // 32, dtype=torch.int32, device=device))
+        self.scales = nn.Parameter(
+            torch.ones(g, out_features, dtype=torch.float16, device=device), requires_grad=False
+        )
+        self.register_buffer("g_idx", group_index(in_features, spec.group_len(in_features)).to(device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=compute_dtype, device=device))
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        bias: torch.Tensor | None,
+        spec: QuantSpec,
+        compute_dtype: torch.dtype = torch.float16,
+    ) -> "PackedLinear":
+        """Build from integer codes ``[N, K]``, step sizes ``[N, G]`` and integer zero points ``[N, G]``."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, spec, bias is not None, compute_dtype, device=codes.device)
+        layer.qweight.copy_(pack_qweight(codes, spec.bits))
+        layer.qzeros.copy_(pack_qzeros(zero.clamp(0, spec.qmax), spec.bits))
+        layer.scales.data.copy_(scale.t().to(torch.float16))
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(compute_dtype))
+        return layer
+
+    def int_codes(self) -> torch.Tensor:
+        """Integer codes ``[N, K]``."""
+        return unpack_qweight(self.qweight, self.spec.bits)
+
+    def int_zeros(self) -> torch.Tensor:
+        """Integer zero points ``[N, G]``."""
+        return unpack_qzeros(self.qzeros, self.spec.bits)
+
+    def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense weight ``[N, K]`` = (q - z) * s; differentiable with respect to ``scales``."""
+        g = self.spec.group_len(self.in_features)
+        codes = self.int_codes().reshape(self.out_features, -1, g).float()
+        zeros = self.int_zeros().float().unsqueeze(-1)
+        w = (codes - zeros) * self.scales.t().float().unsqueeze(-1)
+        w = w.reshape(self.out_features, self.in_features)
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize_weight(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"
