@@ -135,7 +135,40 @@ class PackedLinear(nn.Module):
         w = w.reshape(self.out_features, self.in_features)
         return w if dtype is None else w.to(dtype)
 
+    def kernel_zeros(self) -> torch.Tensor:
+        """Zero points unpacked once to uint8 ``[G, N]`` for the Triton kernels (a load-time
+        repack, cached on the module and outside the state dict; rebuilt if qzeros changes)."""
+        stamp = (self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device)
+        cached = getattr(self, "_kernel_zeros_cache", None)
+        if cached is None or cached[0] != stamp:
+            from efficientqat.kernels import unpack_zeros
+
+            cached = (stamp, unpack_zeros(self.qzeros, self.spec.bits, self.out_features))
+            self._kernel_zeros_cache = cached
+        return cached[1]
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """Triton path: CUDA, fp16/bf16 activations, triton importable, shapes the kernels take.
+        ``EFFICIENTQAT_KERNELS=0`` forces the PyTorch dequantize-then-matmul path (baseline)."""
+        import os
+
+        if not x.is_cuda or x.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        if os.environ.get("EFFICIENTQAT_KERNELS", "1") == "0":
+            return False
+        try:
+            from efficientqat.kernels import is_supported
+        except ImportError:  # no triton on this machine
+            return False
+        g = self.spec.group_len(self.in_features)
+        return is_supported(self.in_features, self.out_features, self.spec.bits, g)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_kernel(x):
+            from efficientqat.kernels import dequant_linear
+
+            g = self.spec.group_len(self.in_features)
+            return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g)
         w = self.dequantize_weight(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -1,0 +1,141 @@
+"""Entry points: shape checks, M-based dispatch with tuned configs, and the autograd Function.
+
+``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
+M <= 16 goes to the split-K decode kernel, larger M to the tiled GEMM. When ``scales`` (or x)
+require grad, the call goes through :class:`DequantMatmulFn`, whose backward returns the
+input gradient and the scale gradient and nothing for codes, zero points or bias.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import tuning
+from .backward import grad_input, grad_scales
+from .gemm import gemm_forward
+from .gemv import gemv_forward
+
+SMALL_M = 16
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_supported(K: int, N: int, bits: int, group: int) -> None:
+    """Raise ValueError unless the kernels handle this layer (tiles are whole words and groups)."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"Triton dequant-matmul supports bits in {SUPPORTED_BITS}, not {bits}")
+    if K % 32 or N % 32:
+        raise ValueError(
+            f"Triton dequant-matmul needs in_features (K={K}) and out_features (N={N}) to be multiples of 32"
+        )
+    if group % 32 or K % group:
+        raise ValueError(
+            f"Triton dequant-matmul needs the group length ({group}) to be a multiple of 32 dividing K={K} "
+            "(group_size 32/64/128/... or -1 per channel)"
+        )
+
+
+def is_supported(K: int, N: int, bits: int, group: int) -> bool:
+    try:
+        check_supported(K, N, bits, group)
+    except ValueError:
+        return False
+    return True
+
+
+def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Tensor:
+    """Packed qzeros ``[G, N*b/32]`` -> uint8 ``[G, N]`` (built once per layer and cached: the
+    kernels then read one byte per zero point, with the same row stride as the scales)."""
+    from efficientqat.packing import unpack_last_dim
+
+    z = unpack_last_dim(qzeros, bits)[:, :out_features]
+    return z.to(torch.uint8).contiguous()
+
+
+def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> str:
+    return tuning.make_key(kernel, x.device, m=tuning.m_bucket(M), n=N, k=K, bits=bits, group=group,
+                           dtype=str(x.dtype).replace("torch.", ""))
+
+
+def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    if M <= SMALL_M:
+        cands, fn, name = tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
+    else:
+        cands, fn, name = tuning.gemm_candidates(M, N, K, group), gemm_forward, "gemm"
+    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands,
+                        lambda c: fn(x, qweight, scales, zeros, bias, bits, group, c))
+    return fn(x, qweight, scales, zeros, bias, bits, group, cfg)
+
+
+def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      bits: int, group: int, K: int) -> torch.Tensor:
+    M, N = dy.shape
+    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group), tuning.grad_input_candidates(M, N, K, group),
+                        lambda c: grad_input(dy, qweight, scales, zeros, bits, group, K, c))
+    return grad_input(dy, qweight, scales, zeros, bits, group, K, cfg)
+
+
+def backward_scales_2d(x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+                       bits: int, group: int) -> torch.Tensor:
+    M, K = x.shape
+    N = dy.shape[1]
+    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group), tuning.grad_scales_candidates(M, N, K, group),
+                        lambda c: grad_scales(x, dy, qweight, zeros, bits, group, c))
+    return grad_scales(x, dy, qweight, zeros, bits, group, cfg)
+
+
+class DequantMatmulFn(torch.autograd.Function):
+    """``y = x @ ((q - z) * s)^T + bias`` with gradients to ``x`` and ``s`` only."""
+
+    @staticmethod
+    def forward(ctx, x2d: torch.Tensor, scales: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+                bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+        ctx.save_for_backward(x2d, scales, qweight, zeros)
+        ctx.bits, ctx.group = bits, group
+        return forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2d, scales, qweight, zeros = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = ds = None
+        if ctx.needs_input_grad[0]:
+            dx = backward_input_2d(dy, qweight, scales, zeros, ctx.bits, ctx.group, x2d.shape[1])
+        if ctx.needs_input_grad[1]:
+            ds = backward_scales_2d(x2d, dy, qweight, zeros, ctx.bits, ctx.group).to(scales.dtype)
+        return dx, ds, None, None, None, None, None
+
+
+def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """``x [..., K]`` -> ``[..., N]`` = ``x @ W^T + bias`` with W decoded from packed codes.
+
+    ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout); ``scales``: ``[G, N]`` (any float dtype,
+    may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`; ``group``: the
+    group length in columns (K for per-channel).
+    """
+    K = x.shape[-1]
+    N = qweight.shape[1]
+    check_supported(K, N, bits, group)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"Triton dequant-matmul supports activations in {SUPPORTED_DTYPES}, not {x.dtype}")
+    if qweight.shape[0] * 32 != K * bits or scales.shape != (K // group, N) or zeros.shape != scales.shape:
+        raise ValueError("qweight/scales/zeros shapes do not match the input size, bits and group")
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K).contiguous()
+    scales = scales.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if x2d.shape[0] == 0:
+        y = x2d.new_zeros((0, N))
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+    elif torch.is_grad_enabled() and (x2d.requires_grad or scales.requires_grad):
+        y = DequantMatmulFn.apply(x2d, scales, qweight, zeros, bias, bits, group)
+    else:
+        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
+    return y.reshape(*lead, N)

@@ -1,0 +1,95 @@
+"""Large-M forward kernel: ``y = x @ W^T (+ bias)`` with W decoded tile-wise from packed codes.
+
+Used for prefill and training (M > 16). Each program owns a ``[BLOCK_M, BLOCK_N]`` output tile
+and walks K; every step decodes a ``[BLOCK_K, BLOCK_N]`` tile of W^T into the activation dtype
+in registers and feeds it to the tensor cores through ``tl.dot``. The dense weight never
+exists in memory, so DRAM traffic for W is ``b/16`` of an fp16 GEMM's.
+
+``BLOCK_K`` always divides the group length, so one K step lies inside one group and needs a
+single row of scales and zero points. ``SPLIT_K > 1`` lets mid-sized M (17..256) fill the GPU
+when there are few output tiles; partial sums are then added atomically into a float32 buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import Config
+from .unpack import dequant_tile, load_codes, load_group_row
+
+
+@triton.jit
+def _dq_gemm_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_qk, stride_g, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    # Grouped ordering: GROUP_M row-tiles share each column of W tiles while it is hot in L2.
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(pid_k, K // BLOCK_K, SPLIT_K):
+        k0 = it * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
+        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
+        w = dequant_tile(q, s, z, dtype)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 activations get exact (IEEE) products: tf32 would drift ~3e-4 from the torch path."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def gemm_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """``x [M, K]`` contiguous -> ``y [M, N]`` in x's dtype, with the tile sizes of ``cfg``."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    split = cfg.split_k
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype) if split == 1 else \
+        torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    _dq_gemm_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        M, N, K,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if split == 1 else y.to(x.dtype)

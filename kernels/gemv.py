@@ -1,0 +1,93 @@
+"""Small-M (decode) forward kernel, M = 1..16: split-K so one weight matrix fills the GPU.
+
+At decode time the product is bound by reading W, so the kernel's job is to stream the packed
+codes at full bandwidth with few instructions per weight. Two choices serve that:
+
+* split-K: the grid is ``(N / BLOCK_N, SPLIT_K)``; with N = 4096 and BLOCK_N = 128 there are
+  only 32 column tiles, far too few for 132 SMs, so K is cut into ``SPLIT_K`` interleaved
+  slices whose partial sums are added atomically.
+* dot-then-scale: inside one group, ``sum_k x[k] (q[k,n] - z[n]) s[n]
+  = s[n] (sum_k x[k] q[k,n] - z[n] sum_k x[k])``. The codes go to the tensor cores as exact
+  small integers in the activation dtype (``tl.dot`` pads M to 16 rows), and the zero point and
+  scale are applied once per group to the ``[16, BLOCK_N]`` partial sum instead of once per
+  weight. That removes the subtract, multiply and second conversion from the per-weight path.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import Config
+from .unpack import load_codes, load_group_row
+
+
+@triton.jit
+def _dq_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_qk, stride_g, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(pid_k, K // BLOCK_K, SPLIT_K):
+        k0 = it * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
+        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
+        part = tl.dot(x, q.to(dtype), input_precision=DOT_PREC)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def gemv_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """``x [M<=16, K]`` contiguous -> ``y [M, N]`` in x's dtype.
+
+    fp16 split-K partials are added straight into the fp16 output (one memset, no extra cast
+    launch: at M = 1 a launch costs a tenth of the kernel); bf16 keeps 8 mantissa bits, too few
+    to add partials in, so it sums in a float32 buffer and casts.
+    """
+    M, K = x.shape
+    N = qweight.shape[1]
+    split = cfg.split_k
+    if split == 1:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    else:
+        acc_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+        y = torch.zeros((M, N), device=x.device, dtype=acc_dtype)
+    grid = (triton.cdiv(N, cfg.block_n), split)
+    _dq_gemv_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        M, N, K,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
+        BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -1,0 +1,214 @@
+"""Tile-configuration choice: candidate lists, on-GPU timing, and a json cache on disk.
+
+Triton's ``@triton.autotune`` re-times every process start and (under ``TRITON_INTERPRET=1``)
+cannot run more than one config, so the kernels here take their tile sizes as plain
+constexprs and this module picks them:
+
+* on the CPU interpreter, or when ``EFFICIENTQAT_AUTOTUNE=0``, the first valid candidate (a
+  sound default) is used without timing;
+* on a GPU every valid candidate is timed once per key (median of CUDA-event timings) and the
+  winner is stored in ``<dir>/kernel_configs.json``, where ``<dir>`` is
+  ``$EFFICIENTQAT_CACHE_DIR`` or ``~/.cache/efficientqat``. The key holds the device name, the
+  kernel, M's bucket, N, K, bits, group and dtype, so a later run starts tuned.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+
+CACHE_FILE = "kernel_configs.json"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tile sizes and launch parameters of one kernel launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("EFFICIENTQAT_AUTOTUNE", "1") != "0" and not interpreting()
+
+
+def cache_path() -> Path:
+    root = os.environ.get("EFFICIENTQAT_CACHE_DIR") or os.path.join(Path.home(), ".cache", "efficientqat")
+    return Path(root) / CACHE_FILE
+
+
+def m_bucket(m: int) -> int:
+    """Round M up to a power of two (at least 1): tuned configs are shared within a bucket."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
+class ConfigCache:
+    """Process-wide view of the json cache; reads once, writes atomically after each new entry."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, dict] | None = None
+        self._path: Path | None = None
+
+    def _load(self) -> dict[str, dict]:
+        path = cache_path()
+        if self._entries is None or path != self._path:
+            self._path = path
+            try:
+                self._entries = json.loads(path.read_text())
+            except (OSError, ValueError):
+                self._entries = {}
+        return self._entries
+
+    def get(self, key: str) -> Config | None:
+        with self._lock:
+            entry = self._load().get(key)
+        try:
+            return Config(**entry) if entry else None
+        except TypeError:  # written by an older layout of Config
+            return None
+
+    def put(self, key: str, cfg: Config) -> None:
+        with self._lock:
+            entries = self._load()
+            entries[key] = asdict(cfg)
+            path = self._path
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+                with os.fdopen(fd, "w") as f:
+                    json.dump(entries, f, indent=1, sort_keys=True)
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only home still works, it only re-tunes next time
+
+
+CACHE = ConfigCache()
+_MEMO: dict[str, Config] = {}
+
+
+def make_key(kernel: str, device: torch.device, **fields: object) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return "|".join([name, kernel] + [f"{k}={v}" for k, v in fields.items()])
+
+
+def _time_ms(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def choose(key: str, candidates: Iterable[Config], run: Callable[[Config], object]) -> Config:
+    """The config to launch for ``key``: memoised, cached on disk, else timed (GPU) or the first."""
+    cfg = _MEMO.get(key)
+    if cfg is not None:
+        return cfg
+    cands = list(candidates)
+    if not cands:
+        raise ValueError(f"no valid kernel configuration for {key}")
+    if not autotune_enabled():
+        _MEMO[key] = cands[0]
+        return cands[0]
+    cfg = CACHE.get(key)
+    if cfg is None:
+        best, best_ms = cands[0], float("inf")
+        for c in cands:
+            try:
+                ms = _time_ms(lambda: run(c))
+            except Exception:  # e.g. out of shared memory for this tile: skip it
+                continue
+            if ms < best_ms:
+                best, best_ms = c, ms
+        cfg = best
+        CACHE.put(key, cfg)
+    _MEMO[key] = cfg
+    return cfg
+
+
+def _fits(group: int, block_k: int, K: int) -> bool:
+    return block_k <= group and group % block_k == 0 and K % block_k == 0
+
+
+def _fit_k(block_k: int, group: int, K: int) -> int:
+    """Halve ``block_k`` until one K step lies inside one group (32 always does: checked upstream)."""
+    while block_k > 32 and not _fits(group, block_k, K):
+        block_k //= 2
+    return block_k
+
+
+def gemv_candidates(N: int, K: int, group: int) -> list[Config]:
+    """M <= 16. First entry is the untuned default."""
+    out = []
+    for bn, bk, split, warps, stages in [
+        (128, 128, 4, 4, 3), (64, 128, 4, 4, 3), (128, 64, 8, 4, 3), (256, 128, 4, 8, 3),
+        (128, 128, 2, 4, 4), (64, 64, 8, 4, 4), (128, 128, 8, 4, 2), (64, 128, 16, 4, 2),
+        (32, 128, 8, 4, 4), (128, 32, 8, 4, 4), (64, 32, 8, 4, 4), (128, 256, 2, 8, 3),
+    ]:
+        bk = _fit_k(bk, group, K)
+        split = max(1, min(split, K // bk))
+        if _fits(group, bk, K):
+            out.append(Config(16, bn, bk, split, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
+    """M > 16 forward. Larger tiles for larger M; split-K for mid M with few output tiles."""
+    table = [
+        (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4), (128, 128, 32, 1, 4, 4),
+        (256, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4), (64, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 2),
+    ]
+    if M <= 256:
+        table = [
+            (32, 128, 128, 4, 4, 3), (64, 128, 64, 2, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 128, 4, 4, 3),
+            (16, 128, 128, 8, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (32, 256, 64, 4, 8, 3),
+        ]
+    out = []
+    for bm, bn, bk, split, warps, stages in table:
+        bk = _fit_k(bk, group, K)
+        split = max(1, min(split, K // bk))
+        if _fits(group, bk, K):
+            out.append(Config(bm, bn, bk, split, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def grad_input_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
+    table = [
+        (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4),
+        (256, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4),
+    ]
+    out = []
+    for bm, bn, bk, warps, stages in table:
+        bk = _fit_k(bk, group, K)
+        if _fits(group, bk, K):
+            out.append(Config(bm, bn, bk, 1, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
+    table = [
+        (64, 128, 128, 8, 3), (32, 128, 128, 8, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
+        (32, 256, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 64, 4, 4),
+    ]
+    out = []
+    for bm, bn, bk, warps, stages in table:
+        ok = K % bk == 0 and ((bk <= group and group % bk == 0) or (bk % group == 0 and (group & (group - 1)) == 0))
+        if ok:
+            out.append(Config(bm, bn, bk, 1, warps, stages))
+        elif K % 32 == 0 and group % 32 == 0:
+            out.append(Config(bm, bn, 32, 1, warps, stages))
+    return list(dict.fromkeys(out))

@@ -1,0 +1,65 @@
+"""In-kernel decoders for GPTQ-packed integer codes (shared by every kernel in this package).
+
+The weights stay in the on-disk GPTQ(-v2) layout: ``qweight[K*b/32, N]`` holds column ``n``'s
+codes as a little-endian bit stream along K. A tile ``[BLOCK_K, BLOCK_N]`` of codes is decoded by
+pointing every row ``k`` at the word that holds it (``k*b // 32``) and shifting. Rows that share
+a word load the same address: those repeats are served by L1 and cost an instruction, not DRAM
+bandwidth, and they let Triton keep the plain 2-D blocked layout that ``tl.dot`` wants (a
+``[words, values_per_word, N]`` expansion followed by a reshape would force a shared-memory
+round trip for the layout change).
+
+3-bit codes are GPTQ's dense stream: 32 values in 3 words, values 10 and 21 of each chunk
+straddle a word boundary. Those are read from two words; all other rows load the same word
+twice (again an L1 hit), which keeps the decode branch-free.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS: tl.constexpr):
+    """Integer codes ``q[k, n]`` as int32 ``[len(offs_k), len(offs_n)]`` for absolute rows ``offs_k``.
+
+    ``qw_ptr`` points at ``qweight[0, 0]``; columns are contiguous (stride 1 along N).
+    """
+    if BITS == 3:
+        bit = offs_k * 3
+        shift = bit % 32
+        w_lo = bit // 32
+        w_hi = (bit + 2) // 32
+        col = offs_n[None, :]
+        lo = tl.load(qw_ptr + w_lo[:, None] * stride_qk + col, mask=mask_n[None, :], other=0)
+        hi = tl.load(qw_ptr + w_hi[:, None] * stride_qk + col, mask=mask_n[None, :], other=0)
+        # Logical shifts: an arithmetic right shift would smear the sign bit into bit 2 of
+        # value 10 (stream bits 30..32).
+        lo = lo.to(tl.uint32, bitcast=True)
+        hi = hi.to(tl.uint32, bitcast=True)
+        straddle = shift > 29
+        up = tl.where(straddle, 32 - shift, 0).to(tl.uint32)
+        v = (lo >> shift.to(tl.uint32)[:, None]) | tl.where(straddle[:, None], hi << up[:, None], 0)
+        return (v & 7).to(tl.int32)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        MASK: tl.constexpr = (1 << BITS) - 1
+        ptrs = qw_ptr + (offs_k // PER_WORD)[:, None] * stride_qk + offs_n[None, :]
+        w = tl.load(ptrs, mask=mask_n[None, :], other=0)
+        # An arithmetic shift is fine here: the mask drops the sign-extended bits.
+        return (w >> ((offs_k % PER_WORD) * BITS)[:, None]) & MASK
+
+
+@triton.jit
+def load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n):
+    """Scale and zero point of group ``g`` for columns ``offs_n``, both as float32 ``[BLOCK_N]``."""
+    s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+    return s, z
+
+
+@triton.jit
+def dequant_tile(q, s, z, DTYPE: tl.constexpr):
+    """``(q - z) * s`` rounded once to the activation dtype, the same arithmetic as the torch path
+    (float32 product, then one cast), so kernel and fallback see bit-identical weights."""
+    return ((q.to(tl.float32) - z[None, :]) * s[None, :]).to(DTYPE)

@@ -1,0 +1,202 @@
+"""Triton dequant-matmul kernels against a float64 reference.
+
+On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
+below before anything imports triton kernels), with fp32/fp16 activations and one config per
+kernel (the interpreter mishandles bf16 ``tl.dot``; tuning is off there by design). With CUDA
+the same tests run compiled on the GPU, plus the bf16 and autotuning tests at the end.
+Every launch writes into NaN-poisoned buffers, so any output element the kernel skips fails.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from efficientqat.kernels import DequantMatmulFn, check_supported, dequant_linear, unpack_zeros  # noqa: E402
+from efficientqat.kernels import tuning  # noqa: E402
+from efficientqat.packing import pack_qweight, pack_qzeros  # noqa: E402
+from efficientqat.qlinear import PackedLinear  # noqa: E402
+from efficientqat.quantizer import QuantSpec  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+GPU = DEV == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every float buffer the launchers allocate with torch.empty starts as NaN."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
+
+
+def rand_layer(n: int, k: int, bits: int, group: int, gen: torch.Generator, scale_dtype=torch.float32):
+    gl = k if group == -1 else group
+    g = k // gl
+    q = torch.randint(0, 2**bits, (n, k), generator=gen)
+    z = torch.randint(0, 2**bits, (n, g), generator=gen)
+    s = torch.rand(n, g, generator=gen, dtype=torch.float64) * 0.05 + 0.005
+    qw = pack_qweight(q, bits).to(DEV)
+    zeros = unpack_zeros(pack_qzeros(z, bits).to(DEV), bits, n)
+    scales = s.t().contiguous().to(DEV, scale_dtype)
+    return q, z, s, qw, zeros, scales, gl
+
+
+def reference(x, q, z, scales, gl, bias=None):
+    """float64 y, and a closure giving (dx, ds) for an upstream gradient dy."""
+    zf = z.double().repeat_interleave(gl, 1)
+    sd = scales.detach().double().cpu().t().clone().requires_grad_(True)
+    xd = x.detach().double().cpu().requires_grad_(True)
+    w = (q.double() - zf) * sd.repeat_interleave(gl, 1)
+    y = xd @ w.t()
+    if bias is not None:
+        y = y + bias.double().cpu()
+
+    def grads(dy):
+        dx, ds = torch.autograd.grad(y, (xd, sd), dy.double().cpu())
+        return dx, ds.t()
+
+    return y.detach(), grads
+
+
+def rel(a, b) -> float:
+    a = a.detach().double().cpu()
+    assert torch.isfinite(a).all(), "unwritten (NaN) or non-finite output"
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group", [32, 64, 128, -1])
+@pytest.mark.parametrize("m", [1, 5, 37])
+def test_fp32_forward_and_grads(bits, group, m):
+    gen = torch.Generator().manual_seed(1000 * bits + 10 * m + group)
+    n, k = 96, 256
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen)
+    scales.requires_grad_(True)
+    x = torch.randn(m, k, generator=gen).to(DEV).requires_grad_(True)
+    y = dequant_linear(x, qw, scales, zeros, None, bits, gl)
+    ref, grads = reference(x, q, z, scales, gl)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert rel(y, ref) < 1e-5
+    dy = torch.randn(m, n, generator=gen).to(DEV)
+    y.backward(dy)
+    dx_ref, ds_ref = grads(dy)
+    assert rel(x.grad, dx_ref) < 1e-5
+    assert scales.grad.dtype == torch.float32
+    assert rel(scales.grad, ds_ref) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group,m", [(64, 1), (64, 16), (128, 33), (-1, 3), (32, 20)])
+def test_fp16_forward_and_grads(bits, group, m):
+    gen = torch.Generator().manual_seed(7 * bits + m)
+    n, k = 128, 256
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen)
+    scales.requires_grad_(True)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    x = torch.randn(2, m, k, generator=gen).to(DEV, torch.float16).requires_grad_(True)
+    y = dequant_linear(x, qw, scales, zeros, bias, bits, gl)
+    assert y.shape == (2, m, n) and y.dtype == torch.float16
+    ref, grads = reference(x.reshape(-1, k), q, z, scales, gl, bias)
+    assert rel(y.reshape(-1, n), ref) < 3e-3
+    dy = torch.randn(2, m, n, generator=gen).to(DEV, torch.float16)
+    y.backward(dy)
+    dx_ref, ds_ref = grads(dy.reshape(-1, n))
+    assert x.grad.dtype == torch.float16
+    assert rel(x.grad.reshape(-1, k), dx_ref) < 3e-3
+    assert rel(scales.grad, ds_ref) < 3e-3
+
+
+def test_only_scales_and_input_get_gradients():
+    gen = torch.Generator().manual_seed(3)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 128, 4, 64, gen)
+    scales.requires_grad_(True)
+    x = torch.randn(4, 128, generator=gen).to(DEV)  # input needs no grad: only ds is computed
+    y = DequantMatmulFn.apply(x, scales, qw, zeros, None, 4, gl)
+    (ds,) = torch.autograd.grad(y.sum(), (scales,))
+    assert ds.shape == scales.shape and torch.isfinite(ds).all()
+    assert not qw.requires_grad and not zeros.requires_grad
+
+
+def test_matches_packed_linear_torch_path():
+    """The kernel gives what PackedLinear's dequantize-then-matmul path gives (with bias)."""
+    gen = torch.Generator().manual_seed(5)
+    spec = QuantSpec(3, 32)
+    n, k = 64, 128
+    codes = torch.randint(0, 8, (n, k), generator=gen, dtype=torch.int32)
+    zero = torch.randint(0, 8, (n, 4), generator=gen, dtype=torch.int32)
+    scale = torch.rand(n, 4, generator=gen) * 0.1 + 0.01
+    bias = torch.randn(n, generator=gen)
+    layer = PackedLinear.from_codes(codes, scale, zero, bias, spec, compute_dtype=torch.float32)
+    x = torch.randn(9, k, generator=gen)
+    expect = layer(x)  # CPU: the torch path
+    assert not layer._use_kernel(x)
+    layer = layer.to(DEV)
+    got = dequant_linear(x.to(DEV), layer.qweight, layer.scales, layer.kernel_zeros(), layer.bias, 3, 32)
+    assert rel(got, expect.double()) < 1e-5
+    assert layer.kernel_zeros() is layer.kernel_zeros()  # cached, built once
+
+
+def test_rejects_unsupported_shapes():
+    with pytest.raises(ValueError, match="multiples of 32"):
+        check_supported(48, 64, 4, 48)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        check_supported(64, 80, 4, 64)
+    with pytest.raises(ValueError, match="group length"):
+        check_supported(64, 64, 4, 16)
+    x = torch.randn(2, 48)
+    with pytest.raises(ValueError):
+        dequant_linear(x, torch.zeros(6, 64, dtype=torch.int32), torch.ones(1, 64), torch.zeros(1, 64, dtype=torch.uint8), None, 4, 48)
+
+
+def test_config_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
+    cache = tuning.ConfigCache()
+    cfg = tuning.Config(16, 128, 64, 4, 4, 3)
+    cache.put("dev|gemv|m=1", cfg)
+    assert tuning.ConfigCache().get("dev|gemv|m=1") == cfg
+    assert (tmp_path / tuning.CACHE_FILE).exists()
+    assert tuning.m_bucket(1) == 1 and tuning.m_bucket(5) == 8 and tuning.m_bucket(2048) == 2048
+
+
+def test_candidates_respect_groups():
+    for group in (32, 64, 128, 4096):
+        for cands in (tuning.gemv_candidates(4096, 4096, group), tuning.gemm_candidates(64, 4096, 4096, group),
+                      tuning.gemm_candidates(4096, 4096, 4096, group),
+                      tuning.grad_input_candidates(4096, 4096, 4096, group)):
+            assert cands and all(group % c.block_k == 0 and 4096 % c.block_k == 0 for c in cands)
+
+
+@pytest.mark.skipif(not GPU, reason="bf16 tl.dot and autotuning need a GPU")
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
+@pytest.mark.parametrize("m", [1, 16, 300])
+def test_gpu_bf16_autotuned(bits, group, m, tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
+    gen = torch.Generator().manual_seed(bits * 100 + m)
+    n, k = 1024, 2048
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen)
+    scales.requires_grad_(True)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16).requires_grad_(True)
+    y = dequant_linear(x, qw, scales, zeros, None, bits, gl)
+    ref, grads = reference(x, q, z, scales, gl)
+    assert rel(y, ref) < 1e-2
+    dy = torch.randn(m, n, generator=gen).to(DEV, torch.bfloat16)
+    y.backward(dy)
+    dx_ref, ds_ref = grads(dy)
+    assert rel(x.grad, dx_ref) < 1e-2 and rel(scales.grad, ds_ref) < 1e-2
+    assert (tmp_path / tuning.CACHE_FILE).exists()
