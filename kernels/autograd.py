@@ -1,7 +1,8 @@
 """Entry points: shape checks, M-based dispatch with tuned configs, and the autograd Function.
 
 ``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
-M <= 16 goes to the split-K decode kernel, larger M to the tiled GEMM. When ``scales`` (or x)
+M = 1 goes to the CUDA-core split-K kernel, M <= 16 to the tensor-core split-K kernels, larger
+M to the tiled GEMM. When ``scales`` (or x)
 require grad, the call goes through :class:`DequantMatmulFn`, whose backward returns the
 input gradient and the scale gradient and nothing for codes, zero points or bias.
 """
@@ -13,7 +14,7 @@ import torch
 from . import tuning
 from .backward import grad_input, grad_scales
 from .gemm import gemm_forward
-from .gemv import gemv_forward
+from .gemv import gemv1_forward, gemv_forward, gemv_tc_forward
 
 SMALL_M = 16
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -62,7 +63,11 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
     M, K = x.shape
     N = qweight.shape[1]
-    if M <= SMALL_M:
+    if M == 1:
+        cands, fn, name = tuning.gemv1_candidates(N, K, bits), gemv1_forward, "gemv1"
+    elif M <= SMALL_M and tuning.gemv_tc_candidates(N, K, bits):
+        cands, fn, name = tuning.gemv_tc_candidates(N, K, bits), gemv_tc_forward, "gemv_tc"
+    elif M <= SMALL_M:
         cands, fn, name = tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
     else:
         cands, fn, name = tuning.gemm_candidates(M, N, K, group), gemm_forward, "gemm"

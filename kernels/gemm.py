@@ -27,7 +27,7 @@ def _dq_gemm_kernel(
     stride_xm, stride_qk, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, EXPAND: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -51,7 +51,16 @@ def _dq_gemm_kernel(
         k0 = it * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
+        if EXPAND:
+            # Load each word once and expand in registers: [words, values/word, N] -> [K, N].
+            PW: tl.constexpr = 32 // BITS
+            offs_w = it * (BLOCK_K // PW) + tl.arange(0, BLOCK_K // PW)
+            words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+            shifts = tl.arange(0, PW) * BITS
+            q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+        else:
+            q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
         s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
         w = dequant_tile(q, s, z, dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
@@ -89,7 +98,7 @@ def gemm_forward(
         x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype),
+        SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype), EXPAND=bool(cfg.variant) and bits != 3,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if split == 1 else y.to(x.dtype)

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .tuning import Config
-from .unpack import load_codes, load_group_row
+from .unpack import load_chunk_words, load_codes, load_group_row, slot_code
 
 
 @triton.jit
@@ -87,6 +87,152 @@ def gemv_forward(
         x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+@triton.jit
+def _dq_gemv1_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, K, stride_qk, stride_g,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """M = 1 on the CUDA cores: each packed word is loaded once and its values are peeled off
+    with compile-time shifts (``slot_code``), multiplied by the matching x[k] and summed per
+    chunk row; the zero point and scale of the row's group are applied once per word row
+    (``s * (sum_j x_j q_j - z * sum_j x_j)``), so the per-weight cost is shift, mask, convert
+    and one FMA."""
+    VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    BK: tl.constexpr = BLOCK_C * VPC
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+    for it in range(pid_k, K // BK, SPLIT_K):
+        chunks = it * BLOCK_C + offs_c
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
+        k_first = chunks * VPC
+        g = k_first // GROUP
+        sz_off = g[:, None] * stride_g + offs_n[None, :]
+        s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
+        t = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        x_row = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in tl.static_range(VPC):
+            xj = tl.load(x_ptr + k_first + j).to(tl.float32)
+            t += xj[:, None] * slot_code(w0, w1, w2, j, BITS).to(tl.float32)
+            x_row += xj
+        acc += s * (t - x_row[:, None] * z)
+
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        if pid_k == 0:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if SPLIT_K == 1:
+        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.atomic_add(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _dq_gemv_tc_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_qk, stride_g, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """M = 2..16 on the tensor cores, loading each packed word once: for each value slot j of
+    a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
+    (a strided gather from the small, cache-resident x) in one ``tl.dot`` of depth BLOCK_C."""
+    VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    BK: tl.constexpr = BLOCK_C * VPC
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = x_ptr.dtype.element_ty
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(pid_k, K // BK, SPLIT_K):
+        chunks = it * BLOCK_C + offs_c
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
+        k_first = chunks * VPC
+        sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
+        s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
+        for j in tl.static_range(VPC):
+            xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
+            w = ((slot_code(w0, w1, w2, j, BITS).to(tl.float32) - z) * s).to(dtype)
+            acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def values_per_chunk(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits
+
+
+def _out_buffer(x: torch.Tensor, M: int, N: int, split: int) -> torch.Tensor:
+    if split == 1:
+        return torch.empty((M, N), device=x.device, dtype=x.dtype)
+    acc_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
+    return torch.zeros((M, N), device=x.device, dtype=acc_dtype)
+
+
+def gemv1_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """M = 1; ``cfg.block_k`` is the number of chunks per step (BLOCK_C)."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    y = _out_buffer(x, M, N, cfg.split_k)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    _dq_gemv1_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        N, K, qweight.stride(0), scales.stride(0),
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def gemv_tc_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """M = 2..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16)."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    y = _out_buffer(x, M, N, cfg.split_k)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    _dq_gemv_tc_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        M, N, K,
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
+        BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

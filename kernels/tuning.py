@@ -37,6 +37,7 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    variant: int = 0  # kernel-specific alternative (gemm: 1 = load words once and expand)
 
 
 def interpreting() -> bool:
@@ -183,6 +184,7 @@ def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
         split = max(1, min(split, K // bk))
         if _fits(group, bk, K):
             out.append(Config(bm, bn, bk, split, warps, stages))
+    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1) for c in out[:4]]
     return list(dict.fromkeys(out))
 
 
@@ -211,4 +213,43 @@ def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
             out.append(Config(bm, bn, bk, 1, warps, stages))
         elif K % 32 == 0 and group % 32 == 0:
             out.append(Config(bm, bn, 32, 1, warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def _vpc(bits: int) -> int:
+    return 32 if bits == 3 else 32 // bits
+
+
+def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
+    """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step). Tiles are
+    sized so the words, the per-row sums and the accumulator stay in registers."""
+    vpc = _vpc(bits)
+    table = [
+        (256, 8, 8, 4, 1), (256, 16, 8, 4, 1), (128, 16, 8, 4, 1), (512, 8, 4, 8, 1),
+        (256, 8, 16, 4, 1), (128, 8, 16, 4, 1), (256, 4, 16, 4, 1), (512, 4, 8, 4, 1),
+        (256, 2, 16, 4, 1), (128, 4, 32, 4, 1),
+    ]
+    out = []
+    for bn, bc, split, warps, stages in table:
+        if bits == 3 and bc > 4:
+            bc //= 4  # three words per chunk: keep the register footprint
+        steps = K // (bc * vpc)
+        if K % (bc * vpc) == 0 and steps >= 1:
+            out.append(Config(1, bn, bc, max(1, min(split, steps)), warps, stages))
+    return list(dict.fromkeys(out))
+
+
+def gemv_tc_candidates(N: int, K: int, bits: int) -> list[Config]:
+    """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
+    the dot depth). Empty when K is not a multiple of 16 chunks (then the replicated-load gemv)."""
+    vpc = _vpc(bits)
+    table = [
+        (128, 16, 8, 4, 2), (64, 16, 8, 4, 2), (128, 16, 4, 4, 2), (256, 16, 4, 8, 2),
+        (64, 16, 16, 4, 2), (128, 32, 4, 4, 2), (64, 32, 8, 4, 2), (128, 16, 16, 4, 2),
+    ]
+    out = []
+    for bn, bc, split, warps, stages in table:
+        steps = K // (bc * vpc)
+        if K % (bc * vpc) == 0 and steps >= 1:
+            out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
     return list(dict.fromkeys(out))

@@ -63,3 +63,42 @@ def dequant_tile(q, s, z, DTYPE: tl.constexpr):
     """``(q - z) * s`` rounded once to the activation dtype, the same arithmetic as the torch path
     (float32 product, then one cast), so kernel and fallback see bit-identical weights."""
     return ((q.to(tl.float32) - z[None, :]) * s[None, :]).to(DTYPE)
+
+
+@triton.jit
+def load_chunk_words(qw_ptr, offs_c, offs_n, stride_qk, mask_n, BITS: tl.constexpr):
+    """The packed words of chunks ``offs_c`` (a chunk = one word for 2/4/8 bits, three words = 32
+    values for 3 bits), each as a ``[len(offs_c), len(offs_n)]`` tile, loaded once (no repeats).
+    For 3 bits the words come back as uint32 so that right shifts are logical."""
+    if BITS == 3:
+        base = qw_ptr + (offs_c * 3)[:, None] * stride_qk + offs_n[None, :]
+        m = mask_n[None, :]
+        w0 = tl.load(base, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(base + stride_qk, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2 * stride_qk, mask=m, other=0).to(tl.uint32, bitcast=True)
+        return w0, w1, w2
+    else:
+        w0 = tl.load(qw_ptr + offs_c[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        return w0, w0, w0
+
+
+@triton.jit
+def slot_code(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
+    """Code number ``J`` of every chunk in the tiles (compile-time shifts: 2-3 ops per value).
+
+    Chunk value ``J`` sits at stream bits ``[b*J, b*J + b)``; for 3 bits values 10 and 21
+    straddle words 0/1 and 1/2."""
+    if BITS == 3:
+        if J < 10:
+            v = w0 >> (3 * J)
+        elif J == 10:
+            v = (w0 >> 30) | (w1 << 2)
+        elif J < 21:
+            v = w1 >> (3 * J - 32)
+        elif J == 21:
+            v = (w1 >> 31) | (w2 << 1)
+        else:
+            v = w2 >> (3 * J - 64)
+        return (v & 7).to(tl.int32)
+    else:
+        return (w0 >> (J * BITS)) & ((1 << BITS) - 1)

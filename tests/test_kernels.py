@@ -20,6 +20,15 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+try:  # not pip-installed (e.g. a bare GPU box): map efficientqat.kernels onto ./kernels
+    import efficientqat.kernels  # noqa: F401
+except ImportError:
+    import pathlib
+
+    import efficientqat
+
+    efficientqat.__path__.append(str(pathlib.Path(__file__).resolve().parents[1]))
+
 from efficientqat.kernels import DequantMatmulFn, check_supported, dequant_linear, unpack_zeros  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.packing import pack_qweight, pack_qzeros  # noqa: E402
@@ -200,3 +209,30 @@ def test_gpu_bf16_autotuned(bits, group, m, tmp_path, monkeypatch):
     dx_ref, ds_ref = grads(dy)
     assert rel(x.grad, dx_ref) < 1e-2 and rel(scales.grad, ds_ref) < 1e-2
     assert (tmp_path / tuning.CACHE_FILE).exists()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m", [1, 3])
+def test_decode_paths_fp16(bits, m):
+    """K = 512 so that M <= 16 takes the load-once tensor-core kernel for every bit width."""
+    gen = torch.Generator().manual_seed(11 * bits + m)
+    n, k = 64, 512
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, 128, gen, scale_dtype=torch.float16)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+    y = dequant_linear(x, qw, scales, zeros, None, bits, gl)
+    ref, _ = reference(x, q, z, scales, gl)
+    assert rel(y, ref) < 3e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gemm_expand_variant(bits):
+    """The gemm variant that loads each packed word once and expands it in registers."""
+    from efficientqat.kernels.gemm import gemm_forward
+
+    gen = torch.Generator().manual_seed(bits)
+    n, k, m = 64, 256, 40
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, 64, gen)
+    x = torch.randn(m, k, generator=gen).to(DEV)
+    for split in (1, 2):
+        y = gemm_forward(x, qw, scales, zeros, None, bits, gl, tuning.Config(32, 64, 64, split, 4, 2, 1))
+        assert rel(y, reference(x, q, z, scales, gl)[0]) < 1e-5
