@@ -21,6 +21,7 @@ from torch import nn
 
 from efficientqat.block_ap import quantize_model_block_ap
 from efficientqat.data import calibration_windows, eval_windows
+from efficientqat.errors import ConfigError, EfficientQATError
 from efficientqat.evaluate import format_table, perplexity
 from efficientqat.model_utils import check_model_source, decoder_layers, linear_modules, load_causal_lm, load_tokenizer
 from efficientqat.packed_model import load_packed_model, pack_rtn_, save_packed_model
@@ -106,7 +107,7 @@ def run_blockap(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     baselines = list(cfg.eval.baselines)
     unknown = set(baselines) - {"fp", "rtn"}
     if unknown:
-        raise ValueError(f"eval.baselines has unknown entries {sorted(unknown)}; use fp and/or rtn")
+        raise ConfigError(f"eval.baselines has unknown entries {sorted(unknown)}; use fp and/or rtn")
     if "fp" in baselines:
         _evaluate_once(run, "fp", fp_label, "-", load_fp, eval_sets, device, bs)
     if "rtn" in baselines:
@@ -154,7 +155,10 @@ def _device_name(device: torch.device) -> str:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="blockap")
 def main(cfg: DictConfig) -> None:
-    run_blockap(cfg, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run_blockap(cfg, Path(HydraConfig.get().runtime.output_dir))
+    except EfficientQATError as err:  # the user's problem: say it plainly, without a traceback
+        raise SystemExit(f"efficientqat.blockap: error: {err}") from None
 
 
 if __name__ == "__main__":
