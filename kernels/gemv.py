@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .tuning import Config
-from .unpack import load_chunk_words, load_codes, load_group_row, slot_code
+from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit
 
 
 @triton.jit
@@ -126,9 +126,10 @@ def _dq_gemv1_kernel(
         x_row = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for j in tl.static_range(VPC):
             xj = tl.load(x_ptr + k_first + j).to(tl.float32)
-            t += xj[:, None] * slot_code(w0, w1, w2, j, BITS).to(tl.float32)
+            t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS)  # x * (1 + q 2^-b)
             x_row += xj
-        acc += s * (t - x_row[:, None] * z)
+        # sum_j x_j q_j = (t - x_row) * 2^b; fold zero point and scale once per word row.
+        acc += s * ((t - x_row[:, None]) * (1 << BITS) - x_row[:, None] * z)
 
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
@@ -171,10 +172,13 @@ def _dq_gemv_tc_kernel(
         sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
         s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
         z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
+        # (q - z) s = f * s 2^b - (1 + z 2^-b) s 2^b with f = 1 + q 2^-b: one FMA per weight.
+        s_mul = s * (1 << BITS)
+        s_add = -(1.0 + z * (1.0 / (1 << BITS))) * s_mul
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
         for j in tl.static_range(VPC):
             xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
-            w = ((slot_code(w0, w1, w2, j, BITS).to(tl.float32) - z) * s).to(dtype)
+            w = (slot_unit(w0, w1, w2, j, BITS) * s_mul + s_add).to(dtype)
             acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
     if HAS_BIAS:

@@ -123,8 +123,17 @@ def choose(key: str, candidates: Iterable[Config], run: Callable[[Config], objec
     if not cands:
         raise ValueError(f"no valid kernel configuration for {key}")
     if not autotune_enabled():
-        _MEMO[key] = cands[0]
-        return cands[0]
+        cfg = cands[0]
+        if not interpreting():  # GPU, tuning off: the first candidate that compiles and fits
+            for c in cands:
+                try:
+                    run(c)
+                except Exception:  # e.g. triton OutOfResources (shared memory) for this tile
+                    continue
+                cfg = c
+                break
+        _MEMO[key] = cfg
+        return cfg
     cfg = CACHE.get(key)
     if cfg is None:
         best, best_ms = cands[0], float("inf")
@@ -227,7 +236,8 @@ def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
     table = [
         (256, 8, 8, 4, 1), (256, 16, 8, 4, 1), (128, 16, 8, 4, 1), (512, 8, 4, 8, 1),
         (256, 8, 16, 4, 1), (128, 8, 16, 4, 1), (256, 4, 16, 4, 1), (512, 4, 8, 4, 1),
-        (256, 2, 16, 4, 1), (128, 4, 32, 4, 1),
+        (256, 2, 16, 4, 1), (128, 4, 32, 4, 1), (128, 8, 32, 4, 1), (256, 4, 32, 4, 1),
+        (64, 8, 32, 2, 1), (128, 2, 64, 4, 1),
     ]
     out = []
     for bn, bc, split, warps, stages in table:
@@ -236,6 +246,8 @@ def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
         steps = K // (bc * vpc)
         if K % (bc * vpc) == 0 and steps >= 1:
             out.append(Config(1, bn, bc, max(1, min(split, steps)), warps, stages))
+    # the same tiles with Triton's software pipelining of the word loads (cp.async ring)
+    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, 3) for c in out[:8]]
     return list(dict.fromkeys(out))
 
 
