@@ -155,7 +155,7 @@ def quantize_model_block_ap(
     for i in range(start, len(layers)):
         block = layers[i].to(device)
         chains.propagate(block, "fp", kwargs, bs)  # FP chain now holds block i's targets
-        qblock = make_fake_quant_block(block, spec).to(device)
+        qblock = make_fake_quant_block(block, spec, train_cfg.compile).to(device)
         layers[i] = block.cpu()
         result = train_block(
             qblock, i, chains.stores["q_train"], chains.stores["fp_train"], chains.stores["q_val"],

@@ -40,7 +40,7 @@ class BlockTrainConfig:
     train_norms: bool = True
     grad_clip: float | None = None
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast on CUDA; None = full fp32
-    compile: bool = False
+    compile: bool = False  # fuse the fake quantizer with torch.compile (CUDA)
     seed: int = 0
 
 
@@ -52,17 +52,18 @@ class BlockTrainResult:
     steps: int
     train_loss: list[float] = field(default_factory=list)  # mean per epoch
     val_loss: list[float] = field(default_factory=list)  # after each epoch
+    epoch_seconds: list[float] = field(default_factory=list)  # optimizer steps only, no validation
     init_val_loss: float = float("nan")
     seconds: float = 0.0
     peak_memory_gb: float = 0.0
 
 
-def make_fake_quant_block(block: nn.Module, spec: QuantSpec) -> nn.Module:
-    """A float32 copy of ``block`` whose Linear layers are FakeQuantLinear."""
+def make_fake_quant_block(block: nn.Module, spec: QuantSpec, compiled: bool = False) -> nn.Module:
+    """A float32 copy of ``block`` whose Linear layers are FakeQuantLinear (optionally torch.compiled)."""
     qblock = copy.deepcopy(block).float()
     for name, linear in linear_modules(qblock).items():
         try:
-            set_submodule(qblock, name, FakeQuantLinear(linear, spec))
+            set_submodule(qblock, name, FakeQuantLinear(linear, spec, compiled=compiled))
         except Exception as err:
             raise type(err)(f"{name}: {err}") from None
     return qblock
@@ -150,7 +151,6 @@ def train_block(
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
     steps_per_epoch = math.ceil(len(train_in) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    forward = torch.compile(qblock) if cfg.compile else qblock
     result = BlockTrainResult(block=block_index, steps=total_steps)
     result.init_val_loss = block_loss(qblock, val_in, val_target, kwargs, cfg.batch_size, cfg.autocast_dtype)
     best_val, bad_epochs, step = result.init_val_loss, 0, 0
@@ -158,12 +158,13 @@ def train_block(
         qblock.train()
         batches = _epoch_batches(len(train_in), cfg.batch_size, cfg.shuffle, gen)
         epoch_loss = torch.zeros((), device=device)
+        epoch_start = time.perf_counter()
         for x, y in zip(train_in.iter_batches(batches), train_target.iter_batches(batches)):
             factor = cosine_factor(step, total_steps, cfg.min_lr_factor)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             with _autocast(device, cfg.autocast_dtype):
-                out = run_block(forward, x, kwargs)
+                out = run_block(qblock, x, kwargs)
             loss = nn.functional.mse_loss(out.float(), y.float())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -172,7 +173,8 @@ def train_block(
             optimizer.step()
             epoch_loss += loss.detach()
             step += 1
-        mean_loss = epoch_loss.item() / len(batches)
+        mean_loss = epoch_loss.item() / len(batches)  # .item() waits for the GPU: the epoch is timed whole
+        result.epoch_seconds.append(time.perf_counter() - epoch_start)
         if not math.isfinite(mean_loss):
             raise TrainingDivergedError(
                 f"block {block_index}: training loss is {mean_loss} in epoch {epoch}; lower quant.weight_lr "

@@ -160,8 +160,8 @@ def load_packed_model(path: str | Path, dtype: torch.dtype = torch.float16, devi
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
         raise ModelLoadError(f"'{path}' does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    _rebuild_meta_modules(model)
     model.tie_weights()
+    _rebuild_meta_modules(model)
     model.config.quantization_config = qc
     return model.to(device).eval()
 
