@@ -111,7 +111,8 @@ def set_kernels(on: bool) -> None:
     os.environ["EFFICIENTQAT_KERNELS"] = "1" if on else "0"
 
 
-def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy_bw: float, train: bool) -> None:
+def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy_bw: float, train: bool,
+                out_file: Path | None = None) -> None:
     dev = "cuda"
     layer = make_layer(n, k, spec, dev)
     packed_bytes = layer.qweight.numel() * 4 + layer.scales.numel() * 2 + layer.scales.numel()
@@ -147,6 +148,8 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
             row.update(bench_train(layers[0], xs[0], dense[0]))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if out_file is not None:  # keep what is done if the run is cut short
+            out_file.write_text(json.dumps({"rows": rows}, indent=1))
         del dense, xs
 
 
@@ -219,13 +222,14 @@ def main() -> None:
     ms = [int(m) for m in args.ms.split(",")]
     small = [int(m) for m in args.small_quants_ms.split(",") if m]
     rows: list = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for qi, q in enumerate(args.quants.split(",")):
         bits, g = int(q[1]), int(q.split("g")[1])
         spec = QuantSpec(bits, g)
         for n, k in shapes:
-            bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+            bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train,
+                        out / "bench_kernels.partial.json")
     (out / "bench_kernels.json").write_text(json.dumps({"device": device, "copy_bw": copy_bw, "rows": rows}, indent=1))
     print(table(rows, copy_bw, device))
 
