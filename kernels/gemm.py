@@ -76,6 +76,67 @@ def _dq_gemm_kernel(
         tl.atomic_add(y_ptrs, acc, mask=mask)
 
 
+@triton.jit
+def _dq_gemm_wa_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_qk, stride_g, stride_ym,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Same product computed as ``y^T = W x^T``: the decoded weight tile is the *A* operand.
+
+    On Hopper, wgmma reads A from registers but B only from shared memory. With W as B (the
+    kernel above) every decoded tile is stored to shared memory and read back by the tensor
+    cores; with W as A, Triton can decode straight into the register layout the instruction
+    wants, and only x (loaded by the async copy engine) goes through shared memory."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % rows
+    pid_n = (pid % width) // rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = x_ptr.dtype.element_ty
+    PW: tl.constexpr = 32 // BITS
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for it in range(pid_k, K // BLOCK_K, SPLIT_K):
+        k0 = it * BLOCK_K
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        g = k0 // GROUP
+        s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+        if BITS == 3:
+            q = tl.trans(load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS))
+        else:
+            ptrs = qw_ptr + (offs_k // PW)[None, :] * stride_qk + offs_n[:, None]
+            words = tl.load(ptrs, mask=mask_n[:, None], other=0)
+            q = (words >> ((offs_k % PW) * BITS)[None, :]) & ((1 << BITS) - 1)
+        qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+        w = ((qf - (z + 8388608.0)[:, None]) * s[:, None]).to(dtype)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PREC)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    y_ptrs = y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None]
+    mask = mask_m[None, :] & mask_n[:, None]
+    if SPLIT_K == 1:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=mask)
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """float32 activations get exact (IEEE) products: tf32 would drift ~3e-4 from the torch path."""
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -92,6 +153,17 @@ def gemm_forward(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if split == 1 else \
         torch.zeros((M, N), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
+    if cfg.variant == 2:
+        _dq_gemm_wa_kernel[grid](
+            x, qweight, scales, zeros, bias if bias is not None else x, y,
+            M, N, K,
+            x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+            BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        return y if split == 1 else y.to(x.dtype)
     _dq_gemm_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,

@@ -194,6 +194,11 @@ def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
         if _fits(group, bk, K):
             out.append(Config(bm, bn, bk, split, warps, stages))
     out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1) for c in out[:4]]
+    if M > 256:  # W as the register (A) operand of wgmma: tiles that compile without spills
+        for bm, bn, bk, warps, stages in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)]:
+            bk = _fit_k(bk, group, K)
+            if _fits(group, bk, K):
+                out.append(Config(bm, bn, bk, 1, warps, stages, 2))
     return list(dict.fromkeys(out))
 
 

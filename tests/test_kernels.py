@@ -225,9 +225,9 @@ def test_decode_paths_fp16(bits, m):
     assert rel(y, ref) < 3e-3
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gemm_expand_variant(bits):
-    """The gemm variant that loads each packed word once and expands it in registers."""
+    """The gemm variants: words loaded once and expanded (2/4/8 bits), and W as the A operand."""
     from efficientqat.kernels.gemm import gemm_forward
 
     gen = torch.Generator().manual_seed(bits)
@@ -235,5 +235,7 @@ def test_gemm_expand_variant(bits):
     q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, 64, gen)
     x = torch.randn(m, k, generator=gen).to(DEV)
     for split in (1, 2):
-        y = gemm_forward(x, qw, scales, zeros, None, bits, gl, tuning.Config(32, 64, 64, split, 4, 2, 1))
-        assert rel(y, reference(x, q, z, scales, gl)[0]) < 1e-5
+        for variant in (1, 2):
+            cfg = tuning.Config(32, 64, 64, split, 4, 2, variant)
+            y = gemm_forward(x, qw, scales, zeros, None, bits, gl, cfg)
+            assert rel(y, reference(x, q, z, scales, gl)[0]) < 1e-5
