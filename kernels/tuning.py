@@ -239,14 +239,12 @@ def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
     sized so the words, the per-row sums and the accumulator stay in registers."""
     vpc = _vpc(bits)
     table = [
-        (256, 8, 8, 4, 1), (256, 16, 8, 4, 1), (128, 16, 8, 4, 1), (512, 8, 4, 8, 1),
-        (256, 8, 16, 4, 1), (128, 8, 16, 4, 1), (256, 4, 16, 4, 1), (512, 4, 8, 4, 1),
-        (256, 2, 16, 4, 1), (128, 4, 32, 4, 1), (128, 8, 32, 4, 1), (256, 4, 32, 4, 1),
-        (64, 8, 32, 2, 1), (128, 2, 64, 4, 1),
+        (256, 8, 16, 4, 1), (256, 16, 8, 4, 1), (256, 4, 16, 4, 1), (512, 4, 8, 4, 1),
+        (128, 8, 16, 4, 1), (128, 4, 32, 4, 1),
         # Wide column tiles: each thread then holds several columns per row, so every x[k] it
         # loads (one scalar load per row and value slot) feeds several weights.
         (1024, 2, 32, 4, 1), (1024, 1, 32, 4, 1), (2048, 1, 32, 8, 1), (1024, 2, 16, 8, 1),
-        (512, 2, 32, 4, 1), (512, 4, 16, 4, 1), (1024, 4, 16, 8, 1), (2048, 2, 16, 8, 1),
+        (512, 2, 32, 4, 1), (512, 4, 16, 4, 1),
     ]
     out = []
     for bn, bc, split, warps, stages in table:
@@ -256,7 +254,7 @@ def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
         if K % (bc * vpc) == 0 and steps >= 1:
             out.append(Config(1, bn, bc, max(1, min(split, steps)), warps, stages))
     # the same tiles with Triton's software pipelining of the word loads (cp.async ring)
-    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, 3) for c in out[:4] + out[-8:]]
+    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, 3) for c in out[:3] + out[6:9]]
     return list(dict.fromkeys(out))
 
 
