@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from efficientqat.activations import ActivationStore, choose_location
-from efficientqat.block_trainer import BlockTrainConfig, make_fake_quant_block, pack_block, train_block
+from efficientqat.block_trainer import (
+    BlockTrainConfig,
+    make_fake_quant_block,
+    pack_block,
+    should_compile,
+    train_block,
+)
 from efficientqat.model_utils import (
     capture_block_inputs,
     decoder_layers,
@@ -155,7 +161,7 @@ def quantize_model_block_ap(
     for i in range(start, len(layers)):
         block = layers[i].to(device)
         chains.propagate(block, "fp", kwargs, bs)  # FP chain now holds block i's targets
-        qblock = make_fake_quant_block(block, spec, train_cfg.compile).to(device)
+        qblock = make_fake_quant_block(block, spec, should_compile(block, train_cfg.compile, device)).to(device)
         layers[i] = block.cpu()
         result = train_block(
             qblock, i, chains.stores["q_train"], chains.stores["fp_train"], chains.stores["q_val"],

@@ -38,9 +38,9 @@ class BlockTrainConfig:
     early_stop: int = 0
     shuffle: bool = True
     train_norms: bool = True
-    grad_clip: float | None = None
+    grad_clip: float | None = 0.3
     autocast_dtype: torch.dtype | None = None  # bf16/fp16 autocast on CUDA; None = full fp32
-    compile: bool = False  # fuse the fake quantizer with torch.compile (CUDA)
+    compile: bool | None = False  # fuse the fake quantizer with torch.compile; None = when it pays off
     seed: int = 0
 
 
@@ -56,6 +56,17 @@ class BlockTrainResult:
     init_val_loss: float = float("nan")
     seconds: float = 0.0
     peak_memory_gb: float = 0.0
+
+
+COMPILE_MIN_PARAMS = 20_000_000
+
+
+def should_compile(block: nn.Module, setting: bool | None, device: torch.device) -> bool:
+    """``None`` (auto): compile on CUDA for blocks big enough that fusing the quantizer beats its ~20 s compile."""
+    if setting is not None:
+        return setting
+    n_params = sum(m.weight.numel() for m in linear_modules(block).values())
+    return device.type == "cuda" and n_params >= COMPILE_MIN_PARAMS
 
 
 def make_fake_quant_block(block: nn.Module, spec: QuantSpec, compiled: bool = False) -> nn.Module:
@@ -146,7 +157,10 @@ def train_block(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     groups = param_groups(qblock, cfg)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay) if groups else None
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, **fused) if groups else None
+    # fp16 autocast needs loss scaling (as in the original recipe); bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.autocast_dtype == torch.float16)
     base_lrs = [g["lr"] for g in groups]
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + block_index)
     steps_per_epoch = math.ceil(len(train_in) / cfg.batch_size)
@@ -167,10 +181,12 @@ def train_block(
                 out = run_block(qblock, x, kwargs)
             loss = nn.functional.mse_loss(out.float(), y.float())
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             epoch_loss += loss.detach()
             step += 1
         mean_loss = epoch_loss.item() / len(batches)  # .item() waits for the GPU: the epoch is timed whole

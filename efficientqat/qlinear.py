@@ -70,14 +70,14 @@ class FakeQuantLinear(nn.Module):
         self.scale = nn.Parameter(scale)
         self.zero = nn.Parameter(zero)
 
-    def quantized_weight(self) -> torch.Tensor:
+    def quantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         fn = _compiled_fake_quantize() if self.compiled else fake_quantize
-        return fn(self.weight, self.scale, self.zero, self.spec)
+        return fn(self.weight, self.scale, self.zero, self.spec, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight()
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         bias = self.bias
-        return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x.to(dtype), self.quantized_weight(dtype), None if bias is None else bias.to(dtype))
 
     def to_packed(self, compute_dtype: torch.dtype = torch.float16) -> "PackedLinear":
         """Round the weights onto the grid and pack them (the end of a block's training)."""

@@ -91,13 +91,23 @@ def integer_zero(zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return zero.round().clamp(0, spec.qmax)
 
 
-def fake_quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Quantize-dequantize ``weight`` with STE gradients to weight, scale and zero (see module doc)."""
+def fake_quantize(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: QuantSpec,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``weight`` with STE gradients to weight, scale and zero (see module doc).
+
+    ``out_dtype`` casts the result (the matmul's dtype) inside the same fused kernel when compiled.
+    """
     wg = _grouped(weight, spec)
     s = clamp_ste(scale, SCALE_MIN, SCALE_MAX).unsqueeze(-1)
     z = clamp_ste(round_ste(zero), 0, spec.qmax).unsqueeze(-1)
     q = torch.clamp(round_ste(wg / s) + z, 0, spec.qmax)
-    return ((q - z) * s).reshape(weight.shape)
+    out = ((q - z) * s).reshape(weight.shape)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def quantize_to_int(

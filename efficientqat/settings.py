@@ -54,15 +54,15 @@ def text_source(node: Any) -> TextSource:
 def block_train_config(cfg: DictConfig, device: torch.device) -> BlockTrainConfig:
     t = cfg.train
     precision = str(t.precision)
-    if precision == "auto":
-        autocast = torch.bfloat16 if device.type == "cuda" else None
+    if precision == "auto":  # the original recipe: fp16 autocast with loss scaling on the GPU
+        autocast = torch.float16 if device.type == "cuda" else None
     elif precision == "fp32":
         autocast = None
     elif precision in ("bf16", "fp16"):
         autocast = DTYPES[precision]
     else:
         raise ConfigError(f"train.precision='{precision}' must be auto, bf16, fp16 or fp32")
-    compile_block = device.type == "cuda" if str(t.compile) == "auto" else bool(t.compile)
+    compile_block = None if str(t.compile) == "auto" else bool(t.compile)
     for key in ("epochs", "batch_size"):
         if int(t[key]) < 1:
             raise ConfigError(f"train.{key}={t[key]} must be at least 1")

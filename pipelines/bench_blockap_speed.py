@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("--location", default="cpu", choices=["gpu", "cpu", "disk"])
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--precision", default="fp16", choices=["fp16", "bf16"])
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -86,7 +87,8 @@ def main() -> None:
         kwargs = kw
     kwargs = kwargs_to(kwargs, device)
     cfg = BlockTrainConfig(epochs=2, batch_size=args.batch, weight_lr=2e-5, quant_lr=1e-4,
-                           autocast_dtype=torch.bfloat16, compile=not args.no_compile)
+                           autocast_dtype=torch.float16 if args.precision == "fp16" else torch.bfloat16,
+                           compile=not args.no_compile)
     spec = QuantSpec(args.bits, args.group)
     results = []
     for i, block in enumerate(layers):
@@ -106,13 +108,13 @@ def main() -> None:
         del qblock
         torch.cuda.empty_cache()
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
-              "matmul_bf16_tflops": peak_rate, "location": args.location, "compile": cfg.compile,
+              "matmul_bf16_tflops": peak_rate, "location": args.location, "compile": cfg.compile, "precision": args.precision,
               "seqlen": args.seqlen, "batch": args.batch, "windows": args.windows, "spec": spec.name,
               "blocks": results}
     if args.out:
         args.out.write_text(json.dumps(report, indent=2))
     print(f"\nBlock-AP speed, {report['device']}, {spec.name}, {args.batch}x{args.seqlen} tokens/step, "
-          f"activations on {args.location}, compile={cfg.compile}; bf16 matmul {peak_rate:.0f} TFLOP/s")
+          f"{args.precision} autocast, activations on {args.location}, compile={cfg.compile}; bf16 matmul {peak_rate:.0f} TFLOP/s")
     print("| block | ms/step | TFLOP/s | of matmul rate | peak GPU GB |")
     print("|---|---|---|---|---|")
     for r in results:

@@ -13,5 +13,5 @@ echo "quality sweep rc=$? in $(( $(date +%s) - start )) s"
 grep -v "it/s\]" $out/quality.log | grep -E "block [0-9]|error|Error" | tail -30
 cp /tmp/sweep/summary.md $out/ 2>/dev/null; cp /tmp/sweep/summary.json $out/ 2>/dev/null
 for d in /tmp/sweep/*/; do cp "$d/metrics.json" "$out/metrics-$(basename $d).json" 2>/dev/null; done
-python3 pipelines/bench_blockap_speed.py --out $out/speed.json 2>&1 | grep -v Warning | tail -8
+for p in fp16 bf16; do python3 pipelines/bench_blockap_speed.py --precision $p --out $out/speed-$p.json 2>&1 | grep -v Warning | tail -6; done
 cat $out/summary.md 2>/dev/null
