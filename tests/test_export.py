@@ -1,0 +1,159 @@
+"""Export to GPTQ-v2 / compressed-tensors / dense, load_quantized, and refusals of bad input.
+
+Models are built directly from random codes with zero points forced to the extremes 0 and
+2^b - 1 (the values a GPTQ-v1 or an off-by-one layout would get wrong), at every bit width
+and group 64/128, on a 2-layer Llama of hidden 128 so both group sizes divide every layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from efficientqat import load_quantized
+from efficientqat.errors import ConfigError, RunFolderError
+from efficientqat.export import export
+from efficientqat.exporters.common import packed_layers
+from efficientqat.exporters.compressed_tensors import pack_words
+from efficientqat.exporters.read_compressed_tensors import _unpack_rows
+from efficientqat.model_utils import decoder_layers, linear_modules, set_submodule
+from efficientqat.packed_model import save_packed_model
+from efficientqat.qlinear import PackedLinear
+from efficientqat.quantizer import QuantSpec
+from efficientqat.run_folder import write_json
+
+SETTINGS = [(b, g) for b in (2, 3, 4, 8) for g in (64, 128)]
+
+
+def random_packed_model(vocab: int, spec: QuantSpec, seed: int = 0):
+    """A tiny Llama whose decoder Linears are PackedLinear over random codes, extreme zeros."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).float()
+    for block in decoder_layers(model):
+        for name, linear in linear_modules(block).items():
+            n, k = linear.weight.shape
+            g = spec.n_groups(k)
+            codes = torch.randint(0, spec.qmax + 1, (n, k), dtype=torch.int32)
+            codes[0, :] = 0  # code extremes too
+            codes[1, :] = spec.qmax
+            zero = torch.where(torch.rand(n, g) < 0.5, 0, spec.qmax).to(torch.int32)
+            scale = torch.rand(n, g) * 0.02 / spec.qmax + 1e-3
+            set_submodule(block, name, PackedLinear.from_codes(codes, scale, zero, None, spec, torch.float32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_factory):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_factory("llama"))
+
+
+def make_run(root: Path, tokenizer, bits: int, group: int, done: bool = True) -> Path:
+    """A run folder shaped like Block-AP's / E2E-QP's: state.json + model/."""
+    spec = QuantSpec(bits, group)
+    save_packed_model(random_packed_model(len(tokenizer), spec), tokenizer, root / "model", spec)
+    write_json(root / "state.json", {"stage": "blockap", "done": done})
+    return root
+
+
+@pytest.mark.parametrize("bits,group", SETTINGS)
+@pytest.mark.parametrize("fmt", ["gptq_v2", "compressed_tensors", "dense"])
+def test_export_round_trip(tmp_path, tokenizer, fmt, bits, group):
+    run = make_run(tmp_path / "run", tokenizer, bits, group)
+    result = export(run, fmt, tmp_path / "out")
+    assert result["layers_checked"] == 14 and result["logits_rel_diff"] <= (3e-2 if fmt == "dense" else 1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # staging removed
+
+
+def test_gptq_v2_config_fields(tmp_path, tokenizer):
+    run = make_run(tmp_path / "run", tokenizer, 3, 128)
+    export(run / "model", "gptq_v2", tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and qc["checkpoint_format"] == "gptq_v2" and qc["format"] == "gptq_v2"
+    assert (qc["bits"], qc["group_size"], qc["sym"], qc["desc_act"]) == (3, 128, False, False)
+    assert json.loads((tmp_path / "out" / "quantize_config.json").read_text()) == qc
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "out" / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj"  # K = 256, N = 128, 3-bit dense stream
+    assert t[f"{name}.qweight"].shape == (256 * 3 // 32, 128) and t[f"{name}.qweight"].dtype == torch.int32
+    assert t[f"{name}.qzeros"].shape == (2, 128 * 3 // 32) and t[f"{name}.scales"].dtype == torch.float16
+    assert torch.equal(t[f"{name}.g_idx"], torch.arange(256, dtype=torch.int32) // 128)
+
+
+def test_compressed_tensors_layout(tmp_path, tokenizer):
+    run = make_run(tmp_path / "run", tokenizer, 4, 64)
+    export(run, "compressed_tensors", tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    w = qc["config_groups"]["group_0"]["weights"]
+    assert (qc["quant_method"], qc["format"], qc["ignore"]) == ("compressed-tensors", "pack-quantized", ["lm_head"])
+    assert (w["num_bits"], w["type"], w["symmetric"], w["strategy"], w["group_size"]) == (4, "int", False, "group", 64)
+    from safetensors.torch import load_file
+
+    t = load_file(str(tmp_path / "out" / "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj"  # N = 64, K = 128
+    assert t[f"{name}.weight_packed"].shape == (64, 16) and t[f"{name}.weight_zero_point"].shape == (8, 2)
+    assert t[f"{name}.weight_scale"].shape == (64, 2) and t[f"{name}.weight_shape"].tolist() == [64, 128]
+
+
+def test_compressed_tensors_3bit_words_hold_ten_values():
+    codes = torch.arange(20).reshape(1, 20) % 8
+    words = pack_words(codes, 3)
+    assert words.shape == (1, 2) and int(words[0, 0]) == sum(int(v) << (3 * i) for i, v in enumerate(codes[0, :10]))
+    assert torch.equal(_unpack_rows(words, 3, 20) + 4, codes)
+
+
+@pytest.mark.parametrize("target", ["run", "model", "gptq"])
+def test_load_quantized_generates(tmp_path, tokenizer, target):
+    run = make_run(tmp_path / "run", tokenizer, 2, 64)
+    path = {"run": run, "model": run / "model"}.get(target)
+    if target == "gptq":
+        export(run, "gptq_v2", tmp_path / "gptq")
+        path = tmp_path / "gptq"
+    model = load_quantized(path, device="cpu")
+    assert len(packed_layers(model)) == 14
+    ids = tokenizer("the quick brown fox", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 4)
+    reference = load_quantized(run, device="cpu")
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_bad_inputs_leave_everything_untouched(tmp_path, tokenizer):
+    unfinished = make_run(tmp_path / "unfinished", tokenizer, 4, 64, done=False)
+    with pytest.raises(RunFolderError, match="not finished"):
+        export(unfinished, "gptq_v2", tmp_path / "a")
+    run = make_run(tmp_path / "run", tokenizer, 4, 64)
+    with pytest.raises(ConfigError, match="unknown"):
+        export(run, "onnx", tmp_path / "b")
+    with pytest.raises(ConfigError, match="zero - 1"):
+        export(run, "gptq_v1", tmp_path / "c")
+    with pytest.raises(ConfigError, match="dtype"):
+        export(run, "dense", tmp_path / "d", dtype="int8")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    with pytest.raises(RunFolderError, match="not empty"):
+        export(run, "gptq_v2", busy)
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
+    with pytest.raises(RunFolderError, match="neither a run folder"):
+        export(tmp_path / "nowhere", "gptq_v2", tmp_path / "e")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "run", "unfinished"]
+
+
+def test_export_of_a_blockap_run(tmp_path, tiny_overrides):
+    from conftest import compose
+    from efficientqat.blockap import run_blockap
+
+    run_blockap(compose("blockap", tiny_overrides("llama", "w2g64") + ["quant.group_size=32"]), tmp_path / "run")
+    result = export(tmp_path / "run", "compressed_tensors", tmp_path / "ct")
+    assert result["layers_checked"] == 14
