@@ -98,16 +98,17 @@ def _dq_gemv1_kernel(
     x_ptr, xw_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     N, K, stride_qk, stride_g,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, X64: tl.constexpr,
 ):
     """M = 1 on the CUDA cores: each packed word is loaded once and its values are peeled off
     with compile-time shifts (``slot_unit``), multiplied by the matching x[k] and summed per
     chunk row; the zero point and scale of the row's group are applied once per word row
     (``s * (sum_j x_j q_j - z * sum_j x_j)``), so the per-weight cost is shift, and-or, FMA.
 
-    The kernel is bound by load *instructions* before DRAM bandwidth, so x is read through a
-    64-bit view (``xw_ptr``: 4 fp16/bf16 or 2 fp32 values per load, split with shifts), and when
-    a whole step lies in one group the scales and zero points are read as one row, not per row.
+    ``X64`` (variant 1): the kernel is bound by load *instructions* before DRAM bandwidth
+    (SASS of variant 0: ~0.9 loads per weight, mostly scalar x loads), so x is read through a
+    64-bit view (``xw_ptr``: 4 fp16/bf16 or 2 fp32 values per load, split with shifts) and, when a
+    whole step lies in one group, scales and zero points are read as one row (~0.3 loads/weight).
     """
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
@@ -124,7 +125,7 @@ def _dq_gemv1_kernel(
         chunks = it * BLOCK_C + offs_c
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
         k_first = chunks * VPC
-        if BK <= GROUP:
+        if X64 and BK <= GROUP:
             g = (it * BK) // GROUP
             s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
@@ -134,15 +135,21 @@ def _dq_gemv1_kernel(
             z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
         t = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
         x_row = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for v in tl.static_range(VPC // XPW):
-            xw = tl.load(xw_ptr + k_first // XPW + v)
-            for i in tl.static_range(XPW):
-                bits_i = (xw >> (XBITS * i)) & ((1 << XBITS) - 1)
-                if XBITS == 16:
-                    xj = bits_i.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-                else:
-                    xj = bits_i.to(tl.int32).to(tl.float32, bitcast=True)
-                t += xj[:, None] * slot_unit(w0, w1, w2, v * XPW + i, BITS)  # x * (1 + q 2^-b)
+        if X64:
+            for v in tl.static_range(VPC // XPW):
+                xw = tl.load(xw_ptr + k_first // XPW + v)
+                for i in tl.static_range(XPW):
+                    bits_i = (xw >> (XBITS * i)) & ((1 << XBITS) - 1)
+                    if XBITS == 16:
+                        xj = bits_i.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
+                    else:
+                        xj = bits_i.to(tl.int32).to(tl.float32, bitcast=True)
+                    t += xj[:, None] * slot_unit(w0, w1, w2, v * XPW + i, BITS)  # x * (1 + q 2^-b)
+                    x_row += xj
+        else:
+            for j in tl.static_range(VPC):
+                xj = tl.load(x_ptr + k_first + j).to(tl.float32)
+                t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS)  # x * (1 + q 2^-b)
                 x_row += xj
         # sum_j x_j q_j = (t - x_row) * 2^b; fold zero point and scale once per word row.
         acc += s * ((t - x_row[:, None]) * (1 << BITS) - x_row[:, None] * z)
@@ -226,15 +233,15 @@ def gemv1_forward(
     """M = 1; ``cfg.block_k`` is the number of chunks per step (BLOCK_C)."""
     M, K = x.shape
     N = qweight.shape[1]
-    if x.storage_offset() * x.element_size() % 8:
-        x = x.clone()  # the kernel reads x through a 64-bit view
+    if cfg.variant == 1 and x.storage_offset() * x.element_size() % 8:
+        x = x.clone()  # variant 1 reads x through a 64-bit view
     y = _out_buffer(x, M, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv1_kernel[grid](
         x, x.view(torch.int64), qweight, scales, zeros, bias if bias is not None else x, y,
         N, K, qweight.stride(0), scales.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, X64=cfg.variant == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

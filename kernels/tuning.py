@@ -255,6 +255,8 @@ def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
             out.append(Config(1, bn, bc, max(1, min(split, steps)), warps, stages))
     # the same tiles with Triton's software pipelining of the word loads (cp.async ring)
     out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, 3) for c in out[:3] + out[6:9]]
+    # variant 1: 64-bit x loads and row-wise scales (fewer load instructions per weight)
+    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1) for c in out]
     return list(dict.fromkeys(out))
 
 

@@ -239,3 +239,20 @@ def test_gemm_expand_variant(bits):
             cfg = tuning.Config(32, 64, 64, split, 4, 2, variant)
             y = gemm_forward(x, qw, scales, zeros, None, bits, gl, cfg)
             assert rel(y, reference(x, q, z, scales, gl)[0]) < 1e-5
+
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 32), (4, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv1_variants(bits, group, dtype):
+    """Both M = 1 kernel variants (scalar x loads; 64-bit x loads with row-wise scales)."""
+    from efficientqat.kernels.gemv import gemv1_forward
+
+    gen = torch.Generator().manual_seed(bits + group)
+    n, k = 64, 256
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    x = torch.randn(1, k, generator=gen).to(DEV, dtype)
+    ref = reference(x, q, z, scales, gl)[0]
+    for variant in (0, 1):
+        for bc, split in ((2, 1), (1, 4)):
+            y = gemv1_forward(x, qw, scales, zeros, None, bits, gl, tuning.Config(1, 64, bc, split, 4, 1, variant))
+            assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
