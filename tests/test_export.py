@@ -157,3 +157,40 @@ def test_export_of_a_blockap_run(tmp_path, tiny_overrides):
     run_blockap(compose("blockap", tiny_overrides("llama", "w2g64") + ["quant.group_size=32"]), tmp_path / "run")
     result = export(tmp_path / "run", "compressed_tensors", tmp_path / "ct")
     assert result["layers_checked"] == 14
+
+
+def test_bench_generate_smoke(tmp_path):
+    """The generation benchmark's CPU-side logic on a tiny model (the real run needs a GPU)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64"])
+    assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
+    assert all(r["decode"][b]["tokens_per_s"] > 0 for r in rows for b in (1, 2))
+    assert json.loads((tmp_path / "bench_generate.json").read_text())["rows"][1]["model"] == "w2g64"
+
+
+def test_lm_eval_on_a_local_task(tmp_path, tokenizer):
+    """lm-eval over a two-question local multiple-choice task (skipped without lm_eval)."""
+    pytest.importorskip("lm_eval")
+    from efficientqat.lm_eval_adapter import zero_shot_accuracy
+
+    data = tmp_path / "tiny_mc.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "the quick brown", "choices": ["fox", "sea"], "label": 0},
+        {"question": "lazy", "choices": ["stars", "dog"], "label": 1},
+    ]) + "\n")
+    (tmp_path / "tiny_mc.yaml").write_text(
+        "task: tiny_mc\ndataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: '{{question}}'\ndoc_to_choice: '{{choices}}'\ndoc_to_target: label\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+    run = make_run(tmp_path / "run", tokenizer, 4, 64)
+    acc = zero_shot_accuracy(load_quantized(run, device="cpu"), tokenizer, ["tiny_mc"], batch_size=2,
+                             task_paths=[str(tmp_path)])
+    assert 0.0 <= acc["tiny_mc"] <= 1.0

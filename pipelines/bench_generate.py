@@ -1,0 +1,193 @@
+"""End-to-end generation speed and memory of packed models against FP16, on a Llama-2-7B shape.
+
+    python3 pipelines/bench_generate.py --out DIR [--settings w2g64,w3g128,w4g128] [--batches 1,8]
+    python3 pipelines/bench_generate.py --out DIR --device cpu --tiny      # CPU smoke test
+
+Weights are random (speed does not depend on their values); quantized models get their packed
+layers straight from random codes (``bench_kernels.make_layer``), not from quantizing. Per
+model it measures
+
+* decode tokens/s at each batch size: greedy steps over a static KV cache, one step captured
+  as a CUDA graph and replayed (``generate()``'s eager Python overhead at batch 1 would hide
+  the kernels' gain; falls back to the eager step, recorded as ``mode``, if capture fails);
+* prefill tokens/s: one forward over ``--prefill`` tokens at batch 1;
+* model memory: bytes of parameters and buffers (packed weights + scales + zeros + the rest).
+
+Raw rows go to ``<out>/bench_generate.json``; the table with speed-ups over FP16 is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import make_layer  # noqa: E402  (also makes efficientqat.kernels importable)
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
+from efficientqat.quantizer import QuantSpec  # noqa: E402
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+SETTINGS = {"w2g64": QuantSpec(2, 64), "w3g128": QuantSpec(3, 128), "w4g128": QuantSpec(4, 128)}
+
+
+def build_model(shape: dict, spec: QuantSpec | None, device: torch.device) -> nn.Module:
+    """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(LlamaConfig(**shape), **dtype_kwarg(dtype))
+    if spec is not None:
+        for block in decoder_layers(model):
+            for name, linear in linear_modules(block).items():
+                packed = make_layer(linear.out_features, linear.in_features, spec, str(device))
+                set_submodule(block, name, packed.to(dtype) if dtype != torch.float16 else packed)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return model.eval()
+
+
+def model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def elapsed_s(fn: Callable[[], None], device: torch.device, iters: int) -> float:
+    """Median seconds of ``fn`` (CUDA-synchronised wall time on the GPU)."""
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class DecodeStep:
+    """One greedy decode step over a static cache, with fixed buffers so it can be graph-captured."""
+
+    def __init__(self, model: nn.Module, batch: int, max_len: int, device: torch.device) -> None:
+        from transformers import StaticCache
+
+        self.model = model
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    @torch.no_grad()
+    def eager(self) -> None:
+        logits = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+                            position_ids=self.pos.expand(self.ids.shape[0], 1), use_cache=True).logits
+        self.ids.copy_(logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+    def capture(self) -> bool:
+        """Record the step as a CUDA graph (after warm-up, which also runs Triton autotuning)."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.eager()
+        torch.cuda.current_stream().wait_stream(stream)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.eager()
+        except Exception as err:  # noqa: BLE001 - any capture failure means: measure eagerly
+            print(f"  CUDA graph capture failed ({type(err).__name__}: {err}); timing the eager step")
+            return False
+        self.graph = graph
+        return True
+
+    def run(self, steps: int) -> None:
+        self.pos.zero_()
+        for _ in range(steps):
+            if self.graph is not None:
+                self.graph.replay()
+            else:
+                self.eager()
+
+
+def bench_model(label: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    row = {"model": label, "bytes": model_bytes(model), "decode": {}}
+    for batch in args.batches:
+        step = DecodeStep(model, batch, args.decode_tokens + 8, device)
+        graphed = device.type == "cuda" and not args.eager and step.capture()
+        seconds = elapsed_s(lambda: step.run(args.decode_tokens), device, args.iters)
+        row["decode"][batch] = {"tokens_per_s": batch * args.decode_tokens / seconds,
+                                "mode": "cuda_graph" if graphed else "eager"}
+        del step
+    prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
+    with torch.no_grad():
+        model(prompt)  # warm-up (kernel autotuning for this M)
+        seconds = elapsed_s(lambda: model(prompt), device, args.iters)
+    row["prefill_tokens_per_s"] = args.prefill / seconds
+    return row
+
+
+def table(rows: list[dict], batches: list[int]) -> str:
+    base = rows[0]
+    head = "| model | memory GiB | " + " | ".join(f"decode b{b} tok/s (x FP16)" for b in batches) + " | prefill tok/s (x FP16) |"
+    lines = [head, "|" + "---|" * (3 + len(batches))]
+    for r in rows:
+        cells = [f"{r['decode'][b]['tokens_per_s']:.1f} ({r['decode'][b]['tokens_per_s'] / base['decode'][b]['tokens_per_s']:.2f}x)"
+                 for b in batches]
+        prefill = f"{r['prefill_tokens_per_s']:.0f} ({r['prefill_tokens_per_s'] / base['prefill_tokens_per_s']:.2f}x)"
+        lines.append(f"| {r['model']} | {r['bytes'] / 2**30:.2f} | " + " | ".join(cells) + f" | {prefill} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model, few tokens (CPU smoke test)")
+    p.add_argument("--settings", default=",".join(SETTINGS))
+    p.add_argument("--batches", default="1,8", type=lambda s: [int(b) for b in s.split(",")])
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.decode_tokens, args.prefill, args.iters = min(args.decode_tokens, 4), min(args.prefill, 16), 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    shape = TINY if args.tiny else LLAMA2_7B
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label in ["FP16", *args.settings.split(",")]:
+        spec = None if label == "FP16" else SETTINGS[label]
+        torch.manual_seed(0)
+        model = build_model(shape, spec, device)
+        rows.append(bench_model(label, model, args, device))
+        print(f"{label}: {rows[-1]}", flush=True)
+        del model
+        (args.out / "bench_generate.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+             "shape": shape, "decode_tokens": args.decode_tokens, "prefill": args.prefill, "rows": rows}, indent=2))
+    print(table(rows, args.batches))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
