@@ -185,7 +185,7 @@ def _run(cfg: DictConfig, run_dir: Path, ctx: DistContext) -> dict[str, Any]:
     tracker.summary({f"ppl/{r['method']}/{k}": v for r in rows for k, v in r["ppl"].items()})
     tracker.finish()
     run.commit(done=True)
-    print(f"\nE2E-QP {init.name} {spec.name} — {len(train)} examples of {cfg.e2e_data.name}, "
+    print(f"\nE2E-QP {spec.name} from {init} — {len(train)} examples of {cfg.e2e_data.name}, "
           f"run folder {run_dir}\n{table}\n")
     return metrics
 
