@@ -6,9 +6,9 @@ Public entry points:
 * :func:`unpack_zeros` - the uint8 zero-point table the kernels read (build once per layer);
 * :func:`check_supported` / :func:`is_supported` - the shape rules (K, N, group multiples of 32).
 
-Files: ``unpack`` (in-kernel decode), ``gemv`` (M <= 16, split-K), ``gemm`` (larger M),
-``backward`` (input and scale gradients), ``autograd`` (dispatch and the autograd Function),
-``tuning`` (config choice and the on-disk cache).
+Files: ``unpack`` (in-kernel decode), ``gemv`` (M = 1 on CUDA cores; M <= 16 on tensor cores;
+all split-K), ``gemm`` (M > 16), ``backward`` (input and scale gradients), ``autograd`` (dispatch
+by M and the autograd Function), ``tuning`` (candidates, timing, the json config cache).
 """
 
 from .autograd import DequantMatmulFn, check_supported, dequant_linear, is_supported, unpack_zeros
