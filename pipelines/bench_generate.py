@@ -115,7 +115,9 @@ class DecodeStep:
         return True
 
     def run(self, steps: int) -> None:
+        # transformers >= 5 keeps its own write position in the static cache: rewind it too
         self.pos.zero_()
+        self.cache.reset()
         for _ in range(steps):
             if self.graph is not None:
                 self.graph.replay()
