@@ -11,18 +11,18 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from efficientqat.block_ap import quantize_model_block_ap
 from efficientqat.data import calibration_windows, eval_windows
-from efficientqat.errors import ConfigError, EfficientQATError
-from efficientqat.evaluate import format_table, perplexity
+from efficientqat.errors import ConfigError
+from efficientqat.cli import run_in_hydra_dir
+from efficientqat.evaluate import device_name, evaluate_once, format_table
 from efficientqat.model_utils import check_model_source, decoder_layers, linear_modules, load_causal_lm, load_tokenizer
 from efficientqat.packed_model import load_packed_model, pack_rtn_, save_packed_model
 from efficientqat.qlinear import check_packable
@@ -49,25 +49,6 @@ def check_quantizable(model: nn.Module, spec: QuantSpec) -> None:
     for i, block in enumerate(decoder_layers(model)):
         for name, linear in linear_modules(block).items():
             check_packable(linear.in_features, linear.out_features, spec, f"layers.{i}.{name}")
-
-
-def _evaluate_once(
-    run: RunFolder, key: str, label: str, setting: str, build: Callable[[], nn.Module],
-    eval_sets: dict[str, torch.Tensor], device: torch.device, batch_size: int,
-) -> None:
-    """Perplexity of one model on every eval set, cached in the run state (not redone on resume)."""
-    evals = run.state.setdefault("evals", {})
-    if key in evals:
-        return
-    start = time.perf_counter()
-    model = build()
-    ppl = {name: perplexity(model, windows, device, batch_size) for name, windows in eval_sets.items()}
-    evals[key] = {"method": label, "setting": setting, "ppl": ppl, "seconds": time.perf_counter() - start}
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    run.commit(evals=evals)
-    log.info("%s %s: %s", label, setting, {k: round(v, 3) for k, v in ppl.items()})
 
 
 def run_blockap(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
@@ -109,9 +90,9 @@ def run_blockap(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"eval.baselines has unknown entries {sorted(unknown)}; use fp and/or rtn")
     if "fp" in baselines:
-        _evaluate_once(run, "fp", fp_label, "-", load_fp, eval_sets, device, bs)
+        evaluate_once(run, "fp", fp_label, "-", load_fp, eval_sets, device, bs)
     if "rtn" in baselines:
-        _evaluate_once(run, "rtn", "RTN", spec.name, lambda: pack_rtn_(load_fp(), spec, dtype), eval_sets, device, bs)
+        evaluate_once(run, "rtn", "RTN", spec.name, lambda: pack_rtn_(load_fp(), spec, dtype), eval_sets, device, bs)
 
     model_dir = run_dir / "model"
     tracker = Tracker(str(cfg.wandb.mode), str(cfg.wandb.project), run_dir,
@@ -127,14 +108,14 @@ def run_blockap(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                           calibration={"source": str(d.source), "docs": d.docs, "n_train": int(d.n_train),
                                        "n_val": int(d.n_val), "seqlen": int(d.seqlen)})
         run.commit(model_saved=True, blockap_seconds=run.state.get("blockap_seconds", 0.0) + time.perf_counter() - start)
-    _evaluate_once(run, "blockap", "Block-AP", spec.name, lambda: load_packed_model(model_dir, dtype),
+    evaluate_once(run, "blockap", "Block-AP", spec.name, lambda: load_packed_model(model_dir, dtype),
                    eval_sets, device, bs)
 
     rows = [run.state["evals"][k] for k in ("fp", "rtn", "blockap") if k in run.state["evals"]]
     rows[-1]["seconds"] = run.state["blockap_seconds"]
     table = format_table(rows, list(eval_sets), reference=fp_label if "fp" in baselines else None)
     metrics = {
-        "model": str(cfg.model.path), "quant": spec.name, "device": _device_name(device), "dtype": str(dtype),
+        "model": str(cfg.model.path), "quant": spec.name, "device": device_name(device), "dtype": str(dtype),
         "calibration": {"source": str(d.source), "docs": d.docs, "n_train": int(d.n_train), "n_val": int(d.n_val),
                         "seqlen": int(d.seqlen), "epochs": int(cfg.train.epochs)},
         "eval": {"seqlen": int(cfg.eval.seqlen), "windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}},
@@ -149,16 +130,9 @@ def run_blockap(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     return metrics
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="blockap")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_blockap(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except EfficientQATError as err:  # the user's problem: say it plainly, without a traceback
-        raise SystemExit(f"efficientqat.blockap: error: {err}") from None
+    run_in_hydra_dir("efficientqat.blockap", run_blockap, cfg)
 
 
 if __name__ == "__main__":

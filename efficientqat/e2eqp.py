@@ -16,16 +16,15 @@ from typing import Any
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from efficientqat.blockap import _device_name, _evaluate_once
+from efficientqat.cli import run_in_hydra_dir
 from efficientqat.data import eval_windows
 from efficientqat.distributed import DistContext, init_distributed, shutdown
 from efficientqat.e2e_data import load_e2e_data
 from efficientqat.e2e_trainer import E2ETrainConfig, freeze_step_sizes_, train_step_sizes_, trainable_step_sizes_
-from efficientqat.errors import ConfigError, EfficientQATError, ModelLoadError
-from efficientqat.evaluate import format_table
+from efficientqat.errors import ConfigError, ModelLoadError
+from efficientqat.evaluate import device_name, evaluate_once, format_table
 from efficientqat.model_utils import load_tokenizer, resolve_path
 from efficientqat.packed_model import load_packed_model, save_packed_model, spec_from_config
 from efficientqat.quantizer import QuantSpec
@@ -164,16 +163,16 @@ def _run(cfg: DictConfig, run_dir: Path, ctx: DistContext) -> dict[str, Any]:
     bs = int(cfg.eval.batch_size)
     init_rows = _init_rows(init, cfg, eval_sets)
     if init_rows is None:  # the init run was evaluated differently: evaluate its model here
-        _evaluate_once(run, "init", "Block-AP" if init_state["stage"] == "blockap" else "E2E-QP (init)", spec.name,
+        evaluate_once(run, "init", "Block-AP" if init_state["stage"] == "blockap" else "E2E-QP (init)", spec.name,
                        lambda: load_packed_model(init / "model", dtype), eval_sets, device, bs)
         init_rows = [run.state["evals"]["init"]]
-    _evaluate_once(run, "e2eqp", "E2E-QP", spec.name, lambda: load_packed_model(model_dir, dtype), eval_sets, device, bs)
+    evaluate_once(run, "e2eqp", "E2E-QP", spec.name, lambda: load_packed_model(model_dir, dtype), eval_sets, device, bs)
     row = {**run.state["evals"]["e2eqp"], "seconds": run.state["e2e_seconds"]}
     rows = init_rows + [row]
     reference = next((r["method"] for r in rows if r["setting"] == "-"), None)
     table = format_table(rows, list(eval_sets), reference=reference)
     metrics = {
-        "init_from": str(init), "quant": spec.name, "device": _device_name(device), "dtype": str(dtype),
+        "init_from": str(init), "quant": spec.name, "device": device_name(device), "dtype": str(dtype),
         "world_size": ctx.world, "e2e_data": container["e2e_data"],
         "train": {"lr": train_cfg.lr, "steps": train_cfg.total_steps(len(train)), "global_batch": train_cfg.global_batch,
                   "examples": len(train)},
@@ -204,10 +203,7 @@ def _init_rows(init: Path, cfg: DictConfig, eval_sets: dict[str, torch.Tensor]) 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="e2eqp")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_e2eqp(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except EfficientQATError as err:  # the user's problem: say it plainly, without a traceback
-        raise SystemExit(f"efficientqat.e2eqp: error: {err}") from None
+    run_in_hydra_dir("efficientqat.e2eqp", run_e2eqp, cfg)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import time
+from typing import Callable
 
 import torch
 from torch import nn
+
+from efficientqat.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -21,6 +28,30 @@ def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, ba
         nll += nn.functional.cross_entropy(shift_logits, shift_labels, reduction="sum").item()
         count += shift_labels.numel()
     return math.exp(nll / count)
+
+
+def evaluate_once(
+    run: RunFolder, key: str, label: str, setting: str, build: Callable[[], nn.Module],
+    eval_sets: dict[str, torch.Tensor], device: torch.device, batch_size: int,
+) -> None:
+    """Perplexity of one model on every eval set, cached in the run state (not redone on resume)."""
+    evals = run.state.setdefault("evals", {})
+    if key in evals:
+        return
+    start = time.perf_counter()
+    model = build()
+    ppl = {name: perplexity(model, windows, device, batch_size) for name, windows in eval_sets.items()}
+    evals[key] = {"method": label, "setting": setting, "ppl": ppl, "seconds": time.perf_counter() - start}
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    run.commit(evals=evals)
+    log.info("%s %s: %s", label, setting, {k: round(v, 3) for k, v in ppl.items()})
+
+
+def device_name(device: torch.device) -> str:
+    """What metrics.json records as the device."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def format_table(rows: list[dict[str, object]], datasets: list[str], reference: str | None = None) -> str:

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from efficientqat.errors import ConfigError, EfficientQATError, RunFolderError
+from efficientqat.cli import run_in_hydra_dir
+from efficientqat.errors import ConfigError, RunFolderError
 from efficientqat.exporters.compressed_tensors import write_compressed_tensors
 from efficientqat.exporters.dense import DTYPES, write_dense
 from efficientqat.exporters.gptq import refuse_gptq_v1, write_gptq_v2
@@ -114,10 +115,7 @@ def _tokenizer(model_dir: Path) -> Any:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="export")
 def main(cfg: DictConfig) -> None:
-    try:
-        export(str(cfg.run), str(cfg.format), str(cfg.out), str(cfg.dtype))
-    except EfficientQATError as err:  # the user's problem: say it plainly, without a traceback
-        raise SystemExit(f"efficientqat.export: error: {err}") from None
+    run_in_hydra_dir("efficientqat.export", lambda c, _run_dir: export(str(c.run), str(c.format), str(c.out), str(c.dtype)), cfg)
 
 
 if __name__ == "__main__":

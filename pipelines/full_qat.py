@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from efficientqat.blockap import run_blockap
 from efficientqat.e2eqp import run_e2eqp
-from efficientqat.errors import EfficientQATError
+from efficientqat.cli import run_in_hydra_dir
 from efficientqat.run_folder import write_json
 
 
@@ -34,10 +33,7 @@ def run_full_qat(cfg: DictConfig, job_dir: Path) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="full_qat")
 def main(cfg: DictConfig) -> None:
-    try:
-        run_full_qat(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except EfficientQATError as err:  # the user's problem: say it plainly, without a traceback
-        raise SystemExit(f"full_qat: error: {err}") from None
+    run_in_hydra_dir("full_qat", run_full_qat, cfg)
 
 
 if __name__ == "__main__":

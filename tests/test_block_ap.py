@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from conftest import compose
 from efficientqat import blockap as blockap_cli
-from efficientqat.block_ap import ActivationConfig, quantize_model_block_ap
+from efficientqat.block_ap import quantize_model_block_ap
 from efficientqat.errors import TrainingDivergedError
 from efficientqat.model_utils import load_causal_lm
 from efficientqat.packed_model import load_packed_model
