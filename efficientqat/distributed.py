@@ -33,8 +33,11 @@ class DistContext:
             dist.barrier()
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place; it may live on the CPU even when NCCL (GPU-only) is the backend."""
         if self.world > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            on_device = tensor.to(self.device)
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            tensor.copy_(on_device)
         return tensor
 
     def main_first(self, fn: Callable[[], T]) -> T | None:
