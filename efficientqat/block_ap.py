@@ -34,12 +34,10 @@ from efficientqat.model_utils import (
     capture_block_inputs,
     decoder_layers,
     kwargs_to,
-    linear_modules,
     move_non_layer_modules,
     run_block,
-    set_submodule,
 )
-from efficientqat.qlinear import PackedLinear
+from efficientqat.packed_model import convert_block_to_packed_
 from efficientqat.quantizer import QuantSpec
 from efficientqat.run_folder import RunFolder, atomic_path
 
@@ -94,15 +92,6 @@ class Chains:
             store.load_tensor(values[name])
 
 
-def empty_packed_block(block: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
-    """A copy of an FP block with empty PackedLinear layers, ready for a block checkpoint."""
-    packed = copy.deepcopy(block).to(dtype)
-    for name, linear in linear_modules(packed).items():
-        set_submodule(packed, name, PackedLinear(linear.in_features, linear.out_features, spec,
-                                                 linear.bias is not None, dtype))
-    return packed
-
-
 def quantize_model_block_ap(
     model: nn.Module,
     train_windows: torch.Tensor,
@@ -146,7 +135,7 @@ def quantize_model_block_ap(
     snap = run.snapshot_file(start)
     resume_from_snapshot = start > 0 and snap.exists()
     for i in range(start):  # resume: reload finished blocks, rebuild the chains if needed
-        packed = empty_packed_block(layers[i], spec, dtype)
+        packed = convert_block_to_packed_(copy.deepcopy(layers[i]).to(dtype), spec, dtype)
         packed.load_state_dict(load_file(str(run.block_file(i))))
         if not resume_from_snapshot:
             chains.propagate(layers[i].to(device), "fp", kwargs, bs)

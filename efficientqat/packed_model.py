@@ -63,12 +63,18 @@ def pack_rtn_(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> nn.Modul
     return model
 
 
+def convert_block_to_packed_(block: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
+    """Swap each Linear of one block for an empty PackedLinear of the same shape (before loading its state)."""
+    for name, linear in linear_modules(block).items():
+        packed = PackedLinear(linear.in_features, linear.out_features, spec, linear.bias is not None, dtype)
+        set_submodule(block, name, packed)
+    return block
+
+
 def convert_to_packed_(model: nn.Module, spec: QuantSpec, dtype: torch.dtype) -> nn.Module:
-    """Swap every decoder-layer Linear for an empty PackedLinear of the same shape (before loading)."""
+    """Every decoder block of ``model`` through :func:`convert_block_to_packed_`."""
     for block in decoder_layers(model):
-        for name, linear in linear_modules(block).items():
-            packed = PackedLinear(linear.in_features, linear.out_features, spec, linear.bias is not None, dtype)
-            set_submodule(block, name, packed)
+        convert_block_to_packed_(block, spec, dtype)
     return model
 
 
