@@ -21,13 +21,13 @@ from torch import nn
 from efficientqat.block_ap import quantize_model_block_ap
 from efficientqat.data import calibration_windows, eval_windows
 from efficientqat.errors import ConfigError
-from efficientqat.cli import run_in_hydra_dir
+from efficientqat.cli import publish_metrics, run_in_hydra_dir
 from efficientqat.evaluate import device_name, evaluate_once, format_table
 from efficientqat.model_utils import check_model_source, decoder_layers, linear_modules, load_causal_lm, load_tokenizer
 from efficientqat.packed_model import load_packed_model, pack_rtn_, save_packed_model
 from efficientqat.qlinear import check_packable
 from efficientqat.quantizer import QuantSpec
-from efficientqat.run_folder import RunFolder, atomic_path, write_json
+from efficientqat.run_folder import RunFolder, atomic_path
 from efficientqat.settings import (
     activation_config,
     block_train_config,
@@ -121,10 +121,7 @@ def run_blockap(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "eval": {"seqlen": int(cfg.eval.seqlen), "windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}},
         "rows": rows, "blocks": run.state["blocks"], "blockap_seconds": run.state["blockap_seconds"], "table": table,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    tracker.summary({f"ppl/{r['method']}/{k}": v for r in rows for k, v in r["ppl"].items()})
-    tracker.finish()
-    run.commit(done=True)
+    publish_metrics(run, metrics, tracker)
     print(f"\nBlock-AP {cfg.model.name} {spec.name} — calibration {d.n_train}x{d.seqlen} tokens, "
           f"{cfg.train.epochs} epochs, run folder {run_dir}\n{table}\n")
     return metrics

@@ -18,7 +18,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from efficientqat.cli import run_in_hydra_dir
+from efficientqat.cli import publish_metrics, run_in_hydra_dir
 from efficientqat.data import eval_windows
 from efficientqat.distributed import DistContext, init_distributed, shutdown
 from efficientqat.e2e_data import load_e2e_data
@@ -28,7 +28,7 @@ from efficientqat.evaluate import device_name, evaluate_once, format_table
 from efficientqat.model_utils import load_tokenizer, resolve_path
 from efficientqat.packed_model import load_packed_model, save_packed_model, spec_from_config
 from efficientqat.quantizer import QuantSpec
-from efficientqat.run_folder import STATE_FILE, RunFolder, atomic_path, write_json
+from efficientqat.run_folder import STATE_FILE, RunFolder, atomic_path
 from efficientqat.settings import DTYPES, register_resolvers, resolve_device, resolve_dtype, text_source
 from efficientqat.tracking import Tracker
 
@@ -180,10 +180,7 @@ def _run(cfg: DictConfig, run_dir: Path, ctx: DistContext) -> dict[str, Any]:
         "eval": {"seqlen": int(cfg.eval.seqlen), "windows": {k: int(v.shape[0]) for k, v in eval_sets.items()}},
         "rows": rows, "e2e_seconds": run.state["e2e_seconds"], "table": table,
     }
-    write_json(run_dir / "metrics.json", metrics)
-    tracker.summary({f"ppl/{r['method']}/{k}": v for r in rows for k, v in r["ppl"].items()})
-    tracker.finish()
-    run.commit(done=True)
+    publish_metrics(run, metrics, tracker)
     print(f"\nE2E-QP {spec.name} from {init} — {len(train)} examples of {cfg.e2e_data.name}, "
           f"run folder {run_dir}\n{table}\n")
     return metrics
