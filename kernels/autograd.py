@@ -2,7 +2,8 @@
 
 ``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
 M = 1 goes to the CUDA-core split-K kernel, M <= 16 to the tensor-core split-K kernels, larger
-M to the tiled GEMM. When ``scales`` (or x)
+M to the tiled GEMM or to decode + cuBLAS (``dequant.py``), whichever the tuner measured faster
+for the shape (``tuning.DENSE``). When ``scales`` (or x)
 require grad, the call goes through :class:`DequantMatmulFn`, whose backward returns the
 input gradient and the scale gradient and nothing for codes, zero points or bias.
 """
@@ -13,6 +14,7 @@ import torch
 
 from . import tuning
 from .backward import grad_input, grad_scales
+from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
 from .gemv import gemv1_forward, gemv_forward, gemv_tc_forward
 
@@ -58,39 +60,52 @@ def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
                            dtype=str(x.dtype).replace("torch.", ""))
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _pick(fused, dense):
+    """Launcher for a config: the dense (decode + cuBLAS) path for ``tuning.DENSE``, else the kernel."""
+    return lambda *args, cfg: (dense if cfg.variant == tuning.DENSE else fused)(*args, cfg)
+
+
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
     M, K = x.shape
     N = qweight.shape[1]
     if M == 1:
-        cands, fn, name = tuning.gemv1_candidates(N, K, bits), gemv1_forward, "gemv1"
+        cands, fn, name = tuning.gemv1_candidates(N, K, bits, group, _sm_count(x.device)), gemv1_forward, "gemv1"
     elif M <= SMALL_M and tuning.gemv_tc_candidates(N, K, bits):
         cands, fn, name = tuning.gemv_tc_candidates(N, K, bits), gemv_tc_forward, "gemv_tc"
     elif M <= SMALL_M:
         cands, fn, name = tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
     else:
-        cands, fn, name = tuning.gemm_candidates(M, N, K, group), gemm_forward, "gemm"
-    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands,
-                        lambda c: fn(x, qweight, scales, zeros, bias, bits, group, c))
-    return fn(x, qweight, scales, zeros, bias, bits, group, cfg)
+        cands, fn, name = tuning.gemm_candidates(M, N, K, group), _pick(gemm_forward, dense_forward), "gemm"
+    args = (x, qweight, scales, zeros, bias, bits, group)
+    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
+    return fn(*args, cfg=cfg)
 
 
 def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       bits: int, group: int, K: int) -> torch.Tensor:
     M, N = dy.shape
+    fn = _pick(grad_input, dense_grad_input)
+    args = (dy, qweight, scales, zeros, bits, group, K)
     cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group), tuning.grad_input_candidates(M, N, K, group),
-                        lambda c: grad_input(dy, qweight, scales, zeros, bits, group, K, c))
-    return grad_input(dy, qweight, scales, zeros, bits, group, K, cfg)
+                        lambda c: fn(*args, cfg=c))
+    return fn(*args, cfg=cfg)
 
 
 def backward_scales_2d(x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
                        bits: int, group: int) -> torch.Tensor:
     M, K = x.shape
     N = dy.shape[1]
+    fn = _pick(grad_scales, dense_grad_scales)
+    args = (x, dy, qweight, zeros, bits, group)
     cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group), tuning.grad_scales_candidates(M, N, K, group),
-                        lambda c: grad_scales(x, dy, qweight, zeros, bits, group, c))
-    return grad_scales(x, dy, qweight, zeros, bits, group, cfg)
+                        lambda c: fn(*args, cfg=c))
+    return fn(*args, cfg=cfg)
 
 
 class DequantMatmulFn(torch.autograd.Function):

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .tuning import Config
-from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit
+from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit, unit_constants
 
 
 @triton.jit
@@ -94,81 +94,80 @@ def gemv_forward(
 
 
 @triton.jit
-def _dq_gemv1_kernel(
-    x_ptr, xw_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    N, K, stride_qk, stride_g,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, X64: tl.constexpr,
-):
-    """M = 1 on the CUDA cores: each packed word is loaded once and its values are peeled off
-    with compile-time shifts (``slot_unit``), multiplied by the matching x[k] and summed per
-    chunk row; the zero point and scale of the row's group are applied once per word row
-    (``s * (sum_j x_j q_j - z * sum_j x_j)``), so the per-weight cost is shift, and-or, FMA.
+def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C: tl.constexpr, BITS: tl.constexpr):
+    """The packed words of step ``step`` (all-zero from ``s_hi`` on: the prefetch after the last
+    step; the column limit drops to <= 0 there)."""
+    mask = offs_n < tl.minimum(N, (s_hi - step) * N)
+    return load_chunk_words(qw_ptr, step * BLOCK_C + offs_c, offs_n, stride_qk, mask, BITS)
 
-    ``X64`` (variant 1): the kernel is bound by load *instructions* before DRAM bandwidth
-    (SASS of variant 0: ~0.9 loads per weight, mostly scalar x loads), so x is read through a
-    64-bit view (``xw_ptr``: 4 fp16/bf16 or 2 fp32 values per load, split with shifts) and, when a
-    whole step lies in one group, scales and zero points are read as one row (~0.3 loads/weight).
+
+@triton.jit
+def _dq_gemv1_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    N, K, stride_qk, stride_g, field_mask, one_bits,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """M = 1 on the CUDA cores. Each program streams a contiguous K range of a ``BLOCK_N`` column
+    slice; a step covers ``BLOCK_C`` chunk rows (inside one group). Every packed word is loaded
+    once (16-byte vectors along N) and its values are peeled off with compile-time shifts
+    (``slot_unit``: shift, and-or, FMA per weight); each x[k] a thread loads feeds all of its
+    columns. Per step and column the scale and zero point are applied once:
+    ``s * (sum_k x q - z sum_k x)``.
+
+    The kernel is bound by bytes in flight before instructions, so ``PREFETCH`` (variant 1)
+    issues the next step's word loads before the current step's arithmetic (register double
+    buffer), keeping two tiles of DRAM requests outstanding per program.
     """
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
-    XBITS: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth
-    XPW: tl.constexpr = 64 // XBITS  # x values per 64-bit load
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_c = tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    n_steps = K // BK
+    s_lo = pid_k * n_steps // SPLIT_K
+    s_hi = (pid_k + 1) * n_steps // SPLIT_K
 
-    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
-    for it in range(pid_k, K // BK, SPLIT_K):
-        chunks = it * BLOCK_C + offs_c
-        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
-        k_first = chunks * VPC
-        if X64 and BK <= GROUP:
-            g = (it * BK) // GROUP
-            s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)[None, :]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PREFETCH:
+        n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
+    for step in range(s_lo, s_hi):
+        if PREFETCH:
+            w0, w1, w2 = n0, n1, n2
+            n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
         else:
-            sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
-            s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
-        t = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
-        x_row = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        if X64:
-            for v in tl.static_range(VPC // XPW):
-                xw = tl.load(xw_ptr + k_first // XPW + v)
-                for i in tl.static_range(XPW):
-                    bits_i = (xw >> (XBITS * i)) & ((1 << XBITS) - 1)
-                    if XBITS == 16:
-                        xj = bits_i.to(tl.int16).to(x_ptr.dtype.element_ty, bitcast=True).to(tl.float32)
-                    else:
-                        xj = bits_i.to(tl.int32).to(tl.float32, bitcast=True)
-                    t += xj[:, None] * slot_unit(w0, w1, w2, v * XPW + i, BITS)  # x * (1 + q 2^-b)
-                    x_row += xj
-        else:
-            for j in tl.static_range(VPC):
-                xj = tl.load(x_ptr + k_first + j).to(tl.float32)
-                t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS)  # x * (1 + q 2^-b)
-                x_row += xj
-        # sum_j x_j q_j = (t - x_row) * 2^b; fold zero point and scale once per word row.
-        acc += s * ((t - x_row[:, None]) * (1 << BITS) - x_row[:, None] * z)
+            w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
+        g = (step * BK) // GROUP
+        s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+        k_first = (step * BLOCK_C + offs_c) * VPC
+        x_row = tl.load(x_ptr + k_first).to(tl.float32)
+        t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)
+        for j in tl.static_range(1, VPC):
+            xj = tl.load(x_ptr + k_first + j).to(tl.float32)
+            t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits)
+            x_row += xj
+        # sum_k x q = (sum t - sum x) * 2^b: rows are summed inside each thread (BLOCK_N spans
+        # the warps), then zero point and scale are folded in once per column.
+        x_sum = tl.sum(x_row, axis=0)
+        acc += s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
 
-    out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         if pid_k == 0:
-            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
     else:
-        tl.atomic_add(y_ptr + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+        tl.atomic_add(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_g, stride_ym,
+    stride_xm, stride_qk, stride_g, stride_ym, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -201,7 +200,7 @@ def _dq_gemv_tc_kernel(
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
         for j in tl.static_range(VPC):
             xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
-            w = (slot_unit(w0, w1, w2, j, BITS) * s_mul + s_add).to(dtype)
+            w = (slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits) * s_mul + s_add).to(dtype)
             acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
     if HAS_BIAS:
@@ -230,18 +229,17 @@ def gemv1_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
-    """M = 1; ``cfg.block_k`` is the number of chunks per step (BLOCK_C)."""
+    """M = 1; ``cfg.block_k`` is the number of chunks per step (BLOCK_C), ``cfg.variant`` 1
+    prefetches the next step's words."""
     M, K = x.shape
     N = qweight.shape[1]
-    if cfg.variant == 1 and x.storage_offset() * x.element_size() % 8:
-        x = x.clone()  # variant 1 reads x through a 64-bit view
     y = _out_buffer(x, M, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv1_kernel[grid](
-        x, x.view(torch.int64), qweight, scales, zeros, bias if bias is not None else x, y,
-        N, K, qweight.stride(0), scales.stride(0),
+        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        N, K, qweight.stride(0), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, X64=cfg.variant == 1,
+        BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -259,7 +257,7 @@ def gemv_tc_forward(
     _dq_gemv_tc_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",

@@ -37,7 +37,13 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-    variant: int = 0  # kernel-specific alternative (gemm: 1 = load words once and expand)
+    variant: int = 0  # kernel-specific alternative (gemm: 1 = load words once and expand; DENSE)
+
+
+DENSE = 9
+"""``Config.variant`` of the decode-to-workspace + cuBLAS path (``dequant.py``) for M > 16."""
+DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
+DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)
 
 
 def interpreting() -> bool:
@@ -215,7 +221,12 @@ def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
             bk = _fit_k(bk, group, K)
             if _fits(group, bk, K):
                 out.append(Config(bm, bn, bk, 1, warps, stages, 2))
-    return list(dict.fromkeys(out))
+    return _with_dense(list(dict.fromkeys(out)), M)
+
+
+def _with_dense(fused: list[Config], M: int) -> list[Config]:
+    """Add the decode + cuBLAS path: first (the untuned default) for large M, else last."""
+    return [DENSE_CONFIG] + fused if M >= DENSE_FIRST_M else fused + [DENSE_CONFIG]
 
 
 def grad_input_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
@@ -228,7 +239,7 @@ def grad_input_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
         bk = _fit_k(bk, group, K)
         if _fits(group, bk, K):
             out.append(Config(bm, bn, bk, 1, warps, stages))
-    return list(dict.fromkeys(out))
+    return _with_dense(list(dict.fromkeys(out)), M)
 
 
 def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
@@ -243,36 +254,36 @@ def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
             out.append(Config(bm, bn, bk, 1, warps, stages))
         elif K % 32 == 0 and group % 32 == 0:
             out.append(Config(bm, bn, 32, 1, warps, stages))
-    return list(dict.fromkeys(out))
+    return _with_dense(list(dict.fromkeys(out)), M)
 
 
 def _vpc(bits: int) -> int:
     return 32 if bits == 3 else 32 // bits
 
 
-def gemv1_candidates(N: int, K: int, bits: int) -> list[Config]:
-    """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step). Tiles are
-    sized so the words, the per-row sums and the accumulator stay in registers."""
+GEMV1_TABLE = [
+    # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch). BLOCK_N >= 128 * warps puts every
+    # thread on 4-column vectors of all BLOCK_C rows, so the per-step row sums stay in-thread.
+    (512, 4, 8, 4, 1), (512, 4, 4, 4, 1), (1024, 4, 8, 2, 1), (256, 2, 8, 4, 1),
+    (512, 4, 8, 2, 0), (1024, 8, 4, 2, 1), (512, 2, 8, 4, 1), (1024, 4, 4, 4, 0),
+]
+
+
+def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
+    """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
+    one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
+    ``variant`` 1 prefetches the next step's words."""
     vpc = _vpc(bits)
-    table = [
-        (256, 8, 16, 4, 1), (256, 16, 8, 4, 1), (256, 4, 16, 4, 1), (512, 4, 8, 4, 1),
-        (128, 8, 16, 4, 1), (128, 4, 32, 4, 1),
-        # Wide column tiles: each thread then holds several columns per row, so every x[k] it
-        # loads (one scalar load per row and value slot) feeds several weights.
-        (1024, 2, 32, 4, 1), (1024, 1, 32, 4, 1), (2048, 1, 32, 8, 1), (1024, 2, 16, 8, 1),
-        (512, 2, 32, 4, 1), (512, 4, 16, 4, 1),
-    ]
     out = []
-    for bn, bc, split, warps, stages in table:
-        if bits == 3 and bc > 4:
-            bc //= 4  # three words per chunk: keep the register footprint
+    for bn, warps, bc, per_sm, prefetch in GEMV1_TABLE:
+        while bc > 1 and (group % (bc * vpc) or bits == 3 and bc > 4):
+            bc //= 2
+        if group % (bc * vpc):
+            continue
         steps = K // (bc * vpc)
-        if K % (bc * vpc) == 0 and steps >= 1:
-            out.append(Config(1, bn, bc, max(1, min(split, steps)), warps, stages))
-    # the same tiles with Triton's software pipelining of the word loads (cp.async ring)
-    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, 3) for c in out[:3] + out[6:9]]
-    # variant 1: 64-bit x loads and row-wise scales (fewer load instructions per weight)
-    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1) for c in out]
+        tiles = -(-N // bn)
+        split = max(1, min(steps, round(per_sm * sms / tiles)))
+        out.append(Config(1, bn, bc, split, warps, 1, prefetch))
     return list(dict.fromkeys(out))
 
 

@@ -108,11 +108,21 @@ def slot_code(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
         return (w0 >> (J * BITS)) & ((1 << BITS) - 1)
 
 
+def unit_constants(bits: int) -> tuple[int, int]:
+    """The two bit patterns :func:`slot_unit` combines, passed to kernels as *runtime* arguments:
+    the code field ``(2^b - 1) << (23 - b)`` and the exponent of 1.0. As compile-time constants
+    ptxas can put only one of them in LOP3's immediate slot and re-materialises the other into a
+    register before nearly every use (~0.5 extra instructions per weight in the M = 1 kernel's
+    SASS); as parameters both stay in registers / the constant bank."""
+    return ((1 << bits) - 1) << (23 - bits), 0x3F800000
+
+
 @triton.jit
-def slot_unit(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
+def slot_unit(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr, field_mask, one_bits):
     """Value ``J`` of every chunk as the float ``1 + q * 2^-BITS``: the code is shifted straight
     into the top mantissa bits under the exponent of 1.0 (one shift, one and-or, no I2F).
-    Callers undo the affine map once per row: ``sum x q = (sum x f - sum x) * 2^BITS``."""
+    Callers undo the affine map once per row: ``sum x q = (sum x f - sum x) * 2^BITS``.
+    ``field_mask, one_bits`` are :func:`unit_constants`."""
     T: tl.constexpr = 23 - BITS
     P: tl.constexpr = J * BITS
     if BITS == 3 and (J == 10 or J == 21):
@@ -135,5 +145,5 @@ def slot_unit(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr):
             v = w << (T - P2)
         else:
             v = w >> (P2 - T)
-        v = v & (((1 << BITS) - 1) << T)
-    return (v | 0x3F800000).to(tl.float32, bitcast=True)
+        v = v & field_mask
+    return (v | one_bits).to(tl.float32, bitcast=True)

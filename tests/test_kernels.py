@@ -188,7 +188,13 @@ def test_candidates_respect_groups():
         for cands in (tuning.gemv_candidates(4096, 4096, group), tuning.gemm_candidates(64, 4096, 4096, group),
                       tuning.gemm_candidates(4096, 4096, 4096, group),
                       tuning.grad_input_candidates(4096, 4096, 4096, group)):
-            assert cands and all(group % c.block_k == 0 and 4096 % c.block_k == 0 for c in cands)
+            fused = [c for c in cands if c.variant != tuning.DENSE]
+            assert fused and all(group % c.block_k == 0 and 4096 % c.block_k == 0 for c in fused)
+        for bits in (2, 3, 4, 8):  # M = 1: one step (BLOCK_C chunks) never leaves its group
+            vpc = 32 if bits == 3 else 32 // bits
+            cands = tuning.gemv1_candidates(8192, 4096, bits, group)
+            assert cands and all(group % (c.block_k * vpc) == 0 for c in cands)
+            assert all(1 <= c.split_k <= 4096 // (c.block_k * vpc) for c in cands)
 
 
 @pytest.mark.skipif(not GPU, reason="bf16 tl.dot and autotuning need a GPU")
@@ -241,18 +247,51 @@ def test_gemm_expand_variant(bits):
             assert rel(y, reference(x, q, z, scales, gl)[0]) < 1e-5
 
 
-@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 32), (4, -1)])
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 32), (8, 64), (4, -1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv1_variants(bits, group, dtype):
-    """Both M = 1 kernel variants (scalar x loads; 64-bit x loads with row-wise scales)."""
+    """The M = 1 kernel with and without prefetch, with split-K ranges that are uneven (steps
+    not divisible by the split) and longer than one step, with bias."""
     from efficientqat.kernels.gemv import gemv1_forward
 
     gen = torch.Generator().manual_seed(bits + group)
     n, k = 64, 256
     q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, dtype)
     x = torch.randn(1, k, generator=gen).to(DEV, dtype)
-    ref = reference(x, q, z, scales, gl)[0]
-    for variant in (0, 1):
-        for bc, split in ((2, 1), (1, 4)):
-            y = gemv1_forward(x, qw, scales, zeros, None, bits, gl, tuning.Config(1, 64, bc, split, 4, 1, variant))
-            assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3)
+    ref = reference(x, q, z, scales, gl, bias)[0]
+    vpc = 32 if bits == 3 else 32 // bits
+    for prefetch in (0, 1):
+        for bc, split in ((1, 3), (2, 1), (1, 1)):
+            if gl % (bc * vpc):
+                continue
+            cfg = tuning.Config(1, 32, bc, split, 4, 1, prefetch)
+            y = gemv1_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
+            assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (prefetch, bc, split)
+
+
+@pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 32), (8, 128), (4, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_dense_paths(bits, group, dtype, monkeypatch):
+    """Decode + matmul (the large-M path): forward with bias, dx, and ds folded from float32
+    x^T dy slabs (slab forced narrow so several slabs and a ragged last one are exercised)."""
+    from efficientqat.kernels import dequant
+
+    monkeypatch.setattr(dequant, "SLAB_BYTES", 4 * 256 * 128)  # 128-column slabs for K = 256
+    gen = torch.Generator().manual_seed(31 * bits + group)
+    n, k, m = 320, 256, 24
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen)
+    bias = torch.randn(n, generator=gen).to(DEV, dtype)
+    x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+    dy = torch.randn(m, n, generator=gen).to(DEV, dtype)
+    ref, grads = reference(x, q, z, scales, gl, bias)
+    dx_ref, ds_ref = grads(dy)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    cfg = tuning.DENSE_CONFIG
+    assert rel(dequant.dense_forward(x, qw, scales.to(dtype), zeros, bias, bits, gl, cfg), ref) < tol
+    assert rel(dequant.dense_grad_input(dy, qw, scales.to(dtype), zeros, bits, gl, k, cfg), dx_ref) < tol
+    ds = dequant.dense_grad_scales(x, dy, qw, zeros, bits, gl, cfg)
+    assert ds.dtype == torch.float32 and rel(ds, ds_ref) < tol
+    w_t = dequant.decode_weight_t(qw, scales, zeros, bits, gl, torch.float32)
+    expect = ((q - z.repeat_interleave(gl, 1)) * scales.t().cpu().repeat_interleave(gl, 1)).t()
+    assert torch.equal(w_t.cpu(), expect.float())  # the decode is exact in float32

@@ -1,0 +1,156 @@
+"""Decode packed codes into a dense weight, then let cuBLAS multiply: the large-M path.
+
+At M >= ~1024 a matmul against W is bound by tensor-core arithmetic, not by reading W: the
+packed weight is read once and reused M times. Decoding inside the GEMM's K loop
+(``gemm.py``) costs Triton a shared-memory store of every decoded tile before wgmma can read
+it, which held that kernel to ~0.45x of cuBLAS. Here one Triton pass decodes ``W^T [K, N]``
+straight into a dense workspace (b/8 bytes read and 2 bytes written per weight; for
+8192 x 8192 about 30 us on an H200, 2-9% of the GEMM at M = 2048..8192) and cuBLAS runs the
+product at its full rate. The workspace lives only for the call, so peak memory is one
+layer's dense weight in the activation dtype: below the PyTorch fallback, which builds the
+weight through float32 intermediates.
+
+The decode is ``(q - z) * s`` in float32 with one rounding to the activation dtype, the same
+arithmetic as the fallback and the fused kernels, so every path sees bit-identical weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import Config
+from .unpack import load_chunk_words, slot_code
+
+
+@triton.jit
+def _decode_kernel(
+    qw_ptr, s_ptr, z_ptr, w_ptr,
+    N, stride_qk, stride_g, stride_wk,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``W^T[k, n] = (q[k, n] - z[g, n]) * s[g, n]`` for ``BLOCK_C`` chunks x ``BLOCK_N`` columns;
+    each packed word is loaded once, each value slot is stored as a strided set of rows."""
+    VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    pid_c = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    chunks = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
+    # One chunk (VPC values) never straddles a group: the group is a multiple of 32 >= VPC.
+    g = (chunks * VPC) // GROUP
+    sz = g[:, None] * stride_g + offs_n[None, :]
+    s = tl.load(s_ptr + sz, mask=mask_n[None, :], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + sz, mask=mask_n[None, :], other=0).to(tl.float32) + 8388608.0
+    rows = w_ptr + (chunks * VPC)[:, None] * stride_wk + offs_n[None, :]
+    for j in tl.static_range(VPC):
+        q = slot_code(w0, w1, w2, j, BITS)
+        # int -> float through the exponent bits (exact, no I2F): see unpack.dequant_tile
+        qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
+        tl.store(rows + j * stride_wk, ((qf - z) * s).to(w_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+def decode_weight_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group: int,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """Dense ``W^T [K, N]`` in ``dtype`` from the packed layer (one Triton launch)."""
+    words, N = qweight.shape
+    K = words * 32 // bits
+    vpc = 32 if bits == 3 else 32 // bits
+    chunks = K // vpc
+    block_c = 8 if chunks % 8 == 0 else 1
+    block_n = 128
+    w_t = torch.empty((K, N), device=qweight.device, dtype=dtype)
+    grid = (chunks // block_c, triton.cdiv(N, block_n))
+    _decode_kernel[grid](
+        qweight, scales, zeros, w_t,
+        N, qweight.stride(0), scales.stride(0), w_t.stride(0),
+        BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_C=block_c,
+        num_warps=4,
+    )
+    return w_t
+
+
+def dense_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """``x [M, K]`` -> ``x @ W^T + bias`` through a decoded workspace and cuBLAS (``cfg`` unused:
+    the signature of the other launchers, so the tuner can time this path against them)."""
+    w_t = decode_weight_t(qweight, scales, zeros, bits, group, x.dtype)
+    if bias is None:
+        return torch.mm(x, w_t)
+    return torch.addmm(bias.to(x.dtype), x, w_t)
+
+
+def dense_grad_input(
+    dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bits: int, group: int, K: int, cfg: Config,
+) -> torch.Tensor:
+    """``dx = dy @ W`` through a decoded workspace and cuBLAS."""
+    return torch.mm(dy, decode_weight_t(qweight, scales, zeros, bits, group, dy.dtype).t())
+
+
+@triton.jit
+def _fold_scale_grad_kernel(
+    p_ptr, qw_ptr, z_ptr, ds_ptr,
+    N, n0, stride_pk, stride_qk, stride_g,
+    BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``ds[g, n0 + n] = sum_{k in g} (q[k, n0 + n] - z[g, n0 + n]) * P[k, n]`` for one group and
+    ``BLOCK_N`` columns of a slab ``P = x^T dy[:, n0:n0+NS]`` (float32, ``[K, NS]``)."""
+    VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    g = tl.program_id(0)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    cols = n0 + offs_n
+    z = tl.load(z_ptr + g * stride_g + cols, mask=mask_n, other=0).to(tl.float32)
+    acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, GROUP // VPC, BLOCK_C):
+        chunks = g * (GROUP // VPC) + c0 + tl.arange(0, BLOCK_C)
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, cols, stride_qk, mask_n, BITS)
+        rows = p_ptr + (chunks * VPC)[:, None] * stride_pk + offs_n[None, :]
+        for j in tl.static_range(VPC):
+            p = tl.load(rows + j * stride_pk, mask=mask_n[None, :], other=0.0)
+            acc += (slot_code(w0, w1, w2, j, BITS).to(tl.float32) - z[None, :]) * p
+    tl.store(ds_ptr + g * stride_g + cols, tl.sum(acc, axis=0), mask=mask_n)
+
+
+def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with float32 output: cuBLAS accumulates 16-bit inputs in float32 and keeps it
+    (``out_dtype``, torch >= 2.8 on CUDA) instead of rounding the sums to 16 bits."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+SLAB_BYTES = 64 << 20  # float32 x^T dy slab kept at once
+
+
+def dense_grad_scales(
+    x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor, zeros: torch.Tensor,
+    bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """float32 ``[G, N]`` scale gradient: cuBLAS forms ``x^T dy`` for a slab of columns at a time
+    (float32 output, at most ``SLAB_BYTES``), a Triton pass folds it with ``q - z`` per group.
+    The full ``[N, K]`` weight gradient never exists; the slab is the only workspace."""
+    K = x.shape[1]
+    N = dy.shape[1]
+    ds = torch.empty((K // group, N), device=x.device, dtype=torch.float32)
+    slab = max(128, SLAB_BYTES // (4 * K) // 128 * 128)
+    vpc = 32 if bits == 3 else 32 // bits
+    block_c = next(c for c in (8, 4, 2, 1) if (group // vpc) % c == 0)
+    x_t = x.t()
+    for n0 in range(0, N, slab):
+        ns = min(slab, N - n0)
+        p = _mm_float32(x_t, dy[:, n0:n0 + ns])
+        grid = (K // group, triton.cdiv(ns, 128))
+        _fold_scale_grad_kernel[grid](
+            p, qweight, zeros, ds,
+            ns, n0, p.stride(0), qweight.stride(0), zeros.stride(0),
+            BITS=bits, GROUP=group, BLOCK_N=128, BLOCK_C=block_c, num_warps=4,
+        )
+    return ds
