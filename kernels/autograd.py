@@ -60,10 +60,6 @@ def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
                            dtype=str(x.dtype).replace("torch.", ""))
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _pick(fused, dense):
     """Launcher for a config: the dense (decode + cuBLAS) path for ``tuning.DENSE``, else the kernel."""
     return lambda *args, cfg: (dense if cfg.variant == tuning.DENSE else fused)(*args, cfg)
@@ -75,13 +71,14 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     M, K = x.shape
     N = qweight.shape[1]
     if M == 1:
-        cands, fn, name = tuning.gemv1_candidates(N, K, bits, group, _sm_count(x.device)), gemv1_forward, "gemv1"
-    elif M <= SMALL_M and tuning.gemv_tc_candidates(N, K, bits):
-        cands, fn, name = tuning.gemv_tc_candidates(N, K, bits), gemv_tc_forward, "gemv_tc"
+        cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device)), \
+            gemv1_forward, "gemv1"
+    elif M <= SMALL_M and tuning.tc_decode_fits(K, bits):
+        cands, fn, name = lambda: tuning.gemv_tc_candidates(N, K, bits), gemv_tc_forward, "gemv_tc"
     elif M <= SMALL_M:
-        cands, fn, name = tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
+        cands, fn, name = lambda: tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
     else:
-        cands, fn, name = tuning.gemm_candidates(M, N, K, group), _pick(gemm_forward, dense_forward), "gemm"
+        cands, fn, name = lambda: tuning.gemm_candidates(M, N, K, group), _pick(gemm_forward, dense_forward), "gemm"
     args = (x, qweight, scales, zeros, bias, bits, group)
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
@@ -92,7 +89,7 @@ def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     M, N = dy.shape
     fn = _pick(grad_input, dense_grad_input)
     args = (dy, qweight, scales, zeros, bits, group, K)
-    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group), tuning.grad_input_candidates(M, N, K, group),
+    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group), lambda: tuning.grad_input_candidates(M, N, K, group),
                         lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
 
@@ -103,7 +100,7 @@ def backward_scales_2d(x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor,
     N = dy.shape[1]
     fn = _pick(grad_scales, dense_grad_scales)
     args = (x, dy, qweight, zeros, bits, group)
-    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group), tuning.grad_scales_candidates(M, N, K, group),
+    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group), lambda: tuning.grad_scales_candidates(M, N, K, group),
                         lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
 

@@ -167,10 +167,10 @@ def _dq_gemv1_kernel(
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_g, stride_ym, field_mask, one_bits,
+    stride_xm, stride_qk, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
 ):
     """M = 2..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -200,7 +200,7 @@ def _dq_gemv_tc_kernel(
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
         for j in tl.static_range(VPC):
             xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
-            w = (slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits) * s_mul + s_add).to(dtype)
+            w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
             acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
     if HAS_BIAS:
@@ -252,15 +252,16 @@ def gemv_tc_forward(
     """M = 2..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16)."""
     M, K = x.shape
     N = qweight.shape[1]
+    field_mask, one_bits = unit_constants(bits)
     y = _out_buffer(x, M, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), *unit_constants(bits),
+        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

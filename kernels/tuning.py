@@ -14,6 +14,7 @@ constexprs and this module picks them:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -109,9 +110,19 @@ CACHE = ConfigCache()
 _MEMO: dict[str, Config] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def device_name(device: torch.device) -> str:
+    """Cached: the key is built on every call of a quantized layer."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def make_key(kernel: str, device: torch.device, **fields: object) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return "|".join([name, kernel] + [f"{k}={v}" for k, v in fields.items()])
+    return "|".join([device_name(device), kernel] + [f"{k}={v}" for k, v in fields.items()])
 
 
 def _time_ms(fn: Callable[[], object]) -> float:
@@ -129,12 +140,14 @@ def _agrees(out: object, ref: object) -> bool:
     return bool((a - b).norm() <= 1e-2 * b.norm() + 1e-6)
 
 
-def choose(key: str, candidates: Iterable[Config], run: Callable[[Config], object]) -> Config:
-    """The config to launch for ``key``: memoised, cached on disk, else timed (GPU) or the first."""
+def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[Config], object]) -> Config:
+    """The config to launch for ``key``: memoised, cached on disk, else timed (GPU) or the first.
+    ``candidates`` is called only on a miss: building the lists costs 10-20 us of Python, which
+    every layer call would otherwise pay."""
     cfg = _MEMO.get(key)
     if cfg is not None:
         return cfg
-    cands = list(candidates)
+    cands = list(candidates())
     if not cands:
         raise ValueError(f"no valid kernel configuration for {key}")
     if not autotune_enabled():
@@ -289,6 +302,11 @@ def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> l
         split = max(1, min(steps, round(per_sm * sms / tiles)))
         out.append(Config(1, bn, bc, split, warps, 1, prefetch))
     return list(dict.fromkeys(out))
+
+
+def tc_decode_fits(K: int, bits: int) -> bool:
+    """Whether the load-once tensor-core kernel takes this K (whole steps of 16 chunks)."""
+    return K % (16 * _vpc(bits)) == 0
 
 
 def gemv_tc_candidates(N: int, K: int, bits: int) -> list[Config]:

@@ -122,7 +122,7 @@ def slot_unit(w0, w1, w2, J: tl.constexpr, BITS: tl.constexpr, field_mask, one_b
     """Value ``J`` of every chunk as the float ``1 + q * 2^-BITS``: the code is shifted straight
     into the top mantissa bits under the exponent of 1.0 (one shift, one and-or, no I2F).
     Callers undo the affine map once per row: ``sum x q = (sum x f - sum x) * 2^BITS``.
-    ``field_mask, one_bits`` are :func:`unit_constants`."""
+    ``field_mask, one_bits`` are :func:`unit_constants` (run-time or compile-time values)."""
     T: tl.constexpr = 23 - BITS
     P: tl.constexpr = J * BITS
     if BITS == 3 and (J == 10 or J == 21):

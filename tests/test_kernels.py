@@ -183,6 +183,20 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
     assert tuning.m_bucket(1) == 1 and tuning.m_bucket(5) == 8 and tuning.m_bucket(2048) == 2048
 
 
+def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
+    """The candidate lists are built once per key, not on every layer call (hot-path cost)."""
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    built = []
+
+    def candidates():
+        built.append(1)
+        return [tuning.Config(1, 32, 1, 1, 4, 1), tuning.Config(1, 64, 1, 1, 4, 1)]
+
+    first = tuning.choose("cpu|test|m=1", candidates, lambda c: None)
+    again = tuning.choose("cpu|test|m=1", candidates, lambda c: None)
+    assert first == again == tuning.Config(1, 32, 1, 1, 4, 1) and len(built) == 1
+
+
 def test_candidates_respect_groups():
     for group in (32, 64, 128, 4096):
         for cands in (tuning.gemv_candidates(4096, 4096, group), tuning.gemm_candidates(64, 4096, 4096, group),
