@@ -186,6 +186,7 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
 def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
     """The candidate lists are built once per key, not on every layer call (hot-path cost)."""
     monkeypatch.setattr(tuning, "_MEMO", {})
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: False)  # untimed: the first candidate
     built = []
 
     def candidates():
