@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .gemm import dot_precision
+from .tiling import grouped_tile
 from .tuning import Config
 from .unpack import dequant_tile, load_codes, load_group_row
 
@@ -33,13 +34,7 @@ def _dq_grad_input_kernel(
     GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = K // BLOCK_K
-    width = GROUP_M * num_k
-    first_m = (pid // width) * GROUP_M
-    rows = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % rows
-    pid_k = (pid % width) // rows
+    pid_m, pid_k = grouped_tile(pid, tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

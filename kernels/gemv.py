@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import add_bias, store_split
 from .tuning import Config
 from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit, unit_constants
 
@@ -51,15 +52,9 @@ def _dq_gemv_kernel(
         x_sum = tl.sum(x.to(tl.float32), axis=1)
         acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_split(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, SPLIT_K)
 
 
 def gemv_forward(
@@ -154,13 +149,8 @@ def _dq_gemv1_kernel(
         x_sum = tl.sum(x_row, axis=0)
         acc += s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if SPLIT_K == 1:
-        tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
-    else:
-        tl.atomic_add(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+    acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
+    store_split(y_ptr + offs_n, acc, mask_n, SPLIT_K)
 
 
 @triton.jit
@@ -203,15 +193,9 @@ def _dq_gemv_tc_kernel(
             w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
             acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    store_split(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, SPLIT_K)
 
 
 def values_per_chunk(bits: int) -> int:
