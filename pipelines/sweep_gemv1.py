@@ -1,0 +1,88 @@
+"""Sweep the M = 1 kernel's tiles on one layer shape (the data behind ``tuning.GEMV1_TABLE``).
+
+    python3 pipelines/sweep_gemv1.py --shape 8192,8192 --quants w4g128,w3g128,w2g64 --out DIR
+
+Every tile of the grid (BLOCK_N x warps, BLOCK_C, programs per SM, prefetch) is checked against
+the float32 dequantized product and timed as CUDA-graph replays of a pass over rotated layer
+copies (> 256 MB, so weights come from DRAM as inside a model), next to cuBLAS fp16 ``x @ W.T``
+on the same rotation. Rows go to ``<out>/sweep_gemv1.json``; the best tiles are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import copy_bandwidth, graph_median_ms, make_layer  # noqa: E402
+
+import torch  # noqa: E402
+
+from efficientqat.kernels import tuning  # noqa: E402
+from efficientqat.kernels.gemv import gemv1_forward  # noqa: E402
+from efficientqat.quantizer import QuantSpec  # noqa: E402
+
+TILES = [(512, 2), (1024, 4), (2048, 8), (1024, 2), (2048, 4), (4096, 8)]  # (BLOCK_N, warps)
+ROTATION_BYTES = 256 << 20
+
+
+def grid(n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
+    vpc = 32 if bits == 3 else 32 // bits
+    out = []
+    for (bn, warps), bc, per_sm, prefetch in itertools.product(TILES, [4, 8, 16], [2, 4], [0, 1]):
+        while bc > 1 and group % (bc * vpc):
+            bc //= 2
+        split = max(1, min(k // (bc * vpc), round(per_sm * sms / -(-n // bn))))
+        out.append(tuning.Config(1, bn, bc, split, warps, 1, prefetch))
+    return list(dict.fromkeys(out))
+
+
+def sweep(n: int, k: int, quant: str, copy_bw: float) -> list[dict]:
+    spec = QuantSpec(int(quant[1]), int(quant.split("g")[1]))
+    first = make_layer(n, k, spec, "cuda")
+    packed = first.qweight.numel() * 4 + first.scales.numel() * 3
+    layers = [first] + [make_layer(n, k, spec, "cuda") for _ in range(min(48, math.ceil(ROTATION_BYTES / packed)) - 1)]
+    zeros = [layer.kernel_zeros() for layer in layers]
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.float16) for _ in layers]
+    ref = layers[0].dequantize_weight(torch.float32) @ xs[0].float().t()
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(max(2, math.ceil(ROTATION_BYTES / (2 * n * k))))]
+    t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
+    rows = []
+    for cfg in grid(n, k, spec.bits, spec.group_size, torch.cuda.get_device_properties(0).multi_processor_count):
+        def call(i: int, cfg: tuning.Config = cfg) -> torch.Tensor:
+            layer = layers[i]
+            return gemv1_forward(xs[i], layer.qweight, layer.scales, zeros[i], None, spec.bits, spec.group_size, cfg)
+
+        err = ((call(0).float().t() - ref).norm() / ref.norm()).item()
+        t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
+        rows.append(dict(n=n, k=k, quant=quant, block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k,
+                         warps=cfg.num_warps, prefetch=cfg.variant, us=t * 1e3, cublas_us=t_cublas * 1e3,
+                         x_cublas=t_cublas / t, bw_frac=(packed + 2 * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="8192,8192", help="N,K")
+    ap.add_argument("--quants", default="w4g128,w3g128,w2g64")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    args = ap.parse_args()
+    n, k = map(int, args.shape.split(","))
+    copy_bw = copy_bandwidth()
+    rows = [r for q in args.quants.split(",") for r in sweep(n, k, q, copy_bw)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep_gemv1.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    print("| quant | BLOCK_N | warps | BLOCK_C | split | prefetch | us | x cuBLAS | BW/copy |\n|---|---|---|---|---|---|---|---|---|")
+    for q in args.quants.split(","):
+        for r in sorted((r for r in rows if r["quant"] == q), key=lambda r: r["us"])[:3]:
+            print(f"| {q} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | {r['prefetch']} | "
+                  f"{r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
