@@ -7,7 +7,8 @@ model in memory — no re-loading through a quantizer lm-eval would pick itself.
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -27,7 +28,24 @@ def zero_shot_accuracy(
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise ConfigError("lm-evaluation-harness is not installed: pip install 'efficientqat[eval]'") from err
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    with _quant_config_hidden(model):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     manager = TaskManager(include_path=task_paths) if task_paths else TaskManager()
     results = simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=0, limit=limit, task_manager=manager)
     return {task: float(metrics["acc,none"]) for task, metrics in results["results"].items() if "acc,none" in metrics}
+
+
+@contextmanager
+def _quant_config_hidden(model: nn.Module) -> Iterator[None]:
+    """Hide ``config.quantization_config`` while HFLM is built: HFLM (lm-eval 0.4.x) parses a dict
+    quantization config with transformers' ``AutoQuantizationConfig``, which rejects
+    ``quant_method: efficientqat`` although the model is already loaded and needs no quantizer."""
+    config = getattr(model, "config", None)
+    saved = getattr(config, "quantization_config", None)
+    if saved is not None:
+        del config.quantization_config
+    try:
+        yield
+    finally:
+        if saved is not None:
+            config.quantization_config = saved
