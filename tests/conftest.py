@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter. The variable must be set before *triton*
+    # is first imported by anything (accelerate, peft and lm-eval import it while test modules
+    # are collected): triton.language's own jit helpers (tl.zeros, ...) are built in the mode
+    # of that first import, and compiled-mode helpers fail inside interpreted kernels.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

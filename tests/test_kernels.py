@@ -1,7 +1,7 @@
 """Triton dequant-matmul kernels against a float64 reference.
 
 On a machine without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, set
-below before anything imports triton kernels), with fp32/fp16 activations and one config per
+by conftest.py before anything imports triton), with fp32/fp16 activations and one config per
 kernel (the interpreter mishandles bf16 ``tl.dot``; tuning is off there by design). With CUDA
 the same tests run compiled on the GPU, plus the bf16 and autotuning tests at the end.
 Every launch writes into NaN-poisoned buffers, so any output element the kernel skips fails.
@@ -9,14 +9,8 @@ Every launch writes into NaN-poisoned buffers, so any output element the kernel 
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
