@@ -1,14 +1,15 @@
 """compressed-tensors ``pack-quantized`` export (the format llm-compressor writes and vLLM's
 ``CompressedTensorsWNA16`` scheme reads).
 
-Per quantized Linear ``<name>`` (``N = out_features``, ``K = in_features``, ``G`` groups,
-``p = 32 // bits`` values per int32 word, lowest bits first, no value straddling words, so
-3-bit holds 10 values and 2 padding bits per word):
+Per quantized Linear ``<name>`` (``N = out_features``, ``K = in_features``, ``G`` groups), values
+packed densely as a little-endian bit stream, ``ceil(C * b / 32)`` int32 words for ``C`` values
+(3-bit values straddle words: compressed-tensors since vllm-project/compressed-tensors#732;
+for 2/4/8 bits this is also the older ``32 // b`` values per word):
 
-    <name>.weight_packed      int32  [N, ceil(K / p)]   codes packed along the input dim
+    <name>.weight_packed      int32  [N, ceil(K * b / 32)]   codes packed along the input dim
     <name>.weight_scale       fp16   [N, G]
-    <name>.weight_zero_point  int32  [ceil(N / p), G]   zero points packed along the output dim
-    <name>.weight_shape       int64  [2]                (N, K)
+    <name>.weight_zero_point  int32  [ceil(N * b / 32), G]   zero points packed along the output dim
+    <name>.weight_shape       int64  [2]                     (N, K)
 
 compressed-tensors keeps codes and zero points signed (``q - 2^(b-1)``) and packs them with
 that offset added back, so the stored bits are exactly our unsigned codes and zero points;
@@ -21,11 +22,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from efficientqat.exporters.common import non_quantized_tensors, packed_layers, write_model_folder
+from efficientqat.packing import pack_last_dim
 from efficientqat.quantizer import QuantSpec
 
 FORMAT = "pack-quantized"
@@ -66,14 +67,13 @@ def ct_config(spec: QuantSpec) -> dict[str, Any]:
 
 
 def pack_words(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Unsigned codes ``[R, C]`` to int32 ``[R, ceil(C / p)]``, ``p = 32 // bits`` per word (zero padded)."""
-    per_word = 32 // bits
+    """Unsigned codes ``[R, C]`` to int32 ``[R, ceil(C * bits / 32)]``: the dense bit stream of
+    :func:`efficientqat.packing.pack_last_dim` over ``C`` zero-padded to whole 32-value chunks,
+    cut to the words that hold values (what compressed-tensors' ``pack_to_int32`` writes)."""
     rows, cols = values.shape
-    padded = torch.zeros(rows, math.ceil(cols / per_word) * per_word, dtype=torch.int64)
+    padded = torch.zeros(rows, math.ceil(cols / 32) * 32, dtype=torch.int64)
     padded[:, :cols] = values.to(torch.int64)
-    chunks = padded.reshape(rows, -1, per_word)
-    words = sum(chunks[..., i] << (bits * i) for i in range(per_word))
-    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+    return pack_last_dim(padded, bits)[:, : math.ceil(cols * bits / 32)].contiguous()
 
 
 def write_compressed_tensors(model: nn.Module, tokenizer: Any, spec: QuantSpec, folder: Path) -> None:

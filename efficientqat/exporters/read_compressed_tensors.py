@@ -1,7 +1,7 @@
-"""Independent compressed-tensors ``pack-quantized`` reader, in that format's own terms: each
-int32 word holds ``32 // b`` values (b bits each, lowest first, leftover bits unused), codes
-and zero points are signed after subtracting ``2^(b-1)``, and ``W = (q - z) * s`` per group of
-``group_size`` input columns."""
+"""Independent compressed-tensors ``pack-quantized`` reader, in that format's own terms: a row
+of int32 words is one little-endian bit stream of b-bit values (value i at bits
+``[i*b, i*b + b)``, crossing words where b does not divide 32), codes and zero points are signed
+after subtracting ``2^(b-1)``, and ``W = (q - z) * s`` per group of ``group_size`` input columns."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ from efficientqat.exporters.readback import ReadBack, bits_of, read_folder, valu
 
 def _unpack_rows(words: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     """int32 ``[R, W]`` to signed values ``[R, length]``."""
-    per_word = 32 // bits
-    raw = bits_of(words)[..., : per_word * bits].reshape(words.shape[0], -1)
-    return values_of(raw, bits)[:, :length] - 2 ** (bits - 1)
+    stream = bits_of(words).reshape(words.shape[0], -1)[:, : length * bits]
+    return values_of(stream, bits) - 2 ** (bits - 1)
 
 
 def read_compressed_tensors(folder: Path) -> ReadBack:

@@ -32,7 +32,9 @@ SUPPORT: dict[str, tuple[Runtime, ...]] = {
     "compressed_tensors": (
         Runtime("vLLM compressed-tensors WNA16 (Marlin/Machete)", "releases with vllm-project/vllm#14211 (2025) for zero points",
                 (4, 8), "2/3-bit not served"),
-        Runtime("transformers + compressed-tensors", "compressed-tensors >= 0.9",
+        Runtime("transformers + compressed-tensors, CompressedTensorsConfig(run_compressed=False)",
+                "compressed-tensors >= 0.9 for 2/4/8-bit, releases with vllm-project/compressed-tensors#732 "
+                "(dense packing) for 3-bit; loaded and checked with 0.20.1 + transformers 5.24",
                 (2, 3, 4, 8), "decompresses to dense on load: quality check, not speed"),
     ),
     "dense": (
