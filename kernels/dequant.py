@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from efficientqat.packing import chunk_values
+
 from .tuning import Config
 from .unpack import load_chunk_words, slot_code
 
@@ -57,8 +59,7 @@ def decode_weight_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     """Dense ``W^T [K, N]`` in ``dtype`` from the packed layer (one Triton launch)."""
     words, N = qweight.shape
     K = words * 32 // bits
-    vpc = 32 if bits == 3 else 32 // bits
-    chunks = K // vpc
+    chunks = K // chunk_values(bits)
     block_c = 8 if chunks % 8 == 0 else 1
     block_n = 128
     w_t = torch.empty((K, N), device=qweight.device, dtype=dtype)
@@ -144,8 +145,7 @@ def dense_grad_scales(
     N = dy.shape[1]
     ds = torch.empty((K // group, N), device=x.device, dtype=torch.float32)
     slab = max(128, SLAB_BYTES // (4 * K) // 128 * 128)
-    vpc = 32 if bits == 3 else 32 // bits
-    block_c = next(c for c in (8, 4, 2, 1) if (group // vpc) % c == 0)
+    block_c = next(c for c in (8, 4, 2, 1) if (group // chunk_values(bits)) % c == 0)
     x_t = x.t()
     for n0 in range(0, N, slab):
         ns = min(slab, N - n0)

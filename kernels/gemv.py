@@ -198,10 +198,6 @@ def _dq_gemv_tc_kernel(
     store_split(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, SPLIT_K)
 
 
-def values_per_chunk(bits: int) -> int:
-    return 32 if bits == 3 else 32 // bits
-
-
 def _out_buffer(x: torch.Tensor, M: int, N: int, split: int) -> torch.Tensor:
     if split == 1:
         return torch.empty((M, N), device=x.device, dtype=x.dtype)

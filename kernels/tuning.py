@@ -26,6 +26,8 @@ from typing import Callable, Iterable
 
 import torch
 
+from efficientqat.packing import chunk_values
+
 CACHE_FILE = "kernel_configs.json"
 
 
@@ -315,10 +317,6 @@ def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
     return _with_dense(list(dict.fromkeys(out)), M)
 
 
-def _vpc(bits: int) -> int:
-    return 32 if bits == 3 else 32 // bits
-
-
 GEMV1_TABLE = [
     # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch): the winners of a sweep of 72 tiles
     # per setting on an H200 (8192^2 at w4g128, w3g128, w2g64; 4096^2 and 28672x8192 at w4g128).
@@ -333,7 +331,7 @@ def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> l
     """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
     one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
     ``variant`` 1 prefetches the next step's words."""
-    vpc = _vpc(bits)
+    vpc = chunk_values(bits)
     out = []
     for bn, warps, bc, per_sm, prefetch in GEMV1_TABLE:
         while bc > 1 and (group % (bc * vpc) or bits == 3 and bc > 4):
@@ -349,13 +347,13 @@ def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> l
 
 def tc_decode_fits(K: int, bits: int) -> bool:
     """Whether the load-once tensor-core kernel takes this K (whole steps of 16 chunks)."""
-    return K % (16 * _vpc(bits)) == 0
+    return K % (16 * chunk_values(bits)) == 0
 
 
 def gemv_tc_candidates(N: int, K: int, bits: int) -> list[Config]:
     """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
     the dot depth). Empty when K is not a multiple of 16 chunks (then the replicated-load gemv)."""
-    vpc = _vpc(bits)
+    vpc = chunk_values(bits)
     table = [
         (128, 16, 8, 4, 2), (64, 16, 8, 4, 2), (128, 16, 4, 4, 2), (256, 16, 4, 8, 2),
         (64, 16, 16, 4, 2), (128, 32, 4, 4, 2), (64, 32, 8, 4, 2), (128, 16, 16, 4, 2),

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.gemv import gemv1_forward  # noqa: E402
+from efficientqat.packing import chunk_values  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 TILES = [(512, 2), (1024, 4), (2048, 8), (1024, 2), (2048, 4), (4096, 8)]  # (BLOCK_N, warps)
@@ -31,7 +32,7 @@ ROTATION_BYTES = 256 << 20
 
 
 def grid(n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
-    vpc = 32 if bits == 3 else 32 // bits
+    vpc = chunk_values(bits)
     out = []
     for (bn, warps), bc, per_sm, prefetch in itertools.product(TILES, [4, 8, 16], [2, 4], [0, 1]):
         while bc > 1 and group % (bc * vpc):

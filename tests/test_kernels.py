@@ -25,7 +25,7 @@ except ImportError:
 
 from efficientqat.kernels import DequantMatmulFn, check_supported, dequant_linear, unpack_zeros  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
-from efficientqat.packing import pack_qweight, pack_qzeros  # noqa: E402
+from efficientqat.packing import chunk_values, pack_qweight, pack_qzeros  # noqa: E402
 from efficientqat.qlinear import PackedLinear  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
@@ -200,7 +200,7 @@ def test_candidates_respect_groups():
             fused = [c for c in cands if c.variant != tuning.DENSE]
             assert fused and all(group % c.block_k == 0 and 4096 % c.block_k == 0 for c in fused)
         for bits in (2, 3, 4, 8):  # M = 1: one step (BLOCK_C chunks) never leaves its group
-            vpc = 32 if bits == 3 else 32 // bits
+            vpc = chunk_values(bits)
             cands = tuning.gemv1_candidates(8192, 4096, bits, group)
             assert cands and all(group % (c.block_k * vpc) == 0 for c in cands)
             assert all(1 <= c.split_k <= 4096 // (c.block_k * vpc) for c in cands)
@@ -269,7 +269,7 @@ def test_gemv1_variants(bits, group, dtype):
     bias = torch.randn(n, generator=gen).to(DEV, dtype)
     x = torch.randn(1, k, generator=gen).to(DEV, dtype)
     ref = reference(x, q, z, scales, gl, bias)[0]
-    vpc = 32 if bits == 3 else 32 // bits
+    vpc = chunk_values(bits)
     for prefetch in (0, 1):
         for bc, split in ((1, 3), (2, 1), (1, 1)):
             if gl % (bc * vpc):
