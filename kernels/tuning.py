@@ -318,8 +318,9 @@ def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
 
 
 GEMV1_TABLE = [
-    # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch): the winners of a sweep of 72 tiles
-    # per setting on an H200 (8192^2 at w4g128, w3g128, w2g64; 4096^2 and 28672x8192 at w4g128).
+    # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch), H200: the best tiles of
+    # pipelines/sweep_gemv1.py at 8192^2 (w4g128, w3g128, w2g64) and of the previous candidate
+    # list at 4096^2 and 28672x8192 (w4g128).
     # BLOCK_N >= 128 * warps puts every thread on 4-column vectors of all BLOCK_C rows, so the
     # per-step row sums stay in-thread; BLOCK_C shrinks to fit the group (w2g64, w3g128: 4).
     (2048, 8, 16, 2, 0), (1024, 2, 4, 4, 0), (512, 2, 4, 4, 0), (2048, 8, 8, 2, 0),
