@@ -279,6 +279,33 @@ def test_gemv1_variants(bits, group, dtype):
             assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (prefetch, bc, split)
 
 
+def test_large_m_dispatches_to_the_dense_path_by_default(monkeypatch):
+    """From tuning.DENSE_FIRST_M rows on, the untuned default is decode + matmul for the forward,
+    dx and ds alike (the kernels' launchers are made to fail, so only that path can pass)."""
+    from efficientqat.kernels import autograd
+
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a fused kernel ran")
+
+    for name in ("gemm_forward", "grad_input", "grad_scales"):
+        monkeypatch.setattr(autograd, name, refuse)
+    gen = torch.Generator().manual_seed(21)
+    m, n, k = tuning.DENSE_FIRST_M, 64, 128
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, 4, 64, gen)
+    scales.requires_grad_(True)
+    x = torch.randn(m, k, generator=gen).to(DEV).requires_grad_(True)
+    y = dequant_linear(x, qw, scales, zeros, None, 4, gl)
+    ref, grads = reference(x, q, z, scales, gl)
+    assert rel(y, ref) < 1e-5
+    dy = torch.randn(m, n, generator=gen).to(DEV)
+    y.backward(dy)
+    dx_ref, ds_ref = grads(dy)
+    assert rel(x.grad, dx_ref) < 1e-5 and rel(scales.grad, ds_ref) < 1e-5
+
+
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 32), (8, 128), (4, -1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_dense_paths(bits, group, dtype, monkeypatch):
