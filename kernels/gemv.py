@@ -110,9 +110,10 @@ def _dq_gemv1_kernel(
     columns. Per step and column the scale and zero point are applied once:
     ``s * (sum_k x q - z sum_k x)``.
 
-    The kernel is bound by bytes in flight before instructions, so ``PREFETCH`` (variant 1)
-    issues the next step's word loads before the current step's arithmetic (register double
-    buffer), keeping two tiles of DRAM requests outstanding per program.
+    ``PREFETCH`` (variant 1) issues the next step's word loads before the current step's
+    arithmetic (a register double buffer, two tiles of DRAM requests per program). It costs
+    registers: on an H200 it lost at 8192^2 and won some smaller/taller layers, so the tuner
+    decides (``tuning.GEMV1_TABLE``).
     """
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC

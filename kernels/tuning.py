@@ -284,8 +284,8 @@ def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
 
 def _with_dense(fused: list[Config], M: int) -> list[Config]:
     """Add the decode + cuBLAS path: first (the untuned default) for large M, where only the
-    three leading fused tiles stay as challengers (on an H200 the fused GEMMs reached 0.4-0.6x
-    of it at M >= 2048, so timing all of them would only add minutes of compilation), else last."""
+    three leading fused tiles stay as challengers (on an H200 the best fused GEMMs took 2.0-2.2x
+    its time at M >= 2048, so timing all of them would only add minutes of compilation), else last."""
     return [DENSE_CONFIG] + fused[:3] if M >= DENSE_FIRST_M else fused + [DENSE_CONFIG]
 
 
@@ -332,18 +332,22 @@ def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> l
     """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
     one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
     ``variant`` 1 prefetches the next step's words."""
+    out = [gemv1_config(N, K, bits, group, sms, *row) for row in GEMV1_TABLE]
+    return list(dict.fromkeys(c for c in out if c is not None))
+
+
+def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, warps: int, block_c: int,
+                 per_sm: int, prefetch: int) -> Config | None:
+    """One M = 1 tile for this layer: BLOCK_C halved until a step fits inside a group (and to 4
+    for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM.
+    None where no step fits a group."""
     vpc = chunk_values(bits)
-    out = []
-    for bn, warps, bc, per_sm, prefetch in GEMV1_TABLE:
-        while bc > 1 and (group % (bc * vpc) or bits == 3 and bc > 4):
-            bc //= 2
-        if group % (bc * vpc):
-            continue
-        steps = K // (bc * vpc)
-        tiles = -(-N // bn)
-        split = max(1, min(steps, round(per_sm * sms / tiles)))
-        out.append(Config(1, bn, bc, split, warps, 1, prefetch))
-    return list(dict.fromkeys(out))
+    while block_c > 1 and (group % (block_c * vpc) or bits == 3 and block_c > 4):
+        block_c //= 2
+    if group % (block_c * vpc):
+        return None
+    split = max(1, min(K // (block_c * vpc), round(per_sm * sms / -(-N // block_n))))
+    return Config(1, block_n, block_c, split, warps, 1, prefetch)
 
 
 def tc_decode_fits(K: int, bits: int) -> bool:

@@ -24,7 +24,6 @@ import torch  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.gemv import gemv1_forward  # noqa: E402
-from efficientqat.packing import chunk_values  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 TILES = [(512, 2), (1024, 4), (2048, 8), (1024, 2), (2048, 4), (4096, 8)]  # (BLOCK_N, warps)
@@ -32,14 +31,9 @@ ROTATION_BYTES = 256 << 20
 
 
 def grid(n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
-    vpc = chunk_values(bits)
-    out = []
-    for (bn, warps), bc, per_sm, prefetch in itertools.product(TILES, [4, 8, 16], [2, 4], [0, 1]):
-        while bc > 1 and group % (bc * vpc):
-            bc //= 2
-        split = max(1, min(k // (bc * vpc), round(per_sm * sms / -(-n // bn))))
-        out.append(tuning.Config(1, bn, bc, split, warps, 1, prefetch))
-    return list(dict.fromkeys(out))
+    rows = itertools.product(TILES, [4, 8, 16], [2, 4], [0, 1])
+    out = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, pf) for (bn, warps), bc, per_sm, pf in rows]
+    return list(dict.fromkeys(c for c in out if c is not None))
 
 
 def sweep(n: int, k: int, quant: str, copy_bw: float) -> list[dict]:
