@@ -102,6 +102,7 @@ def _dq_gemv1_kernel(
     N, K, stride_qk, stride_g, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """M = 1 on the CUDA cores. Each program streams a contiguous K range of a ``BLOCK_N`` column
     slice; a step covers ``BLOCK_C`` chunk rows (inside one group). Every packed word is loaded
@@ -129,7 +130,7 @@ def _dq_gemv1_kernel(
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PREFETCH:
         n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
-    for step in range(s_lo, s_hi):
+    for step in tl.range(s_lo, s_hi, num_stages=STAGES):
         if PREFETCH:
             w0, w1, w2 = n0, n1, n2
             n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
@@ -221,7 +222,7 @@ def gemv1_forward(
         N, K, qweight.stride(0), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 

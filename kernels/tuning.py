@@ -337,9 +337,10 @@ def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> l
 
 
 def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, warps: int, block_c: int,
-                 per_sm: int, prefetch: int) -> Config | None:
+                 per_sm: int, prefetch: int, stages: int = 1) -> Config | None:
     """One M = 1 tile for this layer: BLOCK_C halved until a step fits inside a group (and to 4
-    for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM.
+    for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM,
+    ``stages`` > 1 software-pipelines the step loop (cp.async ring in shared memory).
     None where no step fits a group."""
     vpc = chunk_values(bits)
     while block_c > 1 and (group % (block_c * vpc) or bits == 3 and block_c > 4):
@@ -347,7 +348,7 @@ def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, 
     if group % (block_c * vpc):
         return None
     split = max(1, min(K // (block_c * vpc), round(per_sm * sms / -(-N // block_n))))
-    return Config(1, block_n, block_c, split, warps, 1, prefetch)
+    return Config(1, block_n, block_c, split, warps, stages, prefetch)
 
 
 def tc_decode_fits(K: int, bits: int) -> bool:

@@ -2,7 +2,8 @@
 
     python3 pipelines/sweep_gemv1.py --shape 8192,8192 --quants w4g128,w3g128,w2g64 --out DIR
 
-Every tile of the grid (BLOCK_N x warps, BLOCK_C, programs per SM, prefetch) is checked against
+Every tile of the grid (BLOCK_N x warps, BLOCK_C, programs per SM, prefetch or pipeline stages)
+is checked against
 the float32 dequantized product and timed as CUDA-graph replays of a pass over rotated layer
 copies (> 256 MB, so weights come from DRAM as inside a model), next to cuBLAS fp16 ``x @ W.T``
 on the same rotation. Rows go to ``<out>/sweep_gemv1.json``; the best tiles are printed last.
@@ -15,28 +16,44 @@ import itertools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import copy_bandwidth, graph_median_ms, make_layer  # noqa: E402
 
 import torch  # noqa: E402
+import triton  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.gemv import gemv1_forward  # noqa: E402
+from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
-TILES = [(512, 2), (1024, 4), (2048, 8), (1024, 2), (2048, 4), (4096, 8)]  # (BLOCK_N, warps)
+TILES = [(256, 2), (512, 2), (512, 4), (1024, 2), (1024, 4), (2048, 8)]  # (BLOCK_N, warps)
 ROTATION_BYTES = 256 << 20
 
 
+def pipelines(cfg: tuning.Config, k: int, bits: int) -> bool:
+    """Whether a pipelined tile is worth timing: at least one step per stage in every program
+    and a ring that fits the 227 KB of shared memory an H100/H200 block may use."""
+    if cfg.num_stages == 1:
+        return True
+    steps = k // (cfg.block_k * chunk_values(bits)) // cfg.split_k
+    ring = cfg.num_stages * cfg.block_k * chunk_words(bits) * cfg.block_n * 4
+    return steps >= cfg.num_stages and ring <= 200 << 10
+
+
 def grid(n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
-    rows = itertools.product(TILES, [4, 8, 16], [2, 4], [0, 1])
-    out = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, pf) for (bn, warps), bc, per_sm, pf in rows]
-    return list(dict.fromkeys(c for c in out if c is not None))
+    """The tuner's table first (the reference), then every pipelined tile."""
+    table = [tuning.gemv1_config(n, k, bits, group, sms, *row) for row in tuning.GEMV1_TABLE]
+    rows = itertools.product(TILES, [4, 8, 16], [1, 2, 4], [2, 3, 4])
+    piped = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, 0, st)
+             for (bn, warps), bc, per_sm, st in rows]
+    return list(dict.fromkeys(c for c in table + piped if c is not None and pipelines(c, k, bits)))
 
 
-def sweep(n: int, k: int, quant: str, copy_bw: float) -> list[dict]:
+def sweep(n: int, k: int, quant: str, copy_bw: float, budget_s: float) -> list[dict]:
     spec = QuantSpec(int(quant[1]), int(quant.split("g")[1]))
     first = make_layer(n, k, spec, "cuda")
     packed = first.qweight.numel() * 4 + first.scales.numel() * 3
@@ -46,16 +63,24 @@ def sweep(n: int, k: int, quant: str, copy_bw: float) -> list[dict]:
     ref = layers[0].dequantize_weight(torch.float32) @ xs[0].float().t()
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(max(2, math.ceil(ROTATION_BYTES / (2 * n * k))))]
     t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
-    rows = []
+    rows, deadline = [], time.monotonic() + budget_s
     for cfg in grid(n, k, spec.bits, spec.group_size, torch.cuda.get_device_properties(0).multi_processor_count):
+        if time.monotonic() > deadline:
+            print(f"{quant}: time budget spent, rest of the grid skipped", flush=True)
+            break
+
         def call(i: int, cfg: tuning.Config = cfg) -> torch.Tensor:
             layer = layers[i]
             return gemv1_forward(xs[i], layer.qweight, layer.scales, zeros[i], None, spec.bits, spec.group_size, cfg)
 
-        err = ((call(0).float().t() - ref).norm() / ref.norm()).item()
+        try:
+            err = ((call(0).float().t() - ref).norm() / ref.norm()).item()
+        except triton.runtime.errors.OutOfResources as exc:  # the pipeline ring needs too much shared memory
+            print(f"{quant} {cfg}: skipped ({exc})", flush=True)
+            continue
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
         rows.append(dict(n=n, k=k, quant=quant, block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k,
-                         warps=cfg.num_warps, prefetch=cfg.variant, us=t * 1e3, cublas_us=t_cublas * 1e3,
+                         warps=cfg.num_warps, prefetch=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -66,16 +91,18 @@ def main() -> None:
     ap.add_argument("--shape", default="8192,8192", help="N,K")
     ap.add_argument("--quants", default="w4g128,w3g128,w2g64")
     ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop sweeping a quant after this many seconds")
     args = ap.parse_args()
     n, k = map(int, args.shape.split(","))
     copy_bw = copy_bandwidth()
-    rows = [r for q in args.quants.split(",") for r in sweep(n, k, q, copy_bw)]
+    rows = [r for q in args.quants.split(",") for r in sweep(n, k, q, copy_bw, args.budget_s)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_gemv1.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-    print("| quant | BLOCK_N | warps | BLOCK_C | split | prefetch | us | x cuBLAS | BW/copy |\n|---|---|---|---|---|---|---|---|---|")
+    print("| quant | BLOCK_N | warps | BLOCK_C | split | prefetch | stages | us | x cuBLAS | BW/copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
     for q in args.quants.split(","):
-        for r in sorted((r for r in rows if r["quant"] == q), key=lambda r: r["us"])[:3]:
-            print(f"| {q} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | {r['prefetch']} | "
+        for r in sorted((r for r in rows if r["quant"] == q), key=lambda r: r["us"])[:5]:
+            print(f"| {q} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | {r['prefetch']} | {r['stages']} | "
                   f"{r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
 
 

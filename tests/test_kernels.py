@@ -259,8 +259,8 @@ def test_gemm_expand_variant(bits):
 @pytest.mark.parametrize("bits,group", [(2, 64), (3, 128), (4, 32), (8, 64), (4, -1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_gemv1_variants(bits, group, dtype):
-    """The M = 1 kernel with and without prefetch, with split-K ranges that are uneven (steps
-    not divisible by the split) and longer than one step, with bias."""
+    """The M = 1 kernel with and without prefetch or a pipelined loop, with split-K ranges that
+    are uneven (steps not divisible by the split) and longer than one step, with bias."""
     from efficientqat.kernels.gemv import gemv1_forward
 
     gen = torch.Generator().manual_seed(bits + group)
@@ -270,13 +270,13 @@ def test_gemv1_variants(bits, group, dtype):
     x = torch.randn(1, k, generator=gen).to(DEV, dtype)
     ref = reference(x, q, z, scales, gl, bias)[0]
     vpc = chunk_values(bits)
-    for prefetch in (0, 1):
+    for prefetch, stages in ((0, 1), (1, 1), (0, 3)):
         for bc, split in ((1, 3), (2, 1), (1, 1)):
             if gl % (bc * vpc):
                 continue
-            cfg = tuning.Config(1, 32, bc, split, 4, 1, prefetch)
+            cfg = tuning.Config(1, 32, bc, split, 4, stages, prefetch)
             y = gemv1_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
-            assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (prefetch, bc, split)
+            assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (prefetch, stages, bc, split)
 
 
 def test_large_m_dispatches_to_the_dense_path_by_default(monkeypatch):
