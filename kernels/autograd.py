@@ -153,6 +153,23 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             y = y + bias.to(x.dtype)
     elif torch.is_grad_enabled() and (x2d.requires_grad or scales.requires_grad):
         y = DequantMatmulFn.apply(x2d, scales, qweight, zeros, bias, bits, group)
+    elif torch.compiler.is_compiling():
+        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group)
     else:
         y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
     return y.reshape(*lead, N)
+
+
+@torch.library.custom_op("efficientqat::dequant_matmul", mutates_args=())
+def dequant_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """:func:`forward_2d` as an opaque operator for ``torch.compile``: the compiler fuses the
+    elementwise work around it (norms, rotary, residuals: most of a decode step's kernels) and
+    leaves the launch, with its tuned config, to us. Inference only (no autograd formula)."""
+    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
+
+
+@dequant_matmul.register_fake
+def _dequant_matmul_shape(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                          bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    return x2d.new_empty((x2d.shape[0], qweight.shape[1]))

@@ -10,6 +10,8 @@ model it measures
 * decode tokens/s at each batch size: greedy steps over a static KV cache, one step captured
   as a CUDA graph and replayed (``generate()``'s eager Python overhead at batch 1 would hide
   the kernels' gain; falls back to the eager step, recorded as ``mode``, if capture fails);
+  with ``--compile`` the step is first compiled by ``torch.compile`` (every model alike: the
+  norms, rotary and residual work fuse into few kernels, our matmuls stay one operator each);
 * prefill tokens/s: one forward over ``--prefill`` tokens at batch 1;
 * model memory: bytes of parameters and buffers (packed weights + scales + zeros + the rest).
 
@@ -80,18 +82,18 @@ def elapsed_s(fn: Callable[[], None], device: torch.device, iters: int) -> float
 class DecodeStep:
     """One greedy decode step over a static cache, with fixed buffers so it can be graph-captured."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, device: torch.device, compiled: bool) -> None:
         from transformers import StaticCache
 
-        self.model = model
+        self.forward = torch.compile(model.forward, dynamic=False) if compiled else model.forward
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
 
     @torch.no_grad()
-    def eager(self) -> None:
-        logits = self.model(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+    def step(self) -> None:
+        logits = self.forward(input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
                             position_ids=self.pos.expand(self.ids.shape[0], 1), use_cache=True).logits
         self.ids.copy_(logits[:, -1:].argmax(-1))
         self.pos.add_(1)
@@ -102,12 +104,12 @@ class DecodeStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self.eager()
+                self.step()
         torch.cuda.current_stream().wait_stream(stream)
         try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                self.eager()
+                self.step()
         except Exception as err:  # noqa: BLE001 - any capture failure means: measure eagerly
             print(f"  CUDA graph capture failed ({type(err).__name__}: {err}); timing the eager step")
             return False
@@ -122,17 +124,17 @@ class DecodeStep:
             if self.graph is not None:
                 self.graph.replay()
             else:
-                self.eager()
+                self.step()
 
 
 def bench_model(label: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
     row = {"model": label, "bytes": model_bytes(model), "decode": {}}
     for batch in args.batches:
-        step = DecodeStep(model, batch, args.decode_tokens + 8, device)
+        step = DecodeStep(model, batch, args.decode_tokens + 8, device, args.compile)
         graphed = device.type == "cuda" and not args.eager and step.capture()
         seconds = elapsed_s(lambda: step.run(args.decode_tokens), device, args.iters)
-        row["decode"][batch] = {"tokens_per_s": batch * args.decode_tokens / seconds,
-                                "mode": "cuda_graph" if graphed else "eager"}
+        mode = ("compiled+" if args.compile else "") + ("cuda_graph" if graphed else "eager")
+        row["decode"][batch] = {"tokens_per_s": batch * args.decode_tokens / seconds, "mode": mode}
         del step
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
     with torch.no_grad():
@@ -165,6 +167,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prefill", type=int, default=512)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
     args = p.parse_args(argv)
     if args.tiny:
         args.decode_tokens, args.prefill, args.iters = min(args.decode_tokens, 4), min(args.prefill, 16), 1

@@ -155,6 +155,32 @@ def test_matches_packed_linear_torch_path():
     assert layer.kernel_zeros() is layer.kernel_zeros()  # cached, built once
 
 
+def test_compiled_graph_keeps_the_kernel_as_one_operator():
+    """Under torch.compile (fullgraph: no break allowed) the no-grad call is the registered
+    ``efficientqat::dequant_matmul`` operator, and the compiled function computes what eager does,
+    with the elementwise work around it traced."""
+    gen = torch.Generator().manual_seed(6)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 256, 4, 128, gen, scale_dtype=torch.float16)
+    bias = torch.randn(64, generator=gen).to(DEV, torch.float16)
+    x = torch.randn(2, 3, 256, generator=gen).to(DEV, torch.float16)
+
+    def block(inp: torch.Tensor) -> torch.Tensor:
+        return torch.relu(dequant_linear(inp * 0.5, qw, scales, zeros, bias, 4, gl)) + 1
+
+    graphs = []
+
+    def record(gm: torch.fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        got = torch.compile(block, fullgraph=True, backend=record)(x)
+        expect = block(x)
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert "efficientqat.dequant_matmul.default" in targets
+    assert got.shape == (2, 3, 64) and torch.equal(got, expect)
+
+
 def test_rejects_unsupported_shapes():
     with pytest.raises(ValueError, match="multiples of 32"):
         check_supported(48, 64, 4, 48)
