@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from efficientqat.packing import chunk_values
+
 from .tiling import add_bias, store_split
 from .tuning import Config
 from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit, unit_constants
@@ -163,10 +165,17 @@ def _dq_gemv_tc_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
+    FOLD_SCALES: tl.constexpr,
 ):
-    """M = 2..16 on the tensor cores, loading each packed word once: for each value slot j of
+    """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
-    (a strided gather from the small, cache-resident x) in one ``tl.dot`` of depth BLOCK_C."""
+    (a strided gather from the small, cache-resident x) in one ``tl.dot`` of depth BLOCK_C.
+
+    ``FOLD_SCALES`` (a step lies inside one group, and ``1 + q 2^-b`` is exact in x's dtype):
+    the dots take the bare codes as ``f = 1 + q 2^-b`` (shift, and-or, half a convert per
+    weight) and scale and zero point are applied once per step to the float32 partial sum,
+    ``s (sum x q - z sum x)`` with ``sum x q = (sum x f - sum x) 2^b``. Otherwise every weight
+    is dequantized before its dot (one more FMA per weight)."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
     pid_n = tl.program_id(0)
@@ -183,17 +192,29 @@ def _dq_gemv_tc_kernel(
         chunks = it * BLOCK_C + offs_c
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
         k_first = chunks * VPC
-        sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
-        s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
-        # (q - z) s = f * s 2^b - (1 + z 2^-b) s 2^b with f = 1 + q 2^-b: one FMA per weight.
-        s_mul = s * (1 << BITS)
-        s_add = -(1.0 + z * (1.0 / (1 << BITS))) * s_mul
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
-        for j in tl.static_range(VPC):
-            xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
-            w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
-            acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
+        if FOLD_SCALES:
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_tot = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+            for j in tl.static_range(VPC):
+                xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
+                f = slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS).to(dtype)
+                part = tl.dot(xj, f, part, input_precision=DOT_PREC)
+                x_tot += xj.to(tl.float32)
+            x_sum = tl.sum(x_tot, axis=1)[:, None]
+            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
+            acc += ((part - x_sum) * (1 << BITS) - x_sum * z[None, :]) * s[None, :]
+        else:
+            sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
+            s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
+            # (q - z) s = f * s 2^b - (1 + z 2^-b) s 2^b with f = 1 + q 2^-b: one FMA per weight.
+            s_mul = s * (1 << BITS)
+            s_add = -(1.0 + z * (1.0 / (1 << BITS))) * s_mul
+            for j in tl.static_range(VPC):
+                xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
+                w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
+                acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
@@ -231,10 +252,12 @@ def gemv_tc_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
-    """M = 2..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16)."""
+    """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16)."""
     M, K = x.shape
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
+    # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
+    fold = group % (cfg.block_k * chunk_values(bits)) == 0 and (bits < 8 or x.dtype != torch.bfloat16)
     y = _out_buffer(x, M, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
@@ -244,6 +267,6 @@ def gemv_tc_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD_SCALES=fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -266,6 +266,28 @@ def test_decode_paths_fp16(bits, m):
     assert rel(y, ref) < 3e-3
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (8, 64), (2, -1), (3, -1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_tc_scales_per_step_or_per_weight(bits, group, dtype):
+    """The tensor-core decode kernel at M = 1, 5 and 16, split-K 1 and 3, with bias: scale and
+    zero point folded once per step where a step of 16 chunks lies inside one group (4-bit g128,
+    8-bit g64, per-channel), applied per weight where it does not (2-bit g64)."""
+    from efficientqat.kernels.gemv import gemv_tc_forward
+
+    gen = torch.Generator().manual_seed(bits * 7 + group)
+    n, k = 64, 1024
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, dtype)
+    folds = gl % (16 * chunk_values(bits)) == 0
+    for m in (1, 5, 16):
+        x = torch.randn(m, k, generator=gen).to(DEV, dtype)
+        ref = reference(x, q, z, scales, gl, bias)[0]
+        for split in (1, 3):
+            y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, tuning.Config(16, 32, 16, split, 4, 1))
+            assert y.shape == (m, n) and y.dtype == dtype
+            assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (m, split, folds)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gemm_expand_variant(bits):
     """The gemm variants: words loaded once and expanded (2/4/8 bits), and W as the A operand."""

@@ -1,0 +1,135 @@
+"""Sweep the decode kernels' tiles (M = 1..16) on one layer shape: the data behind
+``tuning.GEMV1_TABLE`` and ``tuning.GEMV_TC_TABLE``.
+
+    python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128,w3g128,w2g64 --m 1,16 --out DIR
+
+For M = 1 the grid holds the CUDA-core kernel's tiles (BLOCK_N x warps, BLOCK_C, programs per
+SM, register prefetch or pipeline stages) and the tensor-core kernel's; for M > 1 the
+tensor-core kernel's (BLOCK_N, split-K, warps, stages). Every tile is checked against the
+float32 dequantized product and timed as CUDA-graph replays of a pass over rotated layer copies
+(> 256 MB, so weights come from DRAM as inside a model), next to cuBLAS fp16 ``x @ W.T`` on the
+same rotation. Rows go to ``<out>/sweep_decode.json``; the best tiles are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import copy_bandwidth, graph_median_ms, make_layer  # noqa: E402
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from efficientqat.kernels import tuning  # noqa: E402
+from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward  # noqa: E402
+from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
+from efficientqat.quantizer import QuantSpec  # noqa: E402
+
+GEMV1_TILES = [(256, 2), (512, 2), (512, 4), (1024, 2), (1024, 4), (2048, 8)]  # (BLOCK_N, warps)
+TC_TILES = list(itertools.product([64, 128, 256], [4, 8, 16, 32], [4, 8], [1, 2, 3]))  # BLOCK_N, split, warps, stages
+ROTATION_BYTES = 256 << 20
+
+
+def pipelines(cfg: tuning.Config, k: int, bits: int) -> bool:
+    """Whether a pipelined CUDA-core tile is worth timing: at least one step per stage in every
+    program and a ring that fits the 227 KB of shared memory an H100/H200 block may use."""
+    if cfg.num_stages == 1:
+        return True
+    steps = k // (cfg.block_k * chunk_values(bits)) // cfg.split_k
+    ring = cfg.num_stages * cfg.block_k * chunk_words(bits) * cfg.block_n * 4
+    return steps >= cfg.num_stages and ring <= 200 << 10
+
+
+def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tuning.Config], list[tuning.Config]]:
+    """The tuner's table (the reference) and every pipelined tile."""
+    table = [tuning.gemv1_config(n, k, bits, group, sms, *row) for row in tuning.GEMV1_TABLE]
+    rows = itertools.product(GEMV1_TILES, [4, 8, 16], [1, 2, 4], [2, 3, 4])
+    piped = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, 0, st)
+             for (bn, warps), bc, per_sm, st in rows]
+    keep = [c for c in table + piped if c is not None and pipelines(c, k, bits)]
+    return [c for c in keep if c in table], [c for c in keep if c not in table]
+
+
+def tc_grid(n: int, k: int, bits: int) -> list[tuning.Config]:
+    """Tensor-core tiles of depth 16 chunks (the tuner's table first); split-K capped at the steps."""
+    steps = k // (16 * chunk_values(bits)) if tuning.tc_decode_fits(k, bits) else 0
+    swept = [tuning.Config(16, bn, 16, min(split, steps), warps, stages)
+             for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4 and steps]
+    return list(dict.fromkeys(tuning.gemv_tc_candidates(n, k, bits) + swept))
+
+
+def launcher(cfg: tuning.Config):
+    return gemv_tc_forward if cfg.block_m == 16 else gemv1_forward
+
+
+def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -> list[dict]:
+    spec = QuantSpec(int(quant[1]), int(quant.split("g")[1]))
+    first = make_layer(n, k, spec, "cuda")
+    packed = first.qweight.numel() * 4 + first.scales.numel() * 3
+    layers = [first] + [make_layer(n, k, spec, "cuda") for _ in range(min(48, math.ceil(ROTATION_BYTES / packed)) - 1)]
+    zeros = [layer.kernel_zeros() for layer in layers]
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
+    ref = xs[0].float() @ layers[0].dequantize_weight(torch.float32).t()
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(max(2, math.ceil(ROTATION_BYTES / (2 * n * k))))]
+    t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    table, piped = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
+    grid = list(dict.fromkeys(table + tc_grid(n, k, spec.bits) + piped))  # the time budget cuts from the end
+    rows, deadline = [], time.monotonic() + budget_s
+    for cfg in grid:
+        if time.monotonic() > deadline:
+            print(f"{quant} M={m}: time budget spent, rest of the grid skipped", flush=True)
+            break
+
+        def call(i: int, cfg: tuning.Config = cfg) -> torch.Tensor:
+            layer = layers[i]
+            return launcher(cfg)(xs[i], layer.qweight, layer.scales, zeros[i], None, spec.bits, spec.group_size, cfg)
+
+        try:
+            err = ((call(0).float() - ref).norm() / ref.norm()).item()
+        except triton.runtime.errors.OutOfResources as exc:  # the tile needs too much shared memory
+            print(f"{quant} {cfg}: skipped ({exc})", flush=True)
+            continue
+        t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
+        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel="tc" if cfg.block_m == 16 else "gemv1",
+                         block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
+                         prefetch=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
+                         x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="8192,8192", help="N,K")
+    ap.add_argument("--quants", default="w4g128,w3g128,w2g64")
+    ap.add_argument("--m", default="1", help="comma-separated row counts, each 1..16")
+    ap.add_argument("--out", type=Path, default=Path("."))
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop sweeping a (quant, M) after this many seconds")
+    args = ap.parse_args()
+    n, k = map(int, args.shape.split(","))
+    ms = [int(m) for m in args.m.split(",")]
+    if not all(1 <= m <= 16 for m in ms):
+        raise SystemExit(f"--m takes row counts from 1 to 16, not {args.m}")
+    copy_bw = copy_bandwidth()
+    cases = list(itertools.product(args.quants.split(","), ms))
+    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
+    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | prefetch | stages | us | x cuBLAS | BW/copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for q, m in cases:
+        for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:5]:
+            print(f"| {q} | {m} | {r['kernel']} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | "
+                  f"{r['prefetch']} | {r['stages']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
