@@ -318,26 +318,27 @@ def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
 
 
 GEMV1_TABLE = [
-    # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch), H200: the best tiles of
-    # pipelines/sweep_gemv1.py at 8192^2 (w4g128, w3g128, w2g64) and of the previous candidate
-    # list at 4096^2 and 28672x8192 (w4g128).
+    # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch, pipeline stages), H200: the best tiles
+    # of pipelines/sweep_decode.py at 8192^2 (w4g128, w3g128, w2g64) and 28672x8192 (the only
+    # shape where a pipelined loop won, by 2%), and of the previous candidate list at 4096^2.
     # BLOCK_N >= 128 * warps puts every thread on 4-column vectors of all BLOCK_C rows, so the
     # per-step row sums stay in-thread; BLOCK_C shrinks to fit the group (w2g64, w3g128: 4).
-    (2048, 8, 16, 2, 0), (1024, 2, 4, 4, 0), (512, 2, 4, 4, 0), (2048, 8, 8, 2, 0),
-    (1024, 4, 8, 2, 0), (512, 4, 4, 4, 1), (1024, 8, 4, 2, 1), (512, 4, 8, 4, 1),
+    (2048, 8, 16, 2, 0, 1), (1024, 2, 4, 4, 0, 1), (512, 2, 4, 4, 0, 1), (2048, 8, 8, 2, 0, 1),
+    (1024, 4, 8, 2, 0, 1), (512, 4, 4, 4, 1, 1), (1024, 8, 4, 2, 1, 1), (512, 4, 8, 4, 1, 1),
+    (512, 2, 8, 4, 0, 3),
 ]
 
 
 def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
     """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
     one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
-    ``variant`` 1 prefetches the next step's words."""
+    ``variant`` 1 prefetches the next step's words, ``num_stages`` > 1 pipelines the step loop."""
     out = [gemv1_config(N, K, bits, group, sms, *row) for row in GEMV1_TABLE]
     return list(dict.fromkeys(c for c in out if c is not None))
 
 
 def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, warps: int, block_c: int,
-                 per_sm: int, prefetch: int, stages: int = 1) -> Config | None:
+                 per_sm: int, prefetch: int, stages: int) -> Config | None:
     """One M = 1 tile for this layer: BLOCK_C halved until a step fits inside a group (and to 4
     for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM,
     ``stages`` > 1 software-pipelines the step loop (cp.async ring in shared memory).
@@ -356,16 +357,20 @@ def tc_decode_fits(K: int, bits: int) -> bool:
     return K % (16 * chunk_values(bits)) == 0
 
 
+GEMV_TC_TABLE = [
+    # (BLOCK_N, BLOCK_C, split-K, warps, stages). H200, pipelines/sweep_decode.py at 8192^2, M = 4
+    # and 16: the best w4g128 tiles (steps fold scales, 256 columns), then w2g64 / w3g128 (128).
+    (256, 16, 8, 4, 3), (256, 16, 32, 4, 2), (256, 16, 8, 8, 3), (128, 16, 8, 4, 2),
+    (128, 16, 4, 4, 2), (128, 16, 16, 4, 2), (64, 16, 8, 4, 2), (128, 32, 4, 4, 2),
+]
+
+
 def gemv_tc_candidates(N: int, K: int, bits: int) -> list[Config]:
     """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
     the dot depth). Empty when K is not a multiple of 16 chunks (then the replicated-load gemv)."""
     vpc = chunk_values(bits)
-    table = [
-        (128, 16, 8, 4, 2), (64, 16, 8, 4, 2), (128, 16, 4, 4, 2), (256, 16, 4, 8, 2),
-        (64, 16, 16, 4, 2), (128, 32, 4, 4, 2), (64, 32, 8, 4, 2), (128, 16, 16, 4, 2),
-    ]
     out = []
-    for bn, bc, split, warps, stages in table:
+    for bn, bc, split, warps, stages in GEMV_TC_TABLE:
         steps = K // (bc * vpc)
         if K % (bc * vpc) == 0 and steps >= 1:
             out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
