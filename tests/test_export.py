@@ -150,6 +150,25 @@ def test_load_quantized_generates(tmp_path, tokenizer, target):
     assert torch.equal(model(ids).logits, reference(ids).logits)
 
 
+def test_static_cache_generate_compiles_the_packed_model(tmp_path, tokenizer):
+    """``generate()`` with a static cache compiles the decode step (transformers' auto-compile)
+    through our packed layers as one graph (``fullgraph``: any break fails), and its greedy
+    tokens are the eager ones. On the GPU the layers are the Triton operator under inductor; on
+    the CPU the dequantize-then-matmul path under the eager backend (no compiler needed)."""
+    from transformers import CompileConfig
+
+    cuda = torch.cuda.is_available()
+    model = load_quantized(make_run(tmp_path / "run", tokenizer, 4, 64), device="cuda" if cuda else "cpu")
+    ids = tokenizer("the quick brown fox", return_tensors="pt").input_ids.to(model.device)
+    eager = model.generate(ids, max_new_tokens=6, do_sample=False)
+    config = CompileConfig(fullgraph=True) if cuda else CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config._compile_all_devices = not cuda  # transformers compiles on accelerators only unless told
+    compiled = model.generate(ids, max_new_tokens=6, do_sample=False, cache_implementation="static",
+                              compile_config=config)
+    assert hasattr(model, "_compiled_call")  # the compiled forward was built and used
+    assert torch.equal(compiled, eager)
+
+
 def test_bad_inputs_leave_everything_untouched(tmp_path, tokenizer):
     unfinished = make_run(tmp_path / "unfinished", tokenizer, 4, 64, done=False)
     with pytest.raises(RunFolderError, match="not finished"):
