@@ -2,10 +2,11 @@
 
 ``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
 M = 1 goes to the CUDA-core split-K kernel (the tensor-core one measured 30 against 16 us at
-8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, larger M to the tiled GEMM or to decode + cuBLAS (``dequant.py``): whichever
-the tuner measured faster for the shape. When ``scales`` (or x) require grad, the call goes
-through :class:`DequantMatmulFn`, whose backward returns the input gradient and the scale
-gradient and nothing for codes, zero points or bias.
+8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, larger M to the tiled
+GEMM or to decode + cuBLAS (``dequant.py``): whichever the tuner measured faster for the shape.
+When ``scales`` (or x) require grad, the call goes through :class:`DequantMatmulFn`, whose
+backward returns the input gradient and the scale gradient and nothing for codes, zero points
+or bias.
 """
 
 from __future__ import annotations
