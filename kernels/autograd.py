@@ -72,7 +72,8 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     M, K = x.shape
     N = qweight.shape[1]
     if M == 1:
-        cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device)), \
+        half2 = x.dtype == torch.float16 and bits in tuning.HALF2_BITS
+        cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device), half2), \
             gemv1_forward, "gemv1"
     elif M <= SMALL_M and tuning.tc_decode_fits(K, bits):
         cands, fn, name = lambda: tuning.gemv_tc_candidates(N, K, bits), gemv_tc_forward, "gemv_tc"

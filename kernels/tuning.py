@@ -46,6 +46,9 @@ class Config:
 
 DENSE = 9
 """``Config.variant`` of the decode-to-workspace + cuBLAS path (``dequant.py``) for M > 16."""
+HALF2 = 2
+"""``Config.variant`` of the M = 1 kernel computing in paired fp16 (``half2.py``)."""
+HALF2_BITS = (2, 4)
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)
 
@@ -318,9 +321,10 @@ def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
 
 
 GEMV1_TABLE = [
-    # (BLOCK_N, warps, BLOCK_C, programs per SM, prefetch, pipeline stages), H200: the best tiles
-    # of pipelines/sweep_decode.py at 8192^2 (w4g128, w3g128, w2g64) and 28672x8192 (the only
-    # shape where a pipelined loop won, by 2%), and of the previous candidate list at 4096^2.
+    # (BLOCK_N, warps, BLOCK_C, programs per SM, variant (1: prefetch), pipeline stages), H200:
+    # the best tiles of pipelines/sweep_decode.py at 8192^2 (w4g128, w3g128, w2g64) and
+    # 28672x8192 (the only shape where a pipelined loop won, by 2%), and of the previous
+    # candidate list at 4096^2.
     # BLOCK_N >= 128 * warps puts every thread on 4-column vectors of all BLOCK_C rows, so the
     # per-step row sums stay in-thread; BLOCK_C shrinks to fit the group (w2g64, w3g128: 4).
     (2048, 8, 16, 2, 0, 1), (1024, 2, 4, 4, 0, 1), (512, 2, 4, 4, 0, 1), (2048, 8, 8, 2, 0, 1),
@@ -329,16 +333,27 @@ GEMV1_TABLE = [
 ]
 
 
-def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
+GEMV1_HALF2_TABLE = [
+    # (BLOCK_N, warps, BLOCK_C, programs per SM, HALF2, stages): NOT yet timed on a GPU. Chosen
+    # from the sm_90 SASS (2.2-2.3 instructions per weight at 16 columns per thread) and the
+    # float32 kernel's sweep (one step per program, two programs per SM); placed after the
+    # measured tiles so that an untuned run never takes them.
+    (2048, 4, 8, 2, HALF2, 1), (2048, 8, 16, 2, HALF2, 1), (1024, 2, 8, 2, HALF2, 1), (4096, 8, 8, 2, HALF2, 1),
+]
+
+
+def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132, half2: bool = False) -> list[Config]:
     """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
     one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
-    ``variant`` 1 prefetches the next step's words, ``num_stages`` > 1 pipelines the step loop."""
-    out = [gemv1_config(N, K, bits, group, sms, *row) for row in GEMV1_TABLE]
+    ``variant`` 1 prefetches the next step's words, ``num_stages`` > 1 pipelines the step loop.
+    ``half2`` (fp16 x, 2/4-bit codes) adds the paired-fp16 tiles."""
+    rows = GEMV1_TABLE + (GEMV1_HALF2_TABLE if half2 else [])
+    out = [gemv1_config(N, K, bits, group, sms, *row) for row in rows]
     return list(dict.fromkeys(c for c in out if c is not None))
 
 
 def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, warps: int, block_c: int,
-                 per_sm: int, prefetch: int, stages: int) -> Config | None:
+                 per_sm: int, variant: int, stages: int) -> Config | None:
     """One M = 1 tile for this layer: BLOCK_C halved until a step fits inside a group (and to 4
     for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM,
     ``stages`` > 1 software-pipelines the step loop (cp.async ring in shared memory).
@@ -349,7 +364,7 @@ def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, 
     if group % (block_c * vpc):
         return None
     split = max(1, min(K // (block_c * vpc), round(per_sm * sms / -(-N // block_n))))
-    return Config(1, block_n, block_c, split, warps, stages, prefetch)
+    return Config(1, block_n, block_c, split, warps, stages, variant)
 
 
 def tc_decode_fits(K: int, bits: int) -> bool:

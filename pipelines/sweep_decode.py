@@ -4,7 +4,8 @@
     python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128,w3g128,w2g64 --m 1,16 --out DIR
 
 For M = 1 the grid holds the CUDA-core kernel's tiles (BLOCK_N x warps, BLOCK_C, programs per
-SM, register prefetch or pipeline stages) and the tensor-core kernel's; for M > 1 the
+SM; float32 with register prefetch or pipeline stages, or paired fp16) and the tensor-core
+kernel's; for M > 1 the
 tensor-core kernel's (BLOCK_N, split-K, warps, stages). Every tile is checked against the
 float32 dequantized product and timed as CUDA-graph replays of a pass over rotated layer copies
 (> 256 MB, so weights come from DRAM as inside a model), next to cuBLAS fp16 ``x @ W.T`` on the
@@ -48,13 +49,18 @@ def pipelines(cfg: tuning.Config, k: int, bits: int) -> bool:
 
 
 def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tuning.Config], list[tuning.Config]]:
-    """The tuner's table (the reference) and every pipelined tile."""
-    table = [tuning.gemv1_config(n, k, bits, group, sms, *row) for row in tuning.GEMV1_TABLE]
-    rows = itertools.product(GEMV1_TILES, [4, 8, 16], [1, 2, 4], [2, 3, 4])
-    piped = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, 0, st)
-             for (bn, warps), bc, per_sm, st in rows]
-    keep = [c for c in table + piped if c is not None and pipelines(c, k, bits)]
-    return [c for c in keep if c in table], [c for c in keep if c not in table]
+    """The tuner's tiles (the reference; fp16 x, so with the paired-fp16 ones where they apply),
+    then every paired-fp16 and every pipelined tile."""
+    half2 = bits in tuning.HALF2_BITS
+    table = tuning.gemv1_candidates(n, k, bits, group, sms, half2)
+    paired = itertools.product(GEMV1_TILES + [(2048, 4), (4096, 8)], [4, 8, 16], [1, 2, 4]) if half2 else []
+    piped = itertools.product(GEMV1_TILES, [4, 8, 16], [1, 2, 4], [2, 3, 4])
+    rest = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, tuning.HALF2, 1)
+            for (bn, warps), bc, per_sm in paired]
+    rest += [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, 0, st)
+             for (bn, warps), bc, per_sm, st in piped]
+    rest = [c for c in rest if c is not None and c not in table and pipelines(c, k, bits)]
+    return table, list(dict.fromkeys(rest))
 
 
 def tc_grid(n: int, k: int, bits: int) -> list[tuning.Config]:
@@ -80,8 +86,8 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(max(2, math.ceil(ROTATION_BYTES / (2 * n * k))))]
     t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    table, piped = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
-    grid = list(dict.fromkeys(table + tc_grid(n, k, spec.bits) + piped))  # the time budget cuts from the end
+    table, rest = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
+    grid = list(dict.fromkeys(table + tc_grid(n, k, spec.bits) + rest))  # the time budget cuts from the end
     rows, deadline = [], time.monotonic() + budget_s
     for cfg in grid:
         if time.monotonic() > deadline:
@@ -100,7 +106,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
         rows.append(dict(n=n, k=k, quant=quant, m=m, kernel="tc" if cfg.block_m == 16 else "gemv1",
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
-                         prefetch=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
+                         variant=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -123,12 +129,12 @@ def main() -> None:
     rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | prefetch | stages | us | x cuBLAS | BW/copy |\n"
+    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | variant | stages | us | x cuBLAS | BW/copy |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for q, m in cases:
         for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:5]:
             print(f"| {q} | {m} | {r['kernel']} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | "
-                  f"{r['prefetch']} | {r['stages']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+                  f"{r['variant']} | {r['stages']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
 
 
 if __name__ == "__main__":

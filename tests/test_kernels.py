@@ -327,6 +327,62 @@ def test_gemv1_variants(bits, group, dtype):
             assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (prefetch, stages, bc, split)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (2, 64), (2, -1)])
+def test_gemv1_half2_variant(bits, group):
+    """The paired-fp16 M = 1 step (tuning.HALF2; emulated fma.f16x2 on the CPU, PTX on the GPU)
+    against float64, with column tiles that divide N and one that does not, split-K ranges that
+    are uneven and longer than one step, steps of 1-4 word rows (several widening flushes)."""
+    from efficientqat.kernels.gemv import gemv1_forward
+
+    gen = torch.Generator().manual_seed(bits * 10 + group)
+    n, k = 96, 256
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    x = torch.randn(1, k, generator=gen).to(DEV, torch.float16)
+    ref = reference(x, q, z, scales, gl, bias)[0]
+    vpc = chunk_values(bits)
+    for block_n in (32, 64):
+        for bc, split in ((1, 3), (4, 2), (2, 1)):
+            if gl % (bc * vpc):
+                continue
+            y = gemv1_forward(x, qw, scales, zeros, bias, bits, gl, tuning.Config(1, block_n, bc, split, 4, 1, tuning.HALF2))
+            assert y.shape == (1, n) and y.dtype == torch.float16
+            assert rel(y, ref) < 3e-3, (block_n, bc, split)
+
+
+def test_gemv1_half2_takes_only_fp16_and_2_or_4_bits():
+    """Other inputs get an error naming the requirement, and the M = 1 candidates hold the
+    paired-fp16 tiles only where they apply (after the measured float32 tiles)."""
+    from efficientqat.kernels.gemv import gemv1_forward
+
+    gen = torch.Generator().manual_seed(0)
+    cfg = tuning.Config(1, 32, 1, 1, 4, 1, tuning.HALF2)
+    for bits, dtype in ((3, torch.float16), (4, torch.bfloat16)):
+        q, z, s, qw, zeros, scales, gl = rand_layer(32, 256, bits, 128, gen)
+        x = torch.randn(1, 256, generator=gen).to(DEV, dtype)
+        with pytest.raises(ValueError, match="fp16 x and \\(2, 4\\)-bit codes"):
+            gemv1_forward(x, qw, scales, zeros, None, bits, gl, cfg)
+    plain = tuning.gemv1_candidates(8192, 8192, 4, 128)
+    with_half2 = tuning.gemv1_candidates(8192, 8192, 4, 128, half2=True)
+    assert all(c.variant != tuning.HALF2 for c in plain)
+    assert with_half2[:len(plain)] == plain and all(c.variant == tuning.HALF2 for c in with_half2[len(plain):])
+    assert len(with_half2) > len(plain)
+
+
+@pytest.mark.skipif(not GPU, reason="the PTX of the paired-fp16 step runs on a GPU only")
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64)])
+def test_gpu_gemv1_half2_matches_float32_path(bits, group):
+    from efficientqat.kernels.gemv import gemv1_forward
+
+    gen = torch.Generator().manual_seed(bits)
+    q, z, s, qw, zeros, scales, gl = rand_layer(4096, 4096, bits, group, gen, scale_dtype=torch.float16)
+    x = torch.randn(1, 4096, generator=gen).to(DEV, torch.float16)
+    ref = reference(x, q, z, scales, gl)[0]
+    for row in tuning.GEMV1_HALF2_TABLE:
+        cfg = tuning.gemv1_config(4096, 4096, bits, gl, 132, *row)
+        assert rel(gemv1_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
+
+
 def test_large_m_dispatches_to_the_dense_path_by_default(monkeypatch):
     """From tuning.DENSE_FIRST_M rows on, the untuned default is decode + matmul for the forward,
     dx and ds alike (the kernels' launchers are made to fail, so only that path can pass)."""
