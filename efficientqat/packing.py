@@ -69,7 +69,7 @@ def unpack_last_dim(words: torch.Tensor, bits: int) -> torch.Tensor:
         raise ConfigError(f"{n_words} words are not a whole number of {bits}-bit chunks")
     w = (words.to(torch.int64) & 0xFFFFFFFF).reshape(*words.shape[:-1], n_words // words_per_chunk, words_per_chunk)
     mask = 2**bits - 1
-    out = torch.empty(*w.shape[:-1], per_chunk, dtype=torch.int64, device=words.device)
+    out = w.new_empty((*w.shape[:-1], per_chunk))
     for i in range(per_chunk):
         word, shift = divmod(bits * i, 32)
         value = w[..., word] >> shift
