@@ -2,7 +2,8 @@
 
 ``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
 M = 1 goes to the CUDA-core split-K kernel (the tensor-core one measured 30 against 16 us at
-8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, larger M to the tiled
+8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, both with the
+paired-fp16 kernel (``half2.py``) as a challenger for fp16 x and M <= 8, larger M to the tiled
 GEMM or to decode + cuBLAS (``dequant.py``): whichever the tuner measured faster for the shape.
 When ``scales`` (or x) require grad, the call goes through :class:`DequantMatmulFn`, whose
 backward returns the input gradient and the scale gradient and nothing for codes, zero points
@@ -18,6 +19,7 @@ from .backward import grad_input, grad_scales
 from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
 from .gemv import gemv1_forward, gemv_forward, gemv_tc_forward
+from .half2 import gemv_half2_forward
 
 SMALL_M = 16
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -61,9 +63,10 @@ def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
                            dtype=str(x.dtype).replace("torch.", ""))
 
 
-def _pick(fused, dense):
-    """Launcher for a config: the dense (decode + cuBLAS) path for ``tuning.DENSE``, else the kernel."""
-    return lambda *args, cfg: (dense if cfg.variant == tuning.DENSE else fused)(*args, cfg)
+def _pick(default, variant: int, other):
+    """Launcher for a config: ``other`` for configs of ``variant`` (the dense decode + cuBLAS path,
+    the paired-fp16 kernel), else ``default``."""
+    return lambda *args, cfg: (other if cfg.variant == variant else default)(*args, cfg)
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -71,16 +74,20 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
     M, K = x.shape
     N = qweight.shape[1]
+    # the paired-fp16 kernel joins the decode candidates for fp16 x, after the measured kernels
+    half2 = (lambda: tuning.half2_candidates(M, N, K, bits, group, tuning.sm_count(x.device))) \
+        if x.dtype == torch.float16 else list
     if M == 1:
-        half2 = x.dtype == torch.float16 and bits in tuning.HALF2_BITS
-        cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device), half2), \
-            gemv1_forward, "gemv1"
+        cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device)) + half2(), \
+            _pick(gemv1_forward, tuning.HALF2, gemv_half2_forward), "gemv1"
     elif M <= SMALL_M and tuning.tc_decode_fits(K, bits):
-        cands, fn, name = lambda: tuning.gemv_tc_candidates(N, K, bits), gemv_tc_forward, "gemv_tc"
+        cands, fn, name = lambda: tuning.gemv_tc_candidates(N, K, bits) + half2(), \
+            _pick(gemv_tc_forward, tuning.HALF2, gemv_half2_forward), "gemv_tc"
     elif M <= SMALL_M:
         cands, fn, name = lambda: tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
     else:
-        cands, fn, name = lambda: tuning.gemm_candidates(M, N, K, group), _pick(gemm_forward, dense_forward), "gemm"
+        cands, fn, name = lambda: tuning.gemm_candidates(M, N, K, group), \
+            _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"
     args = (x, qweight, scales, zeros, bias, bits, group)
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
@@ -89,7 +96,7 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       bits: int, group: int, K: int) -> torch.Tensor:
     M, N = dy.shape
-    fn = _pick(grad_input, dense_grad_input)
+    fn = _pick(grad_input, tuning.DENSE, dense_grad_input)
     args = (dy, qweight, scales, zeros, bits, group, K)
     cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group), lambda: tuning.grad_input_candidates(M, N, K, group),
                         lambda c: fn(*args, cfg=c))
@@ -100,7 +107,7 @@ def backward_scales_2d(x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor,
                        bits: int, group: int) -> torch.Tensor:
     M, K = x.shape
     N = dy.shape[1]
-    fn = _pick(grad_scales, dense_grad_scales)
+    fn = _pick(grad_scales, tuning.DENSE, dense_grad_scales)
     args = (x, dy, qweight, zeros, bits, group)
     cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group), lambda: tuning.grad_scales_candidates(M, N, K, group),
                         lambda c: fn(*args, cfg=c))

@@ -21,9 +21,8 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
-from .tiling import add_bias, store_split
-from .half2 import MAGIC, half2_step_dot
-from .tuning import HALF2, HALF2_BITS, Config, interpreting
+from .tiling import add_bias, split_k_buffer, store_split
+from .tuning import Config
 from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit, unit_constants
 
 
@@ -64,20 +63,11 @@ def gemv_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
-    """``x [M<=16, K]`` contiguous -> ``y [M, N]`` in x's dtype.
-
-    fp16 split-K partials are added straight into the fp16 output (one memset, no extra cast
-    launch: at M = 1 a launch costs a tenth of the kernel); bf16 keeps 8 mantissa bits, too few
-    to add partials in, so it sums in a float32 buffer and casts.
-    """
+    """``x [M<=16, K]`` contiguous -> ``y [M, N]`` in x's dtype."""
     M, K = x.shape
     N = qweight.shape[1]
     split = cfg.split_k
-    if split == 1:
-        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    else:
-        acc_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
-        y = torch.zeros((M, N), device=x.device, dtype=acc_dtype)
+    y = split_k_buffer(x, N, split)
     grid = (triton.cdiv(N, cfg.block_n), split)
     _dq_gemv_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,
@@ -105,7 +95,7 @@ def _dq_gemv1_kernel(
     N, K, stride_qk, stride_g, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-    STAGES: tl.constexpr, HALF2: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """M = 1 on the CUDA cores. Each program streams a contiguous K range of a ``BLOCK_N`` column
     slice; a step covers ``BLOCK_C`` chunk rows (inside one group). Every packed word is loaded
@@ -117,8 +107,7 @@ def _dq_gemv1_kernel(
     ``PREFETCH`` (variant 1) issues the next step's word loads before the current step's
     arithmetic (a register double buffer, two tiles of DRAM requests per program). It costs
     registers: on an H200 it lost at 8192^2 and won some smaller/taller layers, so the tuner
-    decides (``tuning.GEMV1_TABLE``). ``HALF2`` (variant 2: fp16 x, 2/4-bit codes) runs each step
-    in paired fp16 arithmetic instead (``half2.half2_step_dot``).
+    decides (``tuning.GEMV1_TABLE``).
     """
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
@@ -135,29 +124,25 @@ def _dq_gemv1_kernel(
     if PREFETCH:
         n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
     for step in tl.range(s_lo, s_hi, num_stages=STAGES):
+        if PREFETCH:
+            w0, w1, w2 = n0, n1, n2
+            n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
+        else:
+            w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
         g = (step * BK) // GROUP
         s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
-        if HALF2:
-            acc += s * half2_step_dot(qw_ptr, x_ptr, z, step * BLOCK_C, offs_n, mask_n, stride_qk, one_bits,
-                                      BITS, BLOCK_C, EVEN_N, EMULATE)
-        else:
-            if PREFETCH:
-                w0, w1, w2 = n0, n1, n2
-                n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
-            else:
-                w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
-            k_first = (step * BLOCK_C + offs_c) * VPC
-            x_row = tl.load(x_ptr + k_first).to(tl.float32)
-            t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)
-            for j in tl.static_range(1, VPC):
-                xj = tl.load(x_ptr + k_first + j).to(tl.float32)
-                t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits)
-                x_row += xj
-            # sum_k x q = (sum t - sum x) * 2^b: rows are summed inside each thread (BLOCK_N spans
-            # the warps), then zero point and scale are folded in once per column.
-            x_sum = tl.sum(x_row, axis=0)
-            acc += s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
+        k_first = (step * BLOCK_C + offs_c) * VPC
+        x_row = tl.load(x_ptr + k_first).to(tl.float32)
+        t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)
+        for j in tl.static_range(1, VPC):
+            xj = tl.load(x_ptr + k_first + j).to(tl.float32)
+            t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits)
+            x_row += xj
+        # sum_k x q = (sum t - sum x) * 2^b: rows are summed inside each thread (BLOCK_N spans
+        # the warps), then zero point and scale are folded in once per column.
+        x_sum = tl.sum(x_row, axis=0)
+        acc += s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     store_split(y_ptr + offs_n, acc, mask_n, SPLIT_K)
@@ -227,34 +212,22 @@ def _dq_gemv_tc_kernel(
     store_split(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, SPLIT_K)
 
 
-def _out_buffer(x: torch.Tensor, M: int, N: int, split: int) -> torch.Tensor:
-    if split == 1:
-        return torch.empty((M, N), device=x.device, dtype=x.dtype)
-    acc_dtype = torch.float16 if x.dtype == torch.float16 else torch.float32
-    return torch.zeros((M, N), device=x.device, dtype=acc_dtype)
-
-
 def gemv1_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
     """M = 1; ``cfg.block_k`` is the number of chunks per step (BLOCK_C), ``cfg.variant`` 1
-    prefetches the next step's words, ``tuning.HALF2`` computes in paired fp16."""
+    prefetches the next step's words."""
     M, K = x.shape
     N = qweight.shape[1]
-    half2 = cfg.variant == HALF2
-    if half2 and (x.dtype != torch.float16 or bits not in HALF2_BITS):
-        raise ValueError(f"the paired-fp16 M = 1 kernel takes fp16 x and {HALF2_BITS}-bit codes, "
-                         f"not {x.dtype} and {bits}-bit")
-    y = _out_buffer(x, M, N, cfg.split_k)
+    y = split_k_buffer(x, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv1_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,
-        N, K, qweight.stride(0), scales.stride(0), *((0, MAGIC) if half2 else unit_constants(bits)),
+        N, K, qweight.stride(0), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
-        STAGES=cfg.num_stages, HALF2=half2, EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -269,7 +242,7 @@ def gemv_tc_forward(
     field_mask, one_bits = unit_constants(bits)
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     fold = group % (cfg.block_k * chunk_values(bits)) == 0 and (bits < 8 or x.dtype != torch.bfloat16)
-    y = _out_buffer(x, M, N, cfg.split_k)
+    y = split_k_buffer(x, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,

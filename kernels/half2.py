@@ -1,8 +1,8 @@
-"""Paired-fp16 step of the M = 1 kernel: two weights per 32-bit instruction (fp16 x, 2/4-bit codes).
+"""Paired-fp16 decode kernel for M = 1..8: two weights per 32-bit instruction (fp16 x, 2/4-bit codes).
 
-The float32 step (``gemv._dq_gemv1_kernel``) spends a shift, an and-or and an FMA on every weight,
-~3.9 SASS instructions per weight in all, and on an H200 its issue time is as long as its DRAM
-time. Here every instruction works on a pair of fp16 numbers held in one 32-bit register:
+The float32 M = 1 kernel (``gemv._dq_gemv1_kernel``) spends a shift, an and-or and an FMA on
+every weight, ~3.9 SASS instructions per weight in all, and on an H200 its issue time is as long
+as its DRAM time. Here every instruction works on a pair of fp16 numbers in one 32-bit register:
 
 * A packed word holds ``32/b`` codes along K, codes ``i`` in its low half and ``i + 16/b`` in its
   high half. ``(w >> shift) & mask | 0x64006400`` turns one b-bit field of each half into the
@@ -13,8 +13,9 @@ time. Here every instruction works on a pair of fp16 numbers held in one 32-bit 
   ``(q - z) / 256`` is exact (every term is a multiple of 2^-8 at most 4 in size).
 * One ``fma.f16x2`` multiplies by the x pair ``(x[k + i], x[k + i + 16/b])`` and accumulates.
 
-Per word that is 13 (4-bit, 8 weights) or 27 (2-bit, 16 weights) instructions; with the x pairs
-and the widening, ~2.2-2.3 per weight in the sm_90 SASS. The fp16 sums are widened to float32
+Per word and x row that is 13 (4-bit, 8 weights) or 27 (2-bit, 16 weights) instructions, of which
+the x fma alone repeats per row; with the x pairs and the widening, ~2.3-2.4 per weight at M = 1
+in the sm_90 SASS. The fp16 sums are widened to float32
 every ``FLUSH`` rows, chosen so that a lane's sum, ``FLUSH * 16/b`` products of at most
 ``(2^b - 1) / 256 |x|``, stays below ``|x|``: it cannot overflow, and its rounding (2^-11
 relative) is that of an fp16 result.
@@ -26,8 +27,13 @@ assembly (``EMULATE``). Everything else is written once, in plain Triton, and ch
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from .tiling import add_bias, split_k_buffer, store_split
+from .tuning import HALF2_BITS, Config, interpreting
+from .unpack import load_group_row
 
 MAGIC = 0x64006400
 """The fp16 pair (1024, 1024). Kernels take it as a run-time argument: as a compile-time constant
@@ -70,11 +76,12 @@ def _splat_h2(v):
 
 
 @triton.jit
-def _x_pair(xw_ptr, row, i: tl.constexpr, HV: tl.constexpr):
-    """The fp16 pair ``(x[k + i], x[k + i + HV])`` of word row ``row`` (``k = row * 2 HV``), from the
-    int32 view of x: value j sits in word ``j // 2``, low half for even j."""
-    a = tl.load(xw_ptr + row * HV + i // 2)
-    b = tl.load(xw_ptr + row * HV + HV // 2 + i // 2)
+def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr):
+    """Per x row, the fp16 pair ``(x[k + i], x[k + i + HV])`` of word row ``row``
+    (``k = row * 2 HV``), from the int32 view of x: value j sits in word ``j // 2``, low half for
+    even j. ``xw_rows`` points at each row's first word; rows past M read zeros."""
+    a = tl.load(xw_rows + (row * HV + i // 2), mask=mask_m, other=0)
+    b = tl.load(xw_rows + (row * HV + HV // 2 + i // 2), mask=mask_m, other=0)
     if i % 2 == 0:
         return (a & 0xFFFF) | (b << 16)
     else:
@@ -82,10 +89,12 @@ def _x_pair(xw_ptr, row, i: tl.constexpr, HV: tl.constexpr):
 
 
 @triton.jit
-def half2_step_dot(qw_ptr, x_ptr, z, row0, offs_n, mask_n, stride_qk, magic,
-                   BITS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr):
-    """``sum_k x[k] (q[k, n] - z[n])`` (float32, shaped like ``z``) over the ``BLOCK_C`` word rows
-    from ``row0``, for fp16 x and 2/4-bit codes; ``magic`` is :data:`MAGIC`."""
+def _step_dot(qw_ptr, xw_rows, mask_m, z, row0, offs_n, mask_n, stride_qk, magic,
+              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr):
+    """``sum_k x[m, k] (q[k, n] - z[n])`` (float32 ``[BLOCK_M, BLOCK_N]``) over the ``BLOCK_C``
+    word rows from ``row0``; ``magic`` is :data:`MAGIC`. Column tensors come in as ``[1, BLOCK_N]``
+    and x rows as ``[BLOCK_M, 1]``: every tensor then shares the words' blocked layout (all rows in
+    each thread), where 1-D operands broadcast to 2-D took a shared-memory round trip per pair."""
     HV: tl.constexpr = 16 // BITS  # codes per 16-bit half word
     FLUSH: tl.constexpr = min(BLOCK_C, 4 if BITS == 4 else 8)  # FLUSH * HV * (2^b - 1) <= 256
     EVEN_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
@@ -93,14 +102,14 @@ def half2_step_dot(qw_ptr, x_ptr, z, row0, offs_n, mask_n, stride_qk, magic,
     # scale 2^-8 / m as fp16 pairs: 2^-8 for even fields, 2^-12 (4-bit) / 2^-10 (2-bit) for odd ones
     ODD_SCALE: tl.constexpr = 0x0C000C00 if BITS == 4 else 0x14001400
     ODD_BASE: tl.constexpr = 0.25 if BITS == 4 else 1.0  # 1024 * 2^-8 / m
-    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32))
     ce = tl.full(z.shape, 0x1C001C00, tl.int32)
     co = tl.full(z.shape, ODD_SCALE, tl.int32)
     ze = _splat_h2(-(z * (1.0 / 256) + 4.0))
     zo = _splat_h2(-(z * (1.0 / 256) + ODD_BASE))
-    part = tl.zeros(z.shape, dtype=tl.float32)
+    shape: tl.constexpr = (xw_rows.shape[0], z.shape[1])
+    part = tl.zeros(shape, dtype=tl.float32)
     for c0 in tl.static_range(0, BLOCK_C, FLUSH):
-        h = tl.zeros(z.shape, dtype=tl.int32)  # the fp16 pair (0, 0)
+        h = tl.zeros(shape, dtype=tl.int32)  # the fp16 pair (0, 0)
         for c in tl.static_range(c0, c0 + FLUSH):
             row = row0 + c
             if EVEN_N:  # a masked vector load first zeroes its registers: two extra instructions
@@ -111,8 +120,64 @@ def half2_step_dot(qw_ptr, x_ptr, z, row0, offs_n, mask_n, stride_qk, magic,
                 s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
                 even = fma_h2((s & EVEN_MASK) | magic, ce, ze, EMULATE)  # codes shift/b (+ HV)
                 odd = fma_h2((s & ODD_MASK) | magic, co, zo, EMULATE)  # codes shift/b + 1 (+ HV)
-                h = fma_h2(even, tl.broadcast_to(_x_pair(xw_ptr, row, shift // BITS, HV), h.shape), h, EMULATE)
-                h = fma_h2(odd, tl.broadcast_to(_x_pair(xw_ptr, row, shift // BITS + 1, HV), h.shape), h, EMULATE)
+                x_even = _x_pair(xw_rows, mask_m, row, shift // BITS, HV)
+                x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV)
+                h = fma_h2(tl.broadcast_to(even, shape), tl.broadcast_to(x_even, shape), h, EMULATE)
+                h = fma_h2(tl.broadcast_to(odd, shape), tl.broadcast_to(x_odd, shape), h, EMULATE)
         lo, hi = _unpack(h)
         part += lo.to(tl.float32) + hi.to(tl.float32)
     return part * 256.0
+
+
+@triton.jit
+def _dq_gemv_half2_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_qk, stride_g, stride_ym, magic,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
+    EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
+):
+    """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
+    ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
+    decoded pair of weights meets the x pairs of all rows."""
+    BK: tl.constexpr = BLOCK_C * (32 // BITS)
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)[:, None]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    n_steps = K // BK
+    s_lo = pid_k * n_steps // SPLIT_K
+    s_hi = (pid_k + 1) * n_steps // SPLIT_K
+    xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * (stride_xm // 2)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(s_lo, s_hi):
+        s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
+        acc += s * _step_dot(qw_ptr, xw_rows, mask_m, z, step * BLOCK_C, offs_n, mask_n, stride_qk, magic,
+                             BITS, BLOCK_C, EVEN_N, EMULATE)
+    acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
+    store_split(y_ptr + offs_m * stride_ym + offs_n, acc, mask_m & mask_n, SPLIT_K)
+
+
+def gemv_half2_forward(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+) -> torch.Tensor:
+    """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/4-bit codes);
+    ``cfg.block_k`` is BLOCK_C (word rows per step, one step inside one group)."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
+        raise ValueError(f"the paired-fp16 kernel takes fp16 x of at most {cfg.block_m} rows and {HALF2_BITS}-bit "
+                         f"codes, not {x.dtype}, {M} rows, {bits}-bit")
+    y = split_k_buffer(x, N, cfg.split_k)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    _dq_gemv_half2_kernel[grid](
+        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), MAGIC,
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
+        EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), num_warps=cfg.num_warps,
+    )
+    return y

@@ -20,7 +20,7 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -46,8 +46,8 @@ class Config:
 
 DENSE = 9
 """``Config.variant`` of the decode-to-workspace + cuBLAS path (``dequant.py``) for M > 16."""
-HALF2 = 2
-"""``Config.variant`` of the M = 1 kernel computing in paired fp16 (``half2.py``)."""
+HALF2 = 8
+"""``Config.variant`` of the paired-fp16 kernel for M <= 8 (``half2.py``)."""
 HALF2_BITS = (2, 4)
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)
@@ -333,23 +333,36 @@ GEMV1_TABLE = [
 ]
 
 
-GEMV1_HALF2_TABLE = [
-    # (BLOCK_N, warps, BLOCK_C, programs per SM, HALF2, stages): NOT yet timed on a GPU. Chosen
-    # from the sm_90 SASS (2.2-2.3 instructions per weight at 16 columns per thread) and the
-    # float32 kernel's sweep (one step per program, two programs per SM); placed after the
-    # measured tiles so that an untuned run never takes them.
-    (2048, 4, 8, 2, HALF2, 1), (2048, 8, 16, 2, HALF2, 1), (1024, 2, 8, 2, HALF2, 1), (4096, 8, 8, 2, HALF2, 1),
+def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
+    """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
+    one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
+    ``variant`` 1 prefetches the next step's words, ``num_stages`` > 1 pipelines the step loop."""
+    out = [gemv1_config(N, K, bits, group, sms, *row) for row in GEMV1_TABLE]
+    return list(dict.fromkeys(c for c in out if c is not None))
+
+
+HALF2_TABLE = [
+    # (BLOCK_N at M = 1, warps, BLOCK_C, programs per SM): NOT yet timed on a GPU. From the sm_90
+    # SASS (2.3-2.4 instructions per weight at 16 columns per thread) and the float32 M = 1
+    # sweep (one step per program, two programs per SM). BLOCK_N shrinks with the rows so that
+    # a thread's fp16 sums (rows x columns registers) stay at 16.
+    (2048, 4, 8, 2), (2048, 8, 16, 2), (1024, 2, 8, 2), (4096, 8, 8, 2),
 ]
 
 
-def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132, half2: bool = False) -> list[Config]:
-    """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
-    one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
-    ``variant`` 1 prefetches the next step's words, ``num_stages`` > 1 pipelines the step loop.
-    ``half2`` (fp16 x, 2/4-bit codes) adds the paired-fp16 tiles."""
-    rows = GEMV1_TABLE + (GEMV1_HALF2_TABLE if half2 else [])
-    out = [gemv1_config(N, K, bits, group, sms, *row) for row in rows]
-    return list(dict.fromkeys(c for c in out if c is not None))
+def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
+    """Paired-fp16 kernel (fp16 x, 2/4-bit codes, M <= 8; empty otherwise), for the tuner to set
+    after the measured kernels of the same M; ``block_m`` is M rounded up to a power of two."""
+    if bits not in HALF2_BITS or M > 8:
+        return []
+    block_m = m_bucket(M)
+    out = []
+    for block_n, warps, block_c, per_sm in HALF2_TABLE:
+        block_n = max(32 * warps, block_n // block_m)
+        cfg = gemv1_config(N, K, bits, group, sms, block_n, warps, block_c, per_sm, HALF2, 1)
+        if cfg is not None:
+            out.append(replace(cfg, block_m=block_m))
+    return list(dict.fromkeys(out))
 
 
 def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, warps: int, block_c: int,

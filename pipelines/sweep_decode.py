@@ -3,10 +3,10 @@
 
     python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128,w3g128,w2g64 --m 1,16 --out DIR
 
-For M = 1 the grid holds the CUDA-core kernel's tiles (BLOCK_N x warps, BLOCK_C, programs per
+For M = 1 the grid holds the CUDA-core kernels' tiles (BLOCK_N x warps, BLOCK_C, programs per
 SM; float32 with register prefetch or pipeline stages, or paired fp16) and the tensor-core
-kernel's; for M > 1 the
-tensor-core kernel's (BLOCK_N, split-K, warps, stages). Every tile is checked against the
+kernel's; for M > 1 the tensor-core kernel's (BLOCK_N, split-K, warps, stages) and the tuner's
+paired-fp16 tiles. Every tile is checked against the
 float32 dequantized product and timed as CUDA-graph replays of a pass over rotated layer copies
 (> 256 MB, so weights come from DRAM as inside a model), next to cuBLAS fp16 ``x @ W.T`` on the
 same rotation. Rows go to ``<out>/sweep_decode.json``; the best tiles are printed last.
@@ -30,6 +30,7 @@ import triton  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward  # noqa: E402
+from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
 from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
@@ -51,9 +52,9 @@ def pipelines(cfg: tuning.Config, k: int, bits: int) -> bool:
 def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tuning.Config], list[tuning.Config]]:
     """The tuner's tiles (the reference; fp16 x, so with the paired-fp16 ones where they apply),
     then every paired-fp16 and every pipelined tile."""
-    half2 = bits in tuning.HALF2_BITS
-    table = tuning.gemv1_candidates(n, k, bits, group, sms, half2)
-    paired = itertools.product(GEMV1_TILES + [(2048, 4), (4096, 8)], [4, 8, 16], [1, 2, 4]) if half2 else []
+    table = tuning.gemv1_candidates(n, k, bits, group, sms) + tuning.half2_candidates(1, n, k, bits, group, sms)
+    paired = itertools.product(GEMV1_TILES + [(2048, 4), (4096, 8)], [4, 8, 16], [1, 2, 4]) \
+        if bits in tuning.HALF2_BITS else []
     piped = itertools.product(GEMV1_TILES, [4, 8, 16], [1, 2, 4], [2, 3, 4])
     rest = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, tuning.HALF2, 1)
             for (bn, warps), bc, per_sm in paired]
@@ -63,15 +64,19 @@ def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tu
     return table, list(dict.fromkeys(rest))
 
 
-def tc_grid(n: int, k: int, bits: int) -> list[tuning.Config]:
-    """Tensor-core tiles of depth 16 chunks (the tuner's table first); split-K capped at the steps."""
+def tc_grid(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
+    """Tensor-core tiles of depth 16 chunks (the tuner's table first; split-K capped at the
+    steps), then for M > 1 the tuner's paired-fp16 tiles."""
     steps = k // (16 * chunk_values(bits)) if tuning.tc_decode_fits(k, bits) else 0
     swept = [tuning.Config(16, bn, 16, min(split, steps), warps, stages)
              for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4 and steps]
-    return list(dict.fromkeys(tuning.gemv_tc_candidates(n, k, bits) + swept))
+    paired = tuning.half2_candidates(m, n, k, bits, group, sms) if m > 1 else []
+    return list(dict.fromkeys(tuning.gemv_tc_candidates(n, k, bits) + swept + paired))
 
 
 def launcher(cfg: tuning.Config):
+    if cfg.variant == tuning.HALF2:
+        return gemv_half2_forward
     return gemv_tc_forward if cfg.block_m == 16 else gemv1_forward
 
 
@@ -87,7 +92,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -
     t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     table, rest = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
-    grid = list(dict.fromkeys(table + tc_grid(n, k, spec.bits) + rest))  # the time budget cuts from the end
+    grid = list(dict.fromkeys(table + tc_grid(m, n, k, spec.bits, spec.group_size, sms) + rest))  # budget cuts the end
     rows, deadline = [], time.monotonic() + budget_s
     for cfg in grid:
         if time.monotonic() > deadline:
@@ -104,7 +109,8 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -
             print(f"{quant} {cfg}: skipped ({exc})", flush=True)
             continue
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
-        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel="tc" if cfg.block_m == 16 else "gemv1",
+        kernel = "half2" if cfg.variant == tuning.HALF2 else "tc" if cfg.block_m == 16 else "gemv1"
+        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel,
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
                          variant=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))

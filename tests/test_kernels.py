@@ -173,9 +173,12 @@ def test_compiled_graph_keeps_the_kernel_as_one_operator():
         graphs.append(gm)
         return gm.forward
 
-    with torch.no_grad():
-        got = torch.compile(block, fullgraph=True, backend=record)(x)
-        expect = block(x)
+    try:
+        with torch.no_grad():
+            got = torch.compile(block, fullgraph=True, backend=record)(x)
+            expect = block(x)
+    finally:
+        torch._dynamo.reset()
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
     assert "efficientqat.dequant_matmul.default" in targets
     assert got.shape == (2, 3, 64) and torch.equal(got, expect)
@@ -328,59 +331,87 @@ def test_gemv1_variants(bits, group, dtype):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (2, 64), (2, -1)])
-def test_gemv1_half2_variant(bits, group):
-    """The paired-fp16 M = 1 step (tuning.HALF2; emulated fma.f16x2 on the CPU, PTX on the GPU)
-    against float64, with column tiles that divide N and one that does not, split-K ranges that
-    are uneven and longer than one step, steps of 1-4 word rows (several widening flushes)."""
-    from efficientqat.kernels.gemv import gemv1_forward
+def test_half2_kernel(bits, group):
+    """The paired-fp16 kernel (emulated fma.f16x2 on the CPU, PTX on the GPU) against float64 at
+    M = 1, 3 and 8 (rows past M masked), with column tiles that divide N and one that does not,
+    split-K ranges that are uneven and longer than one step, steps of 1-4 word rows (several
+    widening flushes), with bias."""
+    from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(bits * 10 + group)
     n, k = 96, 256
     q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
     bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
-    x = torch.randn(1, k, generator=gen).to(DEV, torch.float16)
-    ref = reference(x, q, z, scales, gl, bias)[0]
     vpc = chunk_values(bits)
-    for block_n in (32, 64):
-        for bc, split in ((1, 3), (4, 2), (2, 1)):
+    for m, block_m in ((1, 1), (3, 4), (8, 8)):
+        x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+        ref = reference(x, q, z, scales, gl, bias)[0]
+        for block_n, bc, split in ((32, 1, 3), (64, 4, 2), (64, 2, 1)):
             if gl % (bc * vpc):
                 continue
-            y = gemv1_forward(x, qw, scales, zeros, bias, bits, gl, tuning.Config(1, block_n, bc, split, 4, 1, tuning.HALF2))
-            assert y.shape == (1, n) and y.dtype == torch.float16
-            assert rel(y, ref) < 3e-3, (block_n, bc, split)
+            cfg = tuning.Config(block_m, block_n, bc, split, 4, 1, tuning.HALF2)
+            y = gemv_half2_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
+            assert y.shape == (m, n) and y.dtype == torch.float16
+            assert rel(y, ref) < 3e-3, (m, block_n, bc, split)
 
 
-def test_gemv1_half2_takes_only_fp16_and_2_or_4_bits():
-    """Other inputs get an error naming the requirement, and the M = 1 candidates hold the
-    paired-fp16 tiles only where they apply (after the measured float32 tiles)."""
-    from efficientqat.kernels.gemv import gemv1_forward
+def test_half2_takes_only_fp16_and_2_or_4_bits():
+    """Other inputs get an error naming the requirement; the decode candidates hold paired-fp16
+    tiles only where they apply, after the measured ones, and the dispatcher runs them."""
+    from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(0)
     cfg = tuning.Config(1, 32, 1, 1, 4, 1, tuning.HALF2)
-    for bits, dtype in ((3, torch.float16), (4, torch.bfloat16)):
+    for bits, dtype, m in ((3, torch.float16, 1), (4, torch.bfloat16, 1), (4, torch.float16, 2)):
         q, z, s, qw, zeros, scales, gl = rand_layer(32, 256, bits, 128, gen)
-        x = torch.randn(1, 256, generator=gen).to(DEV, dtype)
-        with pytest.raises(ValueError, match="fp16 x and \\(2, 4\\)-bit codes"):
-            gemv1_forward(x, qw, scales, zeros, None, bits, gl, cfg)
-    plain = tuning.gemv1_candidates(8192, 8192, 4, 128)
-    with_half2 = tuning.gemv1_candidates(8192, 8192, 4, 128, half2=True)
-    assert all(c.variant != tuning.HALF2 for c in plain)
-    assert with_half2[:len(plain)] == plain and all(c.variant == tuning.HALF2 for c in with_half2[len(plain):])
-    assert len(with_half2) > len(plain)
+        x = torch.randn(m, 256, generator=gen).to(DEV, dtype)
+        with pytest.raises(ValueError, match="paired-fp16 kernel takes fp16 x of at most 1 rows"):
+            gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg)
+    assert tuning.half2_candidates(1, 8192, 8192, 3, 128) == [] and tuning.half2_candidates(9, 8192, 8192, 4, 128) == []
+    for m in (1, 2, 5, 8):
+        cands = tuning.half2_candidates(m, 8192, 8192, 4, 128)
+        assert cands and all(c.variant == tuning.HALF2 and c.block_m == tuning.m_bucket(m) for c in cands)
+        assert all(c.block_n * c.block_m <= 4096 and 128 % (c.block_k * 8) == 0 for c in cands)
+
+
+def test_dispatch_tries_half2_after_the_measured_kernels(monkeypatch):
+    """fp16 x at M = 1 and M = 4 offers the paired-fp16 tiles after the kernels' own lists, and a
+    tuned paired-fp16 config is launched through the paired-fp16 kernel; bf16 x is not offered it."""
+    from efficientqat.kernels import autograd
+
+    seen = {}
+
+    def record(key, candidates, run):
+        cands = list(candidates())
+        seen[key.split("|")[1] + key.split("dtype=")[1]] = cands
+        return next((c for c in cands if c.variant == tuning.HALF2), cands[0])
+
+    monkeypatch.setattr(tuning, "choose", record)
+    gen = torch.Generator().manual_seed(1)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 512, 4, 128, gen, scale_dtype=torch.float16)
+    for m, dtype in ((1, torch.float16), (4, torch.float16), (4, torch.float32)):
+        x = torch.randn(m, 512, generator=gen).to(DEV, dtype)
+        y = dequant_linear(x, qw, scales, zeros, None, 4, gl)
+        assert rel(y, reference(x, q, z, scales, gl)[0]) < 3e-3
+    for name in ("gemv1float16", "gemv_tcfloat16"):
+        variants = [c.variant for c in seen[name]]
+        first = variants.index(tuning.HALF2)
+        assert first > 0 and all(v == tuning.HALF2 for v in variants[first:])
+    assert all(c.variant != tuning.HALF2 for c in seen["gemv_tcfloat32"])
 
 
 @pytest.mark.skipif(not GPU, reason="the PTX of the paired-fp16 step runs on a GPU only")
 @pytest.mark.parametrize("bits,group", [(4, 128), (2, 64)])
-def test_gpu_gemv1_half2_matches_float32_path(bits, group):
-    from efficientqat.kernels.gemv import gemv1_forward
+@pytest.mark.parametrize("m", [1, 4])
+def test_gpu_half2_matches_float64(bits, group, m):
+    from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(bits)
     q, z, s, qw, zeros, scales, gl = rand_layer(4096, 4096, bits, group, gen, scale_dtype=torch.float16)
-    x = torch.randn(1, 4096, generator=gen).to(DEV, torch.float16)
+    x = torch.randn(m, 4096, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
-    for row in tuning.GEMV1_HALF2_TABLE:
-        cfg = tuning.gemv1_config(4096, 4096, bits, gl, 132, *row)
-        assert rel(gemv1_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
+    for cfg in tuning.half2_candidates(m, 4096, 4096, bits, gl):
+        assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
 
 
 def test_large_m_dispatches_to_the_dense_path_by_default(monkeypatch):
