@@ -13,12 +13,12 @@ as its DRAM time. Here every instruction works on a pair of fp16 numbers in one 
   ``(q - z) / 256`` is exact (every term is a multiple of 2^-8 at most 4 in size).
 * One ``fma.f16x2`` multiplies by the x pair ``(x[k + i], x[k + i + 16/b])`` and accumulates.
 
-Per word and x row that is 13 (4-bit, 8 weights) or 27 (2-bit, 16 weights) instructions, of which
-the x fma alone repeats per row; with the x pairs and the widening, ~2.3-2.4 per weight at M = 1
-in the sm_90 SASS. The fp16 sums are widened to float32
-every ``FLUSH`` rows, chosen so that a lane's sum, ``FLUSH * 16/b`` products of at most
-``(2^b - 1) / 256 |x|``, stays below ``|x|``: it cannot overflow, and its rounding (2^-11
-relative) is that of an fp16 result.
+Per word that is 13 (4-bit, 8 weights) or 27 (2-bit, 16 weights) instructions, of which only the
+x fma repeats for further x rows. In the sm_90 SASS, x pairs and widening included: 2.3-2.4
+instructions per weight at M = 1, 1.7-2.1 per weight and row at M = 2..8 (the float32 M = 1
+kernel: 3.7-3.9). The fp16 sums are widened to float32 every ``FLUSH`` word rows, chosen so that
+a lane's sum, ``FLUSH * 16/b`` products of at most ``(2^b - 1) / 256 |x|``, stays below ``|x|``:
+it cannot overflow, and its rounding (2^-11 relative) is that of an fp16 result.
 
 Triton emits no ``fma.f16x2`` on packed registers, so :func:`fma_h2` is inline PTX on the GPU and
 an emulation (unpack, fp16 arithmetic, repack) under the CPU interpreter, which cannot run
