@@ -96,7 +96,8 @@ def _step_dot(qw_ptr, xw_rows, mask_m, z, row0, offs_n, mask_n, stride_qk, magic
     and x rows as ``[BLOCK_M, 1]``: every tensor then shares the words' blocked layout (all rows in
     each thread), where 1-D operands broadcast to 2-D took a shared-memory round trip per pair."""
     HV: tl.constexpr = 16 // BITS  # codes per 16-bit half word
-    FLUSH: tl.constexpr = min(BLOCK_C, 4 if BITS == 4 else 8)  # FLUSH * HV * (2^b - 1) <= 256
+    LIMIT: tl.constexpr = 4 if BITS == 4 else 8  # FLUSH * HV * (2^b - 1) <= 256
+    FLUSH: tl.constexpr = BLOCK_C if BLOCK_C < LIMIT else LIMIT
     EVEN_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
     ODD_MASK: tl.constexpr = EVEN_MASK << BITS
     # scale 2^-8 / m as fp16 pairs: 2^-8 for even fields, 2^-12 (4-bit) / 2^-10 (2-bit) for odd ones
