@@ -342,11 +342,12 @@ def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> l
 
 
 HALF2_TABLE = [
-    # (BLOCK_N at M = 1, warps, BLOCK_C, programs per SM): NOT yet timed on a GPU. From the sm_90
-    # SASS (2.3-2.4 instructions per weight at 16 columns per thread) and the float32 M = 1
-    # sweep (one step per program, two programs per SM). BLOCK_N shrinks with the rows so that
-    # a thread's fp16 sums (rows x columns registers) stay at 16.
-    (2048, 4, 8, 2), (2048, 8, 16, 2), (1024, 2, 8, 2), (4096, 8, 8, 2),
+    # (BLOCK_N at M = 1, warps, BLOCK_C, programs per SM). H200, pipelines/sweep_decode.py at
+    # 8192^2, M = 1: the best w4g128 tile (13.4 us against 16.0 for the float32 kernel), the best
+    # w2g64 one (12.3 against 15.8), the runner-up; then the best at M = 4 (as 512 columns,
+    # 28.5 us against 31.7 for the tensor-core kernel). BLOCK_N shrinks with the rows so that a
+    # thread's fp16 sums (rows x columns registers) stay at 16.
+    (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2),
 ]
 
 

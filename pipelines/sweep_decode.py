@@ -80,7 +80,12 @@ def launcher(cfg: tuning.Config):
     return gemv_tc_forward if cfg.block_m == 16 else gemv1_forward
 
 
-def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -> list[dict]:
+def kernel_name(cfg: tuning.Config) -> str:
+    """The family a tile belongs to, as the table and ``--kernels`` name it."""
+    return "half2" if cfg.variant == tuning.HALF2 else "tc" if cfg.block_m == 16 else "gemv1"
+
+
+def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, kernels: set[str]) -> list[dict]:
     spec = QuantSpec(int(quant[1]), int(quant.split("g")[1]))
     first = make_layer(n, k, spec, "cuda")
     packed = first.qweight.numel() * 4 + first.scales.numel() * 3
@@ -93,6 +98,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     table, rest = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
     grid = list(dict.fromkeys(table + tc_grid(m, n, k, spec.bits, spec.group_size, sms) + rest))  # budget cuts the end
+    grid = [cfg for cfg in grid if kernel_name(cfg) in kernels]
     rows, deadline = [], time.monotonic() + budget_s
     for cfg in grid:
         if time.monotonic() > deadline:
@@ -109,8 +115,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float) -
             print(f"{quant} {cfg}: skipped ({exc})", flush=True)
             continue
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
-        kernel = "half2" if cfg.variant == tuning.HALF2 else "tc" if cfg.block_m == 16 else "gemv1"
-        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel,
+        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel_name(cfg),
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
                          variant=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
@@ -125,14 +130,18 @@ def main() -> None:
     ap.add_argument("--m", default="1", help="comma-separated row counts, each 1..16")
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop sweeping a (quant, M) after this many seconds")
+    ap.add_argument("--kernels", default="gemv1,half2,tc", help="which kernel families to sweep")
     args = ap.parse_args()
+    kernels = set(args.kernels.split(","))
+    if not kernels <= {"gemv1", "half2", "tc"}:
+        raise SystemExit(f"--kernels takes gemv1, half2 and tc, not {args.kernels}")
     n, k = map(int, args.shape.split(","))
     ms = [int(m) for m in args.m.split(",")]
     if not all(1 <= m <= 16 for m in ms):
         raise SystemExit(f"--m takes row counts from 1 to 16, not {args.m}")
     copy_bw = copy_bandwidth()
     cases = list(itertools.product(args.quants.split(","), ms))
-    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s)]
+    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | variant | stages | us | x cuBLAS | BW/copy |\n"
