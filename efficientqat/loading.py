@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from efficientqat.errors import ModelLoadError, RunFolderError
+from efficientqat.fused_projections import fuse_projections_
 from efficientqat.packed_model import QUANT_METHOD, load_packed_model, quantization_config
 from efficientqat.quantizer import QuantSpec
 from efficientqat.run_folder import STATE_FILE
@@ -69,13 +70,23 @@ def gptq_v2_spec(qc: dict[str, Any]) -> QuantSpec:
 
 
 def load_quantized(
-    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    fuse: bool = True,
 ) -> nn.Module:
     """A Hugging Face causal LM with our packed layers, ready for ``generate()``.
 
     ``path``: a finished run folder, its ``model/``, or a GPTQ-v2 export. ``device`` defaults
-    to CUDA when present; ``dtype`` to fp16 on CUDA and fp32 on the CPU.
+    to CUDA when present; ``dtype`` to fp16 on CUDA and fp32 on the CPU. ``fuse`` merges each
+    layer's q/k/v and gate/up into one packed matmul apiece (fewer, larger launches per decode
+    step; see :mod:`efficientqat.fused_projections`); ``state_dict()`` still reads unfused.
     """
+    model = _load_unfused(path, device, dtype)
+    if fuse:
+        fuse_projections_(model)
+    return model
+
+
+def _load_unfused(path: str | Path, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
     folder = Path(path).expanduser()

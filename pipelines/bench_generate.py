@@ -34,6 +34,7 @@ from bench_kernels import make_layer  # noqa: E402  (also makes efficientqat.ker
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from efficientqat.fused_projections import fuse_projections_  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
@@ -44,8 +45,10 @@ TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_l
 SETTINGS = {"w2g64": QuantSpec(2, 64), "w3g128": QuantSpec(3, 128), "w4g128": QuantSpec(4, 128)}
 
 
-def build_model(shape: dict, spec: QuantSpec | None, device: torch.device) -> nn.Module:
-    """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers."""
+def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool) -> nn.Module:
+    """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers,
+    q/k/v and gate/up fused as ``load_quantized`` does unless ``fuse`` is off (the FP16 model
+    keeps Hugging Face's separate layers: it is what users run unquantized)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -56,6 +59,8 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device) -> nn
             for name, linear in linear_modules(block).items():
                 packed = make_layer(linear.out_features, linear.in_features, spec, str(device))
                 set_submodule(block, name, packed.to(dtype) if dtype != torch.float16 else packed)
+        if fuse:
+            fuse_projections_(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model.eval()
@@ -168,6 +173,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
+    p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
     args = p.parse_args(argv)
     if args.tiny:
         args.decode_tokens, args.prefill, args.iters = min(args.decode_tokens, 4), min(args.prefill, 16), 1
@@ -183,13 +189,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for label in ["FP16", *args.settings.split(",")]:
         spec = None if label == "FP16" else SETTINGS[label]
         torch.manual_seed(0)
-        model = build_model(shape, spec, device)
+        model = build_model(shape, spec, device, not args.no_fuse)
         rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "decode_tokens": args.decode_tokens, "prefill": args.prefill, "rows": rows}, indent=2))
+             "shape": shape, "fused": not args.no_fuse, "decode_tokens": args.decode_tokens, "prefill": args.prefill, "rows": rows}, indent=2))
     print(table(rows, args.batches))
     return rows
 
