@@ -18,7 +18,7 @@ from . import tuning
 from .backward import grad_input, grad_scales
 from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
-from .gemv import gemv1_forward, gemv_forward, gemv_tc_forward
+from .gemv import gemv1_forward, gemv_tc_forward
 from .half2 import gemv_half2_forward
 
 SMALL_M = 16
@@ -80,11 +80,9 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if M == 1:
         cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device)) + half2(), \
             _pick(gemv1_forward, tuning.HALF2, gemv_half2_forward), "gemv1"
-    elif M <= SMALL_M and tuning.tc_decode_fits(K, bits):
+    elif M <= SMALL_M:
         cands, fn, name = lambda: tuning.gemv_tc_candidates(N, K, bits) + half2(), \
             _pick(gemv_tc_forward, tuning.HALF2, gemv_half2_forward), "gemv_tc"
-    elif M <= SMALL_M:
-        cands, fn, name = lambda: tuning.gemv_candidates(N, K, group), gemv_forward, "gemv"
     else:
         cands, fn, name = lambda: tuning.gemm_candidates(M, N, K, group), \
             _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"

@@ -40,7 +40,7 @@ def _decode_kernel(
     chunks = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
+    w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n[None, :], BITS)
     # One chunk (VPC values) never straddles a group: the group is a multiple of 32 >= VPC.
     g = (chunks * VPC) // GROUP
     sz = g[:, None] * stride_g + offs_n[None, :]
@@ -110,7 +110,7 @@ def _fold_scale_grad_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, GROUP // VPC, BLOCK_C):
         chunks = g * (GROUP // VPC) + c0 + tl.arange(0, BLOCK_C)
-        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, cols, stride_qk, mask_n, BITS)
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, cols, stride_qk, mask_n[None, :], BITS)
         rows = p_ptr + (chunks * VPC)[:, None] * stride_pk + offs_n[None, :]
         for j in tl.static_range(VPC):
             p = tl.load(rows + j * stride_pk, mask=mask_n[None, :], other=0.0)

@@ -1,16 +1,19 @@
-"""Small-M (decode) forward kernel, M = 1..16: split-K so one weight matrix fills the GPU.
+"""Small-M (decode) forward kernels, M = 1..16: split-K so one weight matrix fills the GPU.
 
-At decode time the product is bound by reading W, so the kernel's job is to stream the packed
+At decode time the product is bound by reading W, so a kernel's job is to stream the packed
 codes at full bandwidth with few instructions per weight. Two choices serve that:
 
 * split-K: the grid is ``(N / BLOCK_N, SPLIT_K)``; with N = 4096 and BLOCK_N = 128 there are
-  only 32 column tiles, far too few for 132 SMs, so K is cut into ``SPLIT_K`` interleaved
-  slices whose partial sums are added atomically.
+  only 32 column tiles, far too few for 132 SMs, so K is cut into ``SPLIT_K`` slices whose
+  partial sums are added atomically.
 * dot-then-scale: inside one group, ``sum_k x[k] (q[k,n] - z[n]) s[n]
-  = s[n] (sum_k x[k] q[k,n] - z[n] sum_k x[k])``. The codes go to the tensor cores as exact
-  small integers in the activation dtype (``tl.dot`` pads M to 16 rows), and the zero point and
-  scale are applied once per group to the ``[16, BLOCK_N]`` partial sum instead of once per
-  weight. That removes the subtract, multiply and second conversion from the per-weight path.
+  = s[n] (sum_k x[k] q[k,n] - z[n] sum_k x[k])``: the codes enter the products as exact small
+  numbers and the zero point and scale are applied once per step to the partial sums instead
+  of once per weight.
+
+``_dq_gemv1_kernel`` (M = 1) does the products on the CUDA cores; ``_dq_gemv_tc_kernel``
+(M = 2..16, any K) on the tensor cores (``tl.dot`` pads M to 16 rows). The paired-fp16 kernel
+for fp16 x is in :mod:`.half2`.
 """
 
 from __future__ import annotations
@@ -23,62 +26,7 @@ from efficientqat.packing import chunk_values
 
 from .tiling import add_bias, split_k_buffer, store_split
 from .tuning import Config
-from .unpack import load_chunk_words, load_codes, load_group_row, slot_unit, unit_constants
-
-
-@triton.jit
-def _dq_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
-    M, N, K,
-    stride_xm, stride_qk, stride_g, stride_ym,
-    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    dtype = x_ptr.dtype.element_ty
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(pid_k, K // BLOCK_K, SPLIT_K):
-        k0 = it * BLOCK_K
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
-        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
-        part = tl.dot(x, q.to(dtype), input_precision=DOT_PREC)
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
-        acc += (part - x_sum[:, None] * z[None, :]) * s[None, :]
-
-    acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    mask = mask_m[:, None] & mask_n[None, :]
-    store_split(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, SPLIT_K)
-
-
-def gemv_forward(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
-) -> torch.Tensor:
-    """``x [M<=16, K]`` contiguous -> ``y [M, N]`` in x's dtype."""
-    M, K = x.shape
-    N = qweight.shape[1]
-    split = cfg.split_k
-    y = split_k_buffer(x, N, split)
-    grid = (triton.cdiv(N, cfg.block_n), split)
-    _dq_gemv_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else x, y,
-        M, N, K,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
-        BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
-        BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split,
-        DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return y if y.dtype == x.dtype else y.to(x.dtype)
+from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
 
 @triton.jit
@@ -86,7 +34,7 @@ def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C: tl.c
     """The packed words of step ``step`` (all-zero from ``s_hi`` on: the prefetch after the last
     step; the column limit drops to <= 0 there)."""
     mask = offs_n < tl.minimum(N, (s_hi - step) * N)
-    return load_chunk_words(qw_ptr, step * BLOCK_C + offs_c, offs_n, stride_qk, mask, BITS)
+    return load_chunk_words(qw_ptr, step * BLOCK_C + offs_c, offs_n, stride_qk, mask[None, :], BITS)
 
 
 @triton.jit
@@ -156,7 +104,7 @@ def _dq_gemv_tc_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
-    FOLD_SCALES: tl.constexpr,
+    FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -166,7 +114,10 @@ def _dq_gemv_tc_kernel(
     the dots take the bare codes as ``f = 1 + q 2^-b`` (shift, and-or, half a convert per
     weight) and scale and zero point are applied once per step to the float32 partial sum,
     ``s (sum x q - z sum x)`` with ``sum x q = (sum x f - sum x) 2^b``. Otherwise every weight
-    is dequantized before its dot (one more FMA per weight)."""
+    is dequantized before its dot (one more FMA per weight).
+
+    Without ``EVEN_K`` the last step is ragged (3-bit K = 11008: 344 chunks, steps of 16): its
+    missing chunks read zero words and zero x, and never fold (a folded step ends a group)."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
     pid_n = tl.program_id(0)
@@ -179,16 +130,21 @@ def _dq_gemv_tc_kernel(
     dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(pid_k, K // BK, SPLIT_K):
+    for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
         chunks = it * BLOCK_C + offs_c
-        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n, BITS)
+        mask_w = mask_n[None, :]
+        mask_x = mask_m[:, None]
+        if not EVEN_K:
+            mask_w = mask_w & (chunks < K // VPC)[:, None]
+            mask_x = mask_x & (chunks < K // VPC)[None, :]
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
         x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
         if FOLD_SCALES:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_tot = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
             for j in tl.static_range(VPC):
-                xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
+                xj = tl.load(x_ptrs + j, mask=mask_x, other=0.0)
                 f = slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS).to(dtype)
                 part = tl.dot(xj, f, part, input_precision=DOT_PREC)
                 x_tot += xj.to(tl.float32)
@@ -197,13 +153,13 @@ def _dq_gemv_tc_kernel(
             acc += ((part - x_sum) * (1 << BITS) - x_sum * z[None, :]) * s[None, :]
         else:
             sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
-            s = tl.load(s_ptr + sz_off, mask=mask_n[None, :], other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + sz_off, mask=mask_n[None, :], other=0).to(tl.float32)
+            s = tl.load(s_ptr + sz_off, mask=mask_w, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sz_off, mask=mask_w, other=0).to(tl.float32)
             # (q - z) s = f * s 2^b - (1 + z 2^-b) s 2^b with f = 1 + q 2^-b: one FMA per weight.
             s_mul = s * (1 << BITS)
             s_add = -(1.0 + z * (1.0 / (1 << BITS))) * s_mul
             for j in tl.static_range(VPC):
-                xj = tl.load(x_ptrs + j, mask=mask_m[:, None], other=0.0)
+                xj = tl.load(x_ptrs + j, mask=mask_x, other=0.0)
                 w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
                 acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
@@ -241,7 +197,8 @@ def gemv_tc_forward(
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
-    fold = group % (cfg.block_k * chunk_values(bits)) == 0 and (bits < 8 or x.dtype != torch.bfloat16)
+    step = cfg.block_k * chunk_values(bits)
+    fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
     y = split_k_buffer(x, N, cfg.split_k)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
@@ -251,6 +208,6 @@ def gemv_tc_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
-        FOLD_SCALES=fold, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD_SCALES=fold, EVEN_K=K % step == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

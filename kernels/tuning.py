@@ -244,21 +244,6 @@ def _fit_k(block_k: int, group: int, K: int) -> int:
     return block_k
 
 
-def gemv_candidates(N: int, K: int, group: int) -> list[Config]:
-    """M <= 16. First entry is the untuned default."""
-    out = []
-    for bn, bk, split, warps, stages in [
-        (128, 128, 4, 4, 3), (64, 128, 4, 4, 3), (128, 64, 8, 4, 3), (256, 128, 4, 8, 3),
-        (128, 128, 2, 4, 4), (64, 64, 8, 4, 4), (128, 128, 8, 4, 2), (64, 128, 16, 4, 2),
-        (32, 128, 8, 4, 4), (128, 32, 8, 4, 4), (64, 32, 8, 4, 4), (128, 256, 2, 8, 3),
-    ]:
-        bk = _fit_k(bk, group, K)
-        split = max(1, min(split, K // bk))
-        if _fits(group, bk, K):
-            out.append(Config(16, bn, bk, split, warps, stages))
-    return list(dict.fromkeys(out))
-
-
 def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
     """M > 16 forward. Larger tiles for larger M; split-K for mid M with few output tiles."""
     table = [
@@ -381,11 +366,6 @@ def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, 
     return Config(1, block_n, block_c, split, warps, stages, variant)
 
 
-def tc_decode_fits(K: int, bits: int) -> bool:
-    """Whether the load-once tensor-core kernel takes this K (whole steps of 16 chunks)."""
-    return K % (16 * chunk_values(bits)) == 0
-
-
 GEMV_TC_TABLE = [
     # (BLOCK_N, BLOCK_C, split-K, warps, stages). H200, pipelines/sweep_decode.py at 8192^2, M = 4
     # and 16: the best w4g128 tiles (steps fold scales, 256 columns), then w2g64 / w3g128 (128).
@@ -396,11 +376,11 @@ GEMV_TC_TABLE = [
 
 def gemv_tc_candidates(N: int, K: int, bits: int) -> list[Config]:
     """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
-    the dot depth). Empty when K is not a multiple of 16 chunks (then the replicated-load gemv)."""
+    the dot depth). Any K: a last step short of BLOCK_C chunks is masked; split-K is capped at
+    the step count."""
     vpc = chunk_values(bits)
     out = []
     for bn, bc, split, warps, stages in GEMV_TC_TABLE:
-        steps = K // (bc * vpc)
-        if K % (bc * vpc) == 0 and steps >= 1:
-            out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
+        steps = -(-K // (bc * vpc))
+        out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
     return list(dict.fromkeys(out))

@@ -70,19 +70,19 @@ def dequant_tile(q, s, z, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def load_chunk_words(qw_ptr, offs_c, offs_n, stride_qk, mask_n, BITS: tl.constexpr):
+def load_chunk_words(qw_ptr, offs_c, offs_n, stride_qk, mask, BITS: tl.constexpr):
     """The packed words of chunks ``offs_c`` (a chunk = one word for 2/4/8 bits, three words = 32
-    values for 3 bits), each as a ``[len(offs_c), len(offs_n)]`` tile, loaded once (no repeats).
-    For 3 bits the words come back as uint32 so that right shifts are logical."""
+    values for 3 bits), each as a ``[len(offs_c), len(offs_n)]`` tile, loaded once (no repeats);
+    ``mask`` broadcasts to that tile (masked words read 0). For 3 bits the words come back as
+    uint32 so that right shifts are logical."""
     if BITS == 3:
         base = qw_ptr + (offs_c * 3)[:, None] * stride_qk + offs_n[None, :]
-        m = mask_n[None, :]
-        w0 = tl.load(base, mask=m, other=0).to(tl.uint32, bitcast=True)
-        w1 = tl.load(base + stride_qk, mask=m, other=0).to(tl.uint32, bitcast=True)
-        w2 = tl.load(base + 2 * stride_qk, mask=m, other=0).to(tl.uint32, bitcast=True)
+        w0 = tl.load(base, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(base + stride_qk, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        w2 = tl.load(base + 2 * stride_qk, mask=mask, other=0).to(tl.uint32, bitcast=True)
         return w0, w1, w2
     else:
-        w0 = tl.load(qw_ptr + offs_c[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+        w0 = tl.load(qw_ptr + offs_c[:, None] * stride_qk + offs_n[None, :], mask=mask, other=0)
         return w0, w0, w0
 
 

@@ -66,10 +66,10 @@ def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tu
 
 def tc_grid(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
     """Tensor-core tiles of depth 16 chunks (the tuner's table first; split-K capped at the
-    steps), then for M > 1 the tuner's paired-fp16 tiles."""
-    steps = k // (16 * chunk_values(bits)) if tuning.tc_decode_fits(k, bits) else 0
+    steps, a ragged last one included), then for M > 1 the tuner's paired-fp16 tiles."""
+    steps = -(-k // (16 * chunk_values(bits)))
     swept = [tuning.Config(16, bn, 16, min(split, steps), warps, stages)
-             for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4 and steps]
+             for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4]
     paired = tuning.half2_candidates(m, n, k, bits, group, sms) if m > 1 else []
     return list(dict.fromkeys(tuning.gemv_tc_candidates(n, k, bits) + swept + paired))
 

@@ -223,7 +223,7 @@ def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
 
 def test_candidates_respect_groups():
     for group in (32, 64, 128, 4096):
-        for cands in (tuning.gemv_candidates(4096, 4096, group), tuning.gemm_candidates(64, 4096, 4096, group),
+        for cands in (tuning.gemm_candidates(64, 4096, 4096, group),
                       tuning.gemm_candidates(4096, 4096, 4096, group),
                       tuning.grad_input_candidates(4096, 4096, 4096, group)):
             fused = [c for c in cands if c.variant != tuning.DENSE]
@@ -289,6 +289,27 @@ def test_gemv_tc_scales_per_step_or_per_weight(bits, group, dtype):
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, tuning.Config(16, 32, 16, split, 4, 1))
             assert y.shape == (m, n) and y.dtype == dtype
             assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (m, split, folds)
+
+
+@pytest.mark.parametrize("bits,group,block_c,k", [(3, 128, 16, 1280), (3, -1, 16, 1280), (2, 64, 32, 1280),
+                                                 (4, 128, 32, 1152), (8, 64, 32, 1088)])
+def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
+    """K not a multiple of a step (3-bit K = 11008 is 21.5 steps of 16 chunks): the last step's
+    missing chunks must add nothing, whichever program (split-K 1, 2, 5) gets it; the output is
+    poisoned so a column no program writes fails."""
+    from efficientqat.kernels.gemv import gemv_tc_forward
+
+    gen = torch.Generator().manual_seed(bits * 13 + k)
+    n = 96
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    assert k % (block_c * chunk_values(bits))  # the case under test
+    for m in (2, 16):
+        x = torch.randn(m, k, generator=gen).to(DEV, torch.float32)
+        ref = reference(x, q, z, scales, gl)[0]
+        for split in (1, 2, 5):
+            cfg = tuning.Config(16, 32, block_c, split, 4, 1)
+            y = gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg)
+            assert rel(y, ref) < 1e-5, (m, split)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
