@@ -69,20 +69,25 @@ def _pick(default, variant: int, other):
     return lambda *args, cfg: (other if cfg.variant == variant else default)(*args, cfg)
 
 
+def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> list[tuning.Config]:
+    """M <= 16: the CUDA-core kernel's tiles at M = 1, else the tensor-core kernel's; for fp16 x
+    the paired-fp16 kernel's after them. Each family's leading tiles also come as twins that
+    reduce split-K in the kernel and, on Hopper, use programmatic dependent launch."""
+    sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
+    own = tuning.gemv1_candidates(N, K, bits, group, sms) if M == 1 else tuning.gemv_tc_candidates(N, K, bits)
+    paired = tuning.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
+    return tuning.with_launch_variants(own, pdl) + tuning.with_launch_variants(paired, pdl)
+
+
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
     M, K = x.shape
     N = qweight.shape[1]
-    # the paired-fp16 kernel joins the decode candidates for fp16 x, after the measured kernels
-    half2 = (lambda: tuning.half2_candidates(M, N, K, bits, group, tuning.sm_count(x.device))) \
-        if x.dtype == torch.float16 else list
-    if M == 1:
-        cands, fn, name = lambda: tuning.gemv1_candidates(N, K, bits, group, tuning.sm_count(x.device)) + half2(), \
-            _pick(gemv1_forward, tuning.HALF2, gemv_half2_forward), "gemv1"
-    elif M <= SMALL_M:
-        cands, fn, name = lambda: tuning.gemv_tc_candidates(N, K, bits) + half2(), \
-            _pick(gemv_tc_forward, tuning.HALF2, gemv_half2_forward), "gemv_tc"
+    if M <= SMALL_M:
+        cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group), \
+            _pick(gemv1_forward if M == 1 else gemv_tc_forward, tuning.HALF2, gemv_half2_forward), \
+            "gemv1" if M == 1 else "gemv_tc"
     else:
         cands, fn, name = lambda: tuning.gemm_candidates(M, N, K, group), \
             _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"

@@ -24,7 +24,7 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
-from .tiling import add_bias, split_k_buffer, store_split
+from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
 from .tuning import Config
 from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
@@ -39,11 +39,11 @@ def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C: tl.c
 
 @triton.jit
 def _dq_gemv1_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     N, K, stride_qk, stride_g, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
 ):
     """M = 1 on the CUDA cores. Each program streams a contiguous K range of a ``BLOCK_N`` column
     slice; a step covers ``BLOCK_C`` chunk rows (inside one group). Every packed word is loaded
@@ -57,6 +57,7 @@ def _dq_gemv1_kernel(
     registers: on an H200 it lost at 8192^2 and won some smaller/taller layers, so the tuner
     decides (``tuning.GEMV1_TABLE``).
     """
+    wait_for_previous_grid(PDL)
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
     pid_n = tl.program_id(0)
@@ -93,18 +94,18 @@ def _dq_gemv1_kernel(
         acc += s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    store_split(y_ptr + offs_n, acc, mask_n, SPLIT_K)
+    store_decode(y_ptr + offs_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP)
 
 
 @triton.jit
 def _dq_gemv_tc_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
-    FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr,
+    FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -118,6 +119,7 @@ def _dq_gemv_tc_kernel(
 
     Without ``EVEN_K`` the last step is ragged (3-bit K = 11008: 344 chunks, steps of 16): its
     missing chunks read zero words and zero x, and never fold (a folded step ends a group)."""
+    wait_for_previous_grid(PDL)
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
     pid_n = tl.program_id(0)
@@ -165,7 +167,8 @@ def _dq_gemv_tc_kernel(
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    store_split(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask, SPLIT_K)
+    tile = offs_m[:, None] * stride_ym + offs_n[None, :]
+    store_decode(y_ptr + tile, acc, mask, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
 
 
 def gemv1_forward(
@@ -176,14 +179,15 @@ def gemv1_forward(
     prefetches the next step's words."""
     M, K = x.shape
     N = qweight.shape[1]
-    y = split_k_buffer(x, N, cfg.split_k)
+    y, ws, count = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv1_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         N, K, qweight.stride(0), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
-        STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STAGES=cfg.num_stages, FIXUP=cfg.fixup, PDL=cfg.pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -199,15 +203,16 @@ def gemv_tc_forward(
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
-    y = split_k_buffer(x, N, cfg.split_k)
+    y, ws, count = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K,
         x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
-        FOLD_SCALES=fold, EVEN_K=K % step == 0, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=cfg.fixup, PDL=cfg.pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import add_bias, split_k_buffer, store_split
+from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
 from .unpack import load_group_row
 
@@ -132,15 +132,16 @@ def _step_dot(qw_ptr, xw_rows, mask_m, z, row0, offs_n, mask_n, stride_qk, magic
 
 @triton.jit
 def _dq_gemv_half2_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_qk, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EMULATE: tl.constexpr,
+    EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
     decoded pair of weights meets the x pairs of all rows."""
+    wait_for_previous_grid(PDL)
     BK: tl.constexpr = BLOCK_C * (32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -158,7 +159,8 @@ def _dq_gemv_half2_kernel(
         acc += s * _step_dot(qw_ptr, xw_rows, mask_m, z, step * BLOCK_C, offs_n, mask_n, stride_qk, magic,
                              BITS, BLOCK_C, EVEN_N, EMULATE)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    store_split(y_ptr + offs_m * stride_ym + offs_n, acc, mask_m & mask_n, SPLIT_K)
+    tile = offs_m * stride_ym + offs_n
+    store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
 
 
 def gemv_half2_forward(
@@ -172,13 +174,14 @@ def gemv_half2_forward(
     if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
         raise ValueError(f"the paired-fp16 kernel takes fp16 x of at most {cfg.block_m} rows and {HALF2_BITS}-bit "
                          f"codes, not {x.dtype}, {M} rows, {bits}-bit")
-    y = split_k_buffer(x, N, cfg.split_k)
+    y, ws, count = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_half2_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else x, y,
+        x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
-        EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), num_warps=cfg.num_warps,
+        EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=cfg.fixup, PDL=cfg.pdl,
+        num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

@@ -1,10 +1,17 @@
-"""Program-to-tile mapping and tile write-back shared by the kernels in this package."""
+"""Program-to-tile mapping, tile write-back and launch chaining shared by the kernels in this package."""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper and later; Triton >= 3.4)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    PDL_IN_TRITON = True
+except ImportError:
+    PDL_IN_TRITON = False
 
 
 @triton.jit
@@ -34,6 +41,81 @@ def store_split(y_ptrs, acc, mask, SPLIT_K: tl.constexpr):
         tl.store(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_decode(y_ptrs, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr):
+    """Decode kernels' write-back: :func:`store_split`, or with ``FIXUP`` (split-K only) the
+    partials go to a persistent float32 workspace and the last program of the column tile to
+    arrive writes their sum: the output needs no zeroing, so a launch is one kernel instead of
+    memset + kernel, and bf16 needs no cast launch. That program also zeroes the workspace and
+    its tile counter again, the invariant every launch relies on (``split_k_workspace``)."""
+    if FIXUP:
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()  # every thread's adds happen before the arrival that releases them
+        arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # read and zero in one atomic (on the words: the interpreter exchanges no floats)
+            words = ws_ptrs.to(tl.pointer_type(tl.int32))
+            total = tl.atomic_xchg(words, tl.zeros(acc.shape, tl.int32), mask=mask, sem="relaxed")
+            tl.store(y_ptrs, total.to(tl.float32, bitcast=True).to(y_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+    else:
+        store_split(y_ptrs, acc, mask, SPLIT_K)
+
+
+@triton.jit
+def wait_for_previous_grid(PDL: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel in the stream launch now (its
+    programs wait in their own call of this), then wait until the previous kernel has finished
+    and its writes (our x, the shared workspace) are visible. Everything a kernel reads or
+    writes that another kernel touches must come after this call."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
+_WORKSPACES: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def split_k_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed float32 partial-sum buffer (>= ``numel``) and int32 tile counters (>= ``tiles``)
+    that :func:`store_decode` launches share, one pair per (device, stream): launches on one
+    stream run in order (under programmatic dependent launch, their workspace use comes after
+    :func:`wait_for_previous_grid`), launches on two streams must not share it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, count = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < numel:
+        ws = torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.float32)
+    if count is None or count.numel() < tiles:
+        count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
+    _WORKSPACES[key] = (ws, count)
+    return ws, count
+
+
+def zero_workspaces() -> None:
+    """Restore the workspace invariant after launches that may have broken it (the tuner calls
+    this after trying configurations, one of which may compute something else)."""
+    for ws, count in _WORKSPACES.values():
+        ws.zero_()
+        count.zero_()
+
+
+def decode_output(x: torch.Tensor, N: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, workspace, counters)`` of a decode launch with config ``cfg`` (``x [M, K]``): with
+    ``cfg.fixup`` and split-K, an uninitialised output in x's dtype and the shared workspace;
+    otherwise :func:`split_k_buffer` (which the kernel ignores the other two for)."""
+    if cfg.fixup and cfg.split_k > 1:
+        ws, count = split_k_workspace(x.device, x.shape[0] * N, triton.cdiv(N, cfg.block_n))
+        return torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype), ws, count
+    y = split_k_buffer(x, N, cfg.split_k)
+    return y, y, y
+
+
+def launch_options(cfg) -> dict:
+    """Launch keywords of a config: programmatic dependent launch where it asks for it."""
+    return {"launch_pdl": True} if cfg.pdl else {}
 
 
 def split_k_buffer(x: torch.Tensor, N: int, split: int) -> torch.Tensor:

@@ -28,6 +28,8 @@ import torch
 
 from efficientqat.packing import chunk_values
 
+from .tiling import PDL_IN_TRITON, zero_workspaces
+
 CACHE_FILE = "kernel_configs.json"
 
 
@@ -42,6 +44,8 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     variant: int = 0  # kernel-specific alternative (gemm: 1 = load words once and expand; DENSE)
+    fixup: bool = False  # decode split-K: the last program reduces through a workspace (no memset)
+    pdl: bool = False  # decode: programmatic dependent launch (overlaps the previous kernel's tail)
 
 
 DENSE = 9
@@ -227,6 +231,7 @@ def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[
                 continue
             if ms < best_ms:
                 best, best_ms = c, ms
+        zero_workspaces()  # a rejected configuration may have left partial sums behind
         cfg = best
         CACHE.put(key, cfg)
     _MEMO[key] = cfg
@@ -334,6 +339,22 @@ HALF2_TABLE = [
     # thread's fp16 sums (rows x columns registers) stay at 16.
     (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2),
 ]
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0 on, a Triton that launches with it,
+    compiled kernels (not the CPU interpreter)."""
+    return (PDL_IN_TRITON and not interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
+def with_launch_variants(cands: list[Config], pdl: bool, lead: int = 2) -> list[Config]:
+    """Decode candidates, then twins of the ``lead`` first (the tables are ordered best first)
+    that reduce split-K in the kernel (``fixup``: one launch, no memset) and, with ``pdl``, use
+    programmatic dependent launch: the tuner keeps them only if they time faster."""
+    twins = [replace(c, fixup=c.split_k > 1, pdl=pdl) for c in cands[:lead]]
+    return list(dict.fromkeys(cands + [t for t in twins if t.fixup or t.pdl]))
 
 
 def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:

@@ -312,6 +312,39 @@ def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
             assert rel(y, ref) < 1e-5, (m, split)
 
 
+def test_launch_variants_twin_the_leading_tiles():
+    base = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 512, 4, 1, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
+    assert tuning.with_launch_variants(base, pdl=False) == base + [tuning.replace(base[0], fixup=True)]
+    assert tuning.with_launch_variants(base, pdl=True) == base + [tuning.replace(base[0], fixup=True, pdl=True),
+                                                                  tuning.replace(base[1], pdl=True)]
+
+
+@pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
+def test_in_kernel_split_k_reduction(kernel):
+    """``fixup`` configs: the last program of each column tile writes the sum of all partials
+    (outputs poisoned, uneven split-K, several layers in a row sharing one workspace, a ragged
+    last column tile), and every launch leaves the workspace and tile counters zero again."""
+    from efficientqat.kernels import tiling
+    from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward
+    from efficientqat.kernels.half2 import gemv_half2_forward
+
+    bits, group = (4, 128) if kernel != "tc" else (3, 128)
+    launch = {"gemv1": gemv1_forward, "tc": gemv_tc_forward, "half2": gemv_half2_forward}[kernel]
+    gen = torch.Generator().manual_seed(len(kernel))
+    for n, k, m, split in [(96, 1024, 1, 3), (160, 512, 3, 2), (96, 1024, 1, 8)]:
+        m = 1 if kernel == "gemv1" else m
+        q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+        x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+        bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+        block_c = {"gemv1": 4, "tc": 16, "half2": 4}[kernel]
+        cfg = tuning.Config(4 if kernel == "half2" else 1 if kernel == "gemv1" else 16, 64, block_c, split, 4, 1,
+                            tuning.HALF2 if kernel == "half2" else 0, fixup=True)
+        y = launch(x, qw, scales, zeros, bias, bits, gl, cfg)
+        assert y.dtype == torch.float16 and rel(y, reference(x, q, z, scales, gl, bias)[0]) < 3e-3, (n, k, m, split)
+        for ws, count in tiling._WORKSPACES.values():
+            assert not ws.any() and not count.any()
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_gemm_expand_variant(bits):
     """The gemm variants: words loaded once and expanded (2/4/8 bits), and W as the A operand."""
@@ -431,8 +464,47 @@ def test_gpu_half2_matches_float64(bits, group, m):
     q, z, s, qw, zeros, scales, gl = rand_layer(4096, 4096, bits, group, gen, scale_dtype=torch.float16)
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
-    for cfg in tuning.half2_candidates(m, 4096, 4096, bits, gl):
+    pdl = tuning.pdl_supported(x.device)
+    for cfg in tuning.with_launch_variants(tuning.half2_candidates(m, 4096, 4096, bits, gl), pdl, lead=4):
         assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
+
+
+@pytest.mark.skipif(not GPU, reason="programmatic dependent launch and CUDA graphs need a GPU")
+@pytest.mark.parametrize("fixup,pdl", [(True, False), (True, True), (False, True)])
+def test_gpu_chained_decode_launches(fixup, pdl):
+    """Decode launches that feed each other, replayed as a CUDA graph: with programmatic
+    dependent launch a kernel starts before its predecessor ends and must still read that
+    predecessor's output (and the shared workspace) only after it is complete."""
+    from efficientqat.kernels import tiling
+    from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward
+
+    if pdl and not tuning.pdl_supported(torch.device(DEV)):
+        pytest.skip("this GPU / Triton has no programmatic dependent launch")
+    gen = torch.Generator().manual_seed(5)
+    layers = [rand_layer(2048, 2048, 4, 128, gen, scale_dtype=torch.float16) for _ in range(3)]
+    for m, launch, cfg in [(1, gemv1_forward, tuning.Config(1, 512, 16, 8, 4, 1)),
+                           (4, gemv_tc_forward, tuning.Config(16, 128, 16, 8, 4, 2))]:
+        cfg = tuning.replace(cfg, fixup=fixup, pdl=pdl)
+        x = torch.randn(m, 2048, generator=gen).to(DEV, torch.float16)
+
+        def chain():
+            h = x
+            for q, z, s, qw, zeros, scales, gl in layers:
+                h = launch(h, qw, scales, zeros, None, 4, gl, cfg)  # kernel after kernel
+            return h
+
+        expected = x.double().cpu()
+        for q, z, s, qw, zeros, scales, gl in layers:
+            expected = reference(expected.to(DEV, torch.float16), q, z, scales, gl)[0]
+        chain()  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain()
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        assert rel(out, expected) < 1e-2, (m, cfg)
+        assert all(not ws.any() and not count.any() for ws, count in tiling._WORKSPACES.values())
 
 
 def test_large_m_dispatches_to_the_dense_path_by_default(monkeypatch):
