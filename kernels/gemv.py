@@ -38,6 +38,27 @@ def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C: tl.c
 
 
 @triton.jit
+def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g, field_mask, one_bits,
+                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One step's contribution ``s (sum_k x q - z sum_k x)`` per column from its words."""
+    VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
+    g = (step * BLOCK_C * VPC) // GROUP
+    s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+    k_first = (step * BLOCK_C + offs_c) * VPC
+    x_row = tl.load(x_ptr + k_first).to(tl.float32)
+    t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)
+    for j in tl.static_range(1, VPC):
+        xj = tl.load(x_ptr + k_first + j).to(tl.float32)
+        t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits)
+        x_row += xj
+    # sum_k x q = (sum t - sum x) * 2^b: rows are summed inside each thread (BLOCK_N spans the
+    # warps), then zero point and scale are folded in once per column.
+    x_sum = tl.sum(x_row, axis=0)
+    return s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
+
+
+@triton.jit
 def _dq_gemv1_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     N, K, stride_qk, stride_g, field_mask, one_bits,
@@ -57,7 +78,6 @@ def _dq_gemv1_kernel(
     registers: on an H200 it lost at 8192^2 and won some smaller/taller layers, so the tuner
     decides (``tuning.GEMV1_TABLE``).
     """
-    wait_for_previous_grid(PDL)
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
     pid_n = tl.program_id(0)
@@ -69,6 +89,7 @@ def _dq_gemv1_kernel(
     s_lo = pid_k * n_steps // SPLIT_K
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
 
+    wait_for_previous_grid(PDL)  # (words loaded before it, as in half2.py, spilled: 261 STL/LDL)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PREFETCH:
         n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
@@ -78,20 +99,8 @@ def _dq_gemv1_kernel(
             n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
         else:
             w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
-        g = (step * BK) // GROUP
-        s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
-        k_first = (step * BLOCK_C + offs_c) * VPC
-        x_row = tl.load(x_ptr + k_first).to(tl.float32)
-        t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)
-        for j in tl.static_range(1, VPC):
-            xj = tl.load(x_ptr + k_first + j).to(tl.float32)
-            t += xj[:, None] * slot_unit(w0, w1, w2, j, BITS, field_mask, one_bits)
-            x_row += xj
-        # sum_k x q = (sum t - sum x) * 2^b: rows are summed inside each thread (BLOCK_N spans
-        # the warps), then zero point and scale are folded in once per column.
-        x_sum = tl.sum(x_row, axis=0)
-        acc += s * ((tl.sum(t, axis=0) - x_sum) * (1 << BITS) - x_sum * z)
+        acc += _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g,
+                           field_mask, one_bits, BITS, GROUP, BLOCK_C)
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     store_decode(y_ptr + offs_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP)

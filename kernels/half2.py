@@ -89,12 +89,27 @@ def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr):
 
 
 @triton.jit
-def _step_dot(qw_ptr, xw_rows, mask_m, z, row0, offs_n, mask_n, stride_qk, magic,
-              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_N: tl.constexpr, EMULATE: tl.constexpr):
+def _step_words(qw_ptr, row0, offs_n, mask_n, stride_qk, BLOCK_C: tl.constexpr, EVEN_N: tl.constexpr):
+    """The ``BLOCK_C`` word rows from ``row0`` as a tuple of ``[1, BLOCK_N]`` tensors, requested
+    together before any is used (a program can issue them before waiting for the previous grid)."""
+    words = ()
+    for c in tl.static_range(BLOCK_C):
+        ptrs = qw_ptr + (row0 + c) * stride_qk + offs_n
+        if EVEN_N:  # a masked vector load first zeroes its registers: two extra instructions
+            words = words + (tl.load(ptrs),)
+        else:
+            words = words + (tl.load(ptrs, mask=mask_n, other=0),)
+    return words
+
+
+@triton.jit
+def _step_dot(words, xw_rows, mask_m, z, row0, magic,
+              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
     """``sum_k x[m, k] (q[k, n] - z[n])`` (float32 ``[BLOCK_M, BLOCK_N]``) over the ``BLOCK_C``
-    word rows from ``row0``; ``magic`` is :data:`MAGIC`. Column tensors come in as ``[1, BLOCK_N]``
-    and x rows as ``[BLOCK_M, 1]``: every tensor then shares the words' blocked layout (all rows in
-    each thread), where 1-D operands broadcast to 2-D took a shared-memory round trip per pair."""
+    word rows ``words`` (:func:`_step_words` from ``row0``); ``magic`` is :data:`MAGIC`. Column
+    tensors come in as ``[1, BLOCK_N]`` and x rows as ``[BLOCK_M, 1]``: every tensor then shares
+    the words' blocked layout (all rows in each thread), where 1-D operands broadcast to 2-D took
+    a shared-memory round trip per pair."""
     HV: tl.constexpr = 16 // BITS  # codes per 16-bit half word
     LIMIT: tl.constexpr = 4 if BITS == 4 else 8  # FLUSH * HV * (2^b - 1) <= 256
     FLUSH: tl.constexpr = BLOCK_C if BLOCK_C < LIMIT else LIMIT
@@ -113,10 +128,7 @@ def _step_dot(qw_ptr, xw_rows, mask_m, z, row0, offs_n, mask_n, stride_qk, magic
         h = tl.zeros(shape, dtype=tl.int32)  # the fp16 pair (0, 0)
         for c in tl.static_range(c0, c0 + FLUSH):
             row = row0 + c
-            if EVEN_N:  # a masked vector load first zeroes its registers: two extra instructions
-                w = tl.load(qw_ptr + row * stride_qk + offs_n)
-            else:
-                w = tl.load(qw_ptr + row * stride_qk + offs_n, mask=mask_n, other=0)
+            w = words[c]
             for shift in tl.static_range(0, 16, 2 * BITS):
                 s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
                 even = fma_h2((s & EVEN_MASK) | magic, ce, ze, EMULATE)  # codes shift/b (+ HV)
@@ -136,12 +148,12 @@ def _dq_gemv_half2_kernel(
     M, N, K, stride_xm, stride_qk, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
+    EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
-    decoded pair of weights meets the x pairs of all rows."""
-    wait_for_previous_grid(PDL)
+    decoded pair of weights meets the x pairs of all rows. ``ONE_STEP``: split-K equals the
+    step count."""
     BK: tl.constexpr = BLOCK_C * (32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -153,11 +165,18 @@ def _dq_gemv_half2_kernel(
     s_lo = pid_k * n_steps // SPLIT_K
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
     xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * (stride_xm // 2)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(s_lo, s_hi):
-        s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
-        acc += s * _step_dot(qw_ptr, xw_rows, mask_m, z, step * BLOCK_C, offs_n, mask_n, stride_qk, magic,
-                             BITS, BLOCK_C, EVEN_N, EMULATE)
+    if ONE_STEP:  # one step per program: its codes stream while the previous grid ends
+        words = _step_words(qw_ptr, s_lo * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N)
+        wait_for_previous_grid(PDL)
+        s, z = load_group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
+        acc = s * _step_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE)
+    else:
+        wait_for_previous_grid(PDL)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(s_lo, s_hi):
+            words = _step_words(qw_ptr, step * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N)
+            s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
+            acc += s * _step_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     tile = offs_m * stride_ym + offs_n
     store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
@@ -182,6 +201,7 @@ def gemv_half2_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=cfg.fixup, PDL=cfg.pdl,
+        ONE_STEP=K // (cfg.block_k * (32 // bits)) == cfg.split_k,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

@@ -68,8 +68,9 @@ def store_decode(y_ptrs, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.constexpr, F
 def wait_for_previous_grid(PDL: tl.constexpr):
     """Under programmatic dependent launch: let the next kernel in the stream launch now (its
     programs wait in their own call of this), then wait until the previous kernel has finished
-    and its writes (our x, the shared workspace) are visible. Everything a kernel reads or
-    writes that another kernel touches must come after this call."""
+    and its writes (our x, the shared workspace) are visible. Only the packed codes may be read
+    before this call: frozen integers that no kernel just before a matmul writes (scales and
+    zero points may be: an optimizer step, the zero-point unpack on first use)."""
     if PDL:
         gdc_launch_dependents()
         gdc_wait()
