@@ -85,7 +85,16 @@ def kernel_name(cfg: tuning.Config) -> str:
     return "half2" if cfg.variant == tuning.HALF2 else "tc" if cfg.block_m == 16 else "gemv1"
 
 
-def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, kernels: set[str]) -> list[dict]:
+def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tuning.Config]:
+    """``cfg`` as each wanted write-back / launch: ``plain`` (memset + atomics), ``fixup`` (split-K
+    reduced in the kernel), ``pdl`` (fixup where split-K, and programmatic dependent launch)."""
+    out = {"plain": cfg, "fixup": tuning.replace(cfg, fixup=cfg.split_k > 1),
+           "pdl": tuning.replace(cfg, fixup=cfg.split_k > 1, pdl=pdl)}
+    return list(dict.fromkeys(out[w] for w in wanted))
+
+
+def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, kernels: set[str],
+          variants: list[str]) -> list[dict]:
     spec = QuantSpec(int(quant[1]), int(quant.split("g")[1]))
     first = make_layer(n, k, spec, "cuda")
     packed = first.qweight.numel() * 4 + first.scales.numel() * 3
@@ -98,7 +107,8 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     table, rest = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
     grid = list(dict.fromkeys(table + tc_grid(m, n, k, spec.bits, spec.group_size, sms) + rest))  # budget cuts the end
-    grid = [cfg for cfg in grid if kernel_name(cfg) in kernels]
+    pdl = tuning.pdl_supported(torch.device("cuda"))
+    grid = [v for cfg in grid if kernel_name(cfg) in kernels for v in launch_variants(cfg, variants, pdl)]
     rows, deadline = [], time.monotonic() + budget_s
     for cfg in grid:
         if time.monotonic() > deadline:
@@ -117,7 +127,8 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
         rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel_name(cfg),
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
-                         variant=cfg.variant, stages=cfg.num_stages, us=t * 1e3, cublas_us=t_cublas * 1e3,
+                         variant=cfg.variant, stages=cfg.num_stages, fixup=cfg.fixup, pdl=cfg.pdl,
+                         us=t * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -131,7 +142,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop sweeping a (quant, M) after this many seconds")
     ap.add_argument("--kernels", default="gemv1,half2,tc", help="which kernel families to sweep")
+    ap.add_argument("--variants", default="plain,fixup,pdl",
+                    help="write-back / launch of each tile: plain (memset + atomics), fixup (in-kernel split-K "
+                         "reduction), pdl (fixup + programmatic dependent launch)")
     args = ap.parse_args()
+    variants = args.variants.split(",")
+    if not set(variants) <= {"plain", "fixup", "pdl"}:
+        raise SystemExit(f"--variants takes plain, fixup and pdl, not {args.variants}")
     kernels = set(args.kernels.split(","))
     if not kernels <= {"gemv1", "half2", "tc"}:
         raise SystemExit(f"--kernels takes gemv1, half2 and tc, not {args.kernels}")
@@ -141,15 +158,15 @@ def main() -> None:
         raise SystemExit(f"--m takes row counts from 1 to 16, not {args.m}")
     copy_bw = copy_bandwidth()
     cases = list(itertools.product(args.quants.split(","), ms))
-    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels)]
+    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels, variants)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | variant | stages | us | x cuBLAS | BW/copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | variant | stages | fixup | pdl | us | x cuBLAS | BW/copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for q, m in cases:
         for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:5]:
             print(f"| {q} | {m} | {r['kernel']} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | "
-                  f"{r['variant']} | {r['stages']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+                  f"{r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
 
 
 if __name__ == "__main__":
