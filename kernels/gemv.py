@@ -188,14 +188,14 @@ def gemv1_forward(
     prefetches the next step's words."""
     M, K = x.shape
     N = qweight.shape[1]
-    y, ws, count = decode_output(x, N, cfg)
+    y, ws, count, fixup = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv1_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         N, K, qweight.stride(0), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
-        STAGES=cfg.num_stages, FIXUP=cfg.fixup, PDL=cfg.pdl,
+        STAGES=cfg.num_stages, FIXUP=fixup, PDL=cfg.pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -212,7 +212,7 @@ def gemv_tc_forward(
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
-    y, ws, count = decode_output(x, N, cfg)
+    y, ws, count, fixup = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
@@ -221,7 +221,7 @@ def gemv_tc_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
-        FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=cfg.fixup, PDL=cfg.pdl,
+        FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -193,14 +193,14 @@ def gemv_half2_forward(
     if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
         raise ValueError(f"the paired-fp16 kernel takes fp16 x of at most {cfg.block_m} rows and {HALF2_BITS}-bit "
                          f"codes, not {x.dtype}, {M} rows, {bits}-bit")
-    y, ws, count = decode_output(x, N, cfg)
+    y, ws, count, fixup = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_half2_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
-        EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=cfg.fixup, PDL=cfg.pdl,
+        EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
         ONE_STEP=K // (cfg.block_k * (32 // bits)) == cfg.split_k,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -76,42 +78,60 @@ def wait_for_previous_grid(PDL: tl.constexpr):
         gdc_wait()
 
 
-_WORKSPACES: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+@dataclass
+class SplitKWorkspace:
+    """A device's zeroed float32 partial sums and int32 tile counters for :func:`store_decode`,
+    and the stream that used them last."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+    stream: object = None
 
 
-def split_k_workspace(device: torch.device, numel: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The zeroed float32 partial-sum buffer (>= ``numel``) and int32 tile counters (>= ``tiles``)
-    that :func:`store_decode` launches share, one pair per (device, stream): launches on one
-    stream run in order (under programmatic dependent launch, their workspace use comes after
-    :func:`wait_for_previous_grid`), launches on two streams must not share it."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, count = _WORKSPACES.get(key, (None, None))
-    if ws is None or ws.numel() < numel:
-        ws = torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.float32)
-    if count is None or count.numel() < tiles:
-        count = torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32)
-    _WORKSPACES[key] = (ws, count)
-    return ws, count
+_WORKSPACES: dict[str, SplitKWorkspace] = {}
+
+
+def split_k_workspace(device: torch.device, numel: int, tiles: int) -> SplitKWorkspace | None:
+    """The device's workspace with room for ``numel`` sums and ``tiles`` counters, or None while
+    a CUDA graph is being captured and it is missing or too small (nothing is allocated inside
+    a capture: the caller falls back to a zeroed output). One per device, so a captured graph
+    uses the buffers its eager warm-up made; launches on another stream first wait for the
+    stream that used them last (two streams never overlap on them)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    entry = _WORKSPACES.get(str(device))
+    if entry is None or entry.sums.numel() < numel or entry.counts.numel() < tiles:
+        if capturing:
+            return None
+        entry = SplitKWorkspace(torch.zeros(max(numel, 1 << 16), device=device, dtype=torch.float32),
+                                torch.zeros(max(tiles, 1024), device=device, dtype=torch.int32))
+        _WORKSPACES[str(device)] = entry
+    if device.type == "cuda" and not capturing:  # (a capture starts on a synchronised device)
+        stream = torch.cuda.current_stream(device)
+        if entry.stream is not None and entry.stream != stream:
+            stream.wait_stream(entry.stream)
+        entry.stream = stream
+    return entry
 
 
 def zero_workspaces() -> None:
     """Restore the workspace invariant after launches that may have broken it (the tuner calls
     this after trying configurations, one of which may compute something else)."""
-    for ws, count in _WORKSPACES.values():
-        ws.zero_()
-        count.zero_()
+    for entry in _WORKSPACES.values():
+        entry.sums.zero_()
+        entry.counts.zero_()
 
 
-def decode_output(x: torch.Tensor, N: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(y, workspace, counters)`` of a decode launch with config ``cfg`` (``x [M, K]``): with
-    ``cfg.fixup`` and split-K, an uninitialised output in x's dtype and the shared workspace;
-    otherwise :func:`split_k_buffer` (which the kernel ignores the other two for)."""
+def decode_output(x: torch.Tensor, N: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``(y, sums, counts, fixup)`` of a decode launch with config ``cfg`` (``x [M, K]``): with
+    ``cfg.fixup`` and split-K, an uninitialised output in x's dtype and the device workspace;
+    otherwise (or with no workspace to be had) :func:`split_k_buffer`, and the kernel ignores
+    the other two."""
     if cfg.fixup and cfg.split_k > 1:
-        ws, count = split_k_workspace(x.device, x.shape[0] * N, triton.cdiv(N, cfg.block_n))
-        return torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype), ws, count
+        entry = split_k_workspace(x.device, x.shape[0] * N, triton.cdiv(N, cfg.block_n))
+        if entry is not None:
+            return torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype), entry.sums, entry.counts, True
     y = split_k_buffer(x, N, cfg.split_k)
-    return y, y, y
+    return y, y, y, False
 
 
 def launch_options(cfg) -> dict:
