@@ -351,9 +351,11 @@ def pdl_supported(device: torch.device) -> bool:
 
 def with_launch_variants(cands: list[Config], pdl: bool, lead: int = 2) -> list[Config]:
     """Decode candidates, then twins of the ``lead`` first (the tables are ordered best first)
-    that reduce split-K in the kernel (``fixup``: one launch, no memset) and, with ``pdl``, use
-    programmatic dependent launch: the tuner keeps them only if they time faster."""
-    twins = [replace(c, fixup=c.split_k > 1, pdl=pdl) for c in cands[:lead]]
+    that reduce split-K in the kernel (``fixup``: one launch, no memset) and, with ``pdl``, the
+    same under programmatic dependent launch: the tuner keeps them only if they time faster."""
+    twins = []
+    for c in cands[:lead]:
+        twins += [replace(c, fixup=c.split_k > 1)] + ([replace(c, fixup=c.split_k > 1, pdl=True)] if pdl else [])
     return list(dict.fromkeys(cands + [t for t in twins if t.fixup or t.pdl]))
 
 

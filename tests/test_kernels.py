@@ -315,8 +315,9 @@ def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
 def test_launch_variants_twin_the_leading_tiles():
     base = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 512, 4, 1, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
     assert tuning.with_launch_variants(base, pdl=False) == base + [tuning.replace(base[0], fixup=True)]
-    assert tuning.with_launch_variants(base, pdl=True) == base + [tuning.replace(base[0], fixup=True, pdl=True),
-                                                                  tuning.replace(base[1], pdl=True)]
+    assert tuning.with_launch_variants(base, pdl=True) == base + [
+        tuning.replace(base[0], fixup=True), tuning.replace(base[0], fixup=True, pdl=True),
+        tuning.replace(base[1], pdl=True)]
 
 
 @pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
