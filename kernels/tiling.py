@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
+
+if TYPE_CHECKING:
+    from .tuning import Config
 
 try:  # programmatic dependent launch (Hopper and later; Triton >= 3.4)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -121,7 +125,7 @@ def zero_workspaces() -> None:
         entry.counts.zero_()
 
 
-def decode_output(x: torch.Tensor, N: int, cfg) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def decode_output(x: torch.Tensor, N: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """``(y, sums, counts, fixup)`` of a decode launch with config ``cfg`` (``x [M, K]``): with
     ``cfg.fixup`` and split-K, an uninitialised output in x's dtype and the device workspace;
     otherwise (or with no workspace to be had) :func:`split_k_buffer`, and the kernel ignores
@@ -134,7 +138,7 @@ def decode_output(x: torch.Tensor, N: int, cfg) -> tuple[torch.Tensor, torch.Ten
     return y, y, y, False
 
 
-def launch_options(cfg) -> dict:
+def launch_options(cfg: Config) -> dict:
     """Launch keywords of a config: programmatic dependent launch where it asks for it."""
     return {"launch_pdl": True} if cfg.pdl else {}
 
