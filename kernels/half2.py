@@ -76,16 +76,30 @@ def _splat_h2(v):
 
 
 @triton.jit
-def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr):
+def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr, X_PAIRED: tl.constexpr):
     """Per x row, the fp16 pair ``(x[k + i], x[k + i + HV])`` of word row ``row``
-    (``k = row * 2 HV``), from the int32 view of x: value j sits in word ``j // 2``, low half for
-    even j. ``xw_rows`` points at each row's first word; rows past M read zeros."""
-    a = tl.load(xw_rows + (row * HV + i // 2), mask=mask_m, other=0)
-    b = tl.load(xw_rows + (row * HV + HV // 2 + i // 2), mask=mask_m, other=0)
-    if i % 2 == 0:
-        return (a & 0xFFFF) | (b << 16)
+    (``k = row * 2 HV``); ``xw_rows`` points at each row's first 32-bit word, rows past M read
+    zeros. ``X_PAIRED``: x comes as :func:`pair_x` made it, the pair is word ``row * HV + i``.
+    Otherwise from the int32 view of x: value j sits in word ``j // 2``, low half for even j (two
+    loads and two operations a pair, which every thread repeats for every x row)."""
+    if X_PAIRED:
+        return tl.load(xw_rows + (row * HV + i), mask=mask_m, other=0)
     else:
-        return ((a >> 16) & 0xFFFF) | (b & -65536)
+        a = tl.load(xw_rows + (row * HV + i // 2), mask=mask_m, other=0)
+        b = tl.load(xw_rows + (row * HV + HV // 2 + i // 2), mask=mask_m, other=0)
+        if i % 2 == 0:
+            return (a & 0xFFFF) | (b << 16)
+        else:
+            return ((a >> 16) & 0xFFFF) | (b & -65536)
+
+
+def pair_x(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp16 ``x [M, K]`` as int32 ``[M, K / 2]`` in the kernel's pair order: word ``r HV + i``
+    holds ``(x[r 2HV + i], x[r 2HV + HV + i])``, ``HV = 16 / bits``: one permute launch that
+    spares every thread rebuilding the pairs of every row."""
+    hv = 16 // bits
+    M, K = x.shape
+    return x.view(M, K // (2 * hv), 2, hv).transpose(2, 3).contiguous().view(torch.int32).view(M, K // 2)
 
 
 @triton.jit
@@ -104,7 +118,7 @@ def _step_words(qw_ptr, row0, offs_n, mask_n, stride_qk, BLOCK_C: tl.constexpr, 
 
 @triton.jit
 def _step_dot(words, xw_rows, mask_m, z, row0, magic,
-              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr):
+              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, X_PAIRED: tl.constexpr):
     """``sum_k x[m, k] (q[k, n] - z[n])`` (float32 ``[BLOCK_M, BLOCK_N]``) over the ``BLOCK_C``
     word rows ``words`` (:func:`_step_words` from ``row0``); ``magic`` is :data:`MAGIC`. Column
     tensors come in as ``[1, BLOCK_N]`` and x rows as ``[BLOCK_M, 1]``: every tensor then shares
@@ -133,8 +147,8 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
                 s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
                 even = fma_h2((s & EVEN_MASK) | magic, ce, ze, EMULATE)  # codes shift/b (+ HV)
                 odd = fma_h2((s & ODD_MASK) | magic, co, zo, EMULATE)  # codes shift/b + 1 (+ HV)
-                x_even = _x_pair(xw_rows, mask_m, row, shift // BITS, HV)
-                x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV)
+                x_even = _x_pair(xw_rows, mask_m, row, shift // BITS, HV, X_PAIRED)
+                x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV, X_PAIRED)
                 h = fma_h2(tl.broadcast_to(even, shape), tl.broadcast_to(x_even, shape), h, EMULATE)
                 h = fma_h2(tl.broadcast_to(odd, shape), tl.broadcast_to(x_odd, shape), h, EMULATE)
         lo, hi = _unpack(h)
@@ -145,15 +159,17 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
 @triton.jit
 def _dq_gemv_half2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
-    M, N, K, stride_xm, stride_qk, stride_g, stride_ym, magic,
+    M, N, K, stride_xw, stride_qk, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
+    X_PAIRED: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
     decoded pair of weights meets the x pairs of all rows. ``ONE_STEP``: split-K equals the
-    step count."""
+    step count. ``x_ptr`` is fp16 x or, with ``X_PAIRED``, :func:`pair_x` of it; ``stride_xw``
+    is its row stride in 32-bit words."""
     BK: tl.constexpr = BLOCK_C * (32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -164,19 +180,19 @@ def _dq_gemv_half2_kernel(
     n_steps = K // BK
     s_lo = pid_k * n_steps // SPLIT_K
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
-    xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * (stride_xm // 2)
+    xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
     if ONE_STEP:  # one step per program: its codes stream while the previous grid ends
         words = _step_words(qw_ptr, s_lo * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N)
         wait_for_previous_grid(PDL)
         s, z = load_group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
-        acc = s * _step_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE)
+        acc = s * _step_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi):
             words = _step_words(qw_ptr, step * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N)
             s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
-            acc += s * _step_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE)
+            acc += s * _step_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     tile = offs_m * stride_ym + offs_n
     store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
@@ -194,14 +210,18 @@ def gemv_half2_forward(
         raise ValueError(f"the paired-fp16 kernel takes fp16 x of at most {cfg.block_m} rows and {HALF2_BITS}-bit "
                          f"codes, not {x.dtype}, {M} rows, {bits}-bit")
     y, ws, count, fixup = decode_output(x, N, cfg)
+    # sm_90 SASS, per weight and row: 2.16 -> 1.65 at 8 rows, 1.75 -> 1.52 at 4, where the
+    # permute launch (~2 us) would cost about what it saves
+    paired = M > 4
+    xs = pair_x(x, bits) if paired else x
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_half2_kernel[grid](
-        x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
-        M, N, K, x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0), MAGIC,
+        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
+        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), scales.stride(0), y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
-        ONE_STEP=K // (cfg.block_k * (32 // bits)) == cfg.split_k,
+        ONE_STEP=K // (cfg.block_k * (32 // bits)) == cfg.split_k, X_PAIRED=paired,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y
