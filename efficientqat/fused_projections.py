@@ -50,15 +50,17 @@ class FusedProjection(nn.Module):
 
     def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         """Slice ``index`` of the fused output for ``x``: computed on the first sibling's call,
-        held for the others (same tensor object) and dropped once every slice was taken."""
-        if self._pending is None or self._pending[0] is not x:
-            self._pending = (x, self.layer(x).split(self.sizes, dim=-1))
-            self._left = len(self.sizes)
-        out = self._pending[1][index]
+        held for the others (same tensor object) and dropped once every slice was taken. The
+        held pair is read once into a local, so a thread that replaces it between the check and
+        the read (two threads in one model) cannot hand another input's slice to this call."""
+        pending = self._pending
+        if pending is None or pending[0] is not x:
+            pending = (x, self.layer(x).split(self.sizes, dim=-1))
+            self._pending, self._left = pending, len(self.sizes)
         self._left -= 1
-        if self._left == 0:
+        if self._left <= 0:
             self._pending = None
-        return out
+        return pending[1][index]
 
     def extra_repr(self) -> str:
         return f"names={self.names}, sizes={self.sizes}"
