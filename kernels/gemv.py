@@ -89,7 +89,9 @@ def _dq_gemv1_kernel(
     s_lo = pid_k * n_steps // SPLIT_K
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
 
-    wait_for_previous_grid(PDL)  # (words loaded before it, as in half2.py, spilled: 261 STL/LDL)
+    # first thing: loading the first words before it, as half2.py does, spilled here (sm_90 SASS:
+    # 261 STL/LDL pairs)
+    wait_for_previous_grid(PDL)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PREFETCH:
         n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
