@@ -120,6 +120,12 @@ CACHE = ConfigCache()
 _MEMO: dict[str, Config] = {}
 
 
+def chosen_configs() -> dict[str, dict]:
+    """The configuration every kernel key of this process launches with (what a benchmark
+    records beside its timings, so a speed can be traced to the tiles and launch variants)."""
+    return {key: asdict(cfg) for key, cfg in _MEMO.items()}
+
+
 @functools.lru_cache(maxsize=None)
 def device_name(device: torch.device) -> str:
     """Cached: the key is built on every call of a quantized layer."""

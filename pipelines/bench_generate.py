@@ -15,7 +15,9 @@ model it measures
 * prefill tokens/s: one forward over ``--prefill`` tokens at batch 1;
 * model memory: bytes of parameters and buffers (packed weights + scales + zeros + the rest).
 
-Raw rows go to ``<out>/bench_generate.json``; the table with speed-ups over FP16 is printed.
+Raw rows go to ``<out>/bench_generate.json`` with the kernel configurations the run launched
+(tiles, in-kernel split-K reduction, programmatic dependent launch, by layer shape and M); the
+table with speed-ups over FP16 is printed.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
+from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "decode_tokens": args.decode_tokens, "prefill": args.prefill, "rows": rows}, indent=2))
+             "shape": shape, "fused": not args.no_fuse, "decode_tokens": args.decode_tokens, "prefill": args.prefill,
+             "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))
     return rows
 

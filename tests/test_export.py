@@ -212,7 +212,8 @@ def test_bench_generate_smoke(tmp_path):
     rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64"])
     assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
     assert all(r["decode"][b]["tokens_per_s"] > 0 for r in rows for b in (1, 2))
-    assert json.loads((tmp_path / "bench_generate.json").read_text())["rows"][1]["model"] == "w2g64"
+    data = json.loads((tmp_path / "bench_generate.json").read_text())
+    assert data["rows"][1]["model"] == "w2g64" and data["fused"] and data["kernel_configs"] == {}  # CPU: no kernels
 
 
 def test_lm_eval_on_a_local_task(tmp_path, tokenizer):
