@@ -136,13 +136,18 @@ class DecodeStep:
 
 
 def bench_model(label: str, model: nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    """Decode and prefill speed of one model; ``setup_s`` is the wall time of warm-up, kernel
+    tuning, compilation and capture per batch size (what a 10-minute device command must fit)."""
     row = {"model": label, "bytes": model_bytes(model), "decode": {}}
     for batch in args.batches:
+        start = time.perf_counter()
         step = DecodeStep(model, batch, args.decode_tokens + 8, device, args.compile)
         graphed = device.type == "cuda" and not args.eager and step.capture()
+        setup_s = time.perf_counter() - start
         seconds = elapsed_s(lambda: step.run(args.decode_tokens), device, args.iters)
         mode = ("compiled+" if args.compile else "") + ("cuda_graph" if graphed else "eager")
-        row["decode"][batch] = {"tokens_per_s": batch * args.decode_tokens / seconds, "mode": mode}
+        row["decode"][batch] = {"tokens_per_s": batch * args.decode_tokens / seconds, "mode": mode,
+                                "setup_s": setup_s}
         del step
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
     with torch.no_grad():
