@@ -1,4 +1,4 @@
-"""Paired-fp16 decode kernel for M = 1..8: two weights per 32-bit instruction (fp16 x, 2/4-bit codes).
+"""Paired-fp16 decode kernel for M = 1..8: two weights per 32-bit instruction (fp16 x, 2/3/4-bit codes).
 
 The float32 M = 1 kernel (``gemv._dq_gemv1_kernel``) spends a shift, an and-or and an FMA on
 every weight, ~3.9 SASS instructions per weight in all, and on an H200 its issue time is as long
@@ -20,9 +20,14 @@ kernel: 3.7-3.9). The fp16 sums are widened to float32 every ``FLUSH`` word rows
 a lane's sum, ``FLUSH * 16/b`` products of at most ``(2^b - 1) / 256 |x|``, stays below ``|x|``:
 it cannot overflow, and its rounding (2^-11 relative) is that of an fp16 result.
 
-Triton emits no ``fma.f16x2`` on packed registers, so :func:`fma_h2` is inline PTX on the GPU and
-an emulation (unpack, fp16 arithmetic, repack) under the CPU interpreter, which cannot run
-assembly (``EMULATE``). Everything else is written once, in plain Triton, and checked on the CPU.
+3-bit codes form a dense stream (32 values in 3 words) whose fields never sit 16 bits apart; a
+byte permute brings values a and a + 8 (same bit of bytes three apart) into the two halves first
+(:func:`_step_dot3`): 2.8 SASS instructions per weight at M = 1 against 3.75 for the float32
+kernel at 3 bits.
+
+Triton emits no ``fma.f16x2`` or ``prmt`` on packed registers, so :func:`fma_h2` and :func:`prmt`
+are inline PTX on the GPU and emulations (unpack, fp16 arithmetic, repack; byte moves) under the
+CPU interpreter, which cannot run assembly (``EMULATE``). Everything else is written once, in plain Triton, and checked on the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from efficientqat.packing import chunk_values
 
 from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
@@ -69,6 +76,22 @@ def fma_h2(a, b, c, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def prmt(a, b, SEL: tl.constexpr, EMULATE: tl.constexpr):
+    """Byte permute (``prmt.b32``): output byte i is byte ``(SEL >> 4i) & 7`` of the 8 bytes
+    ``b:a`` (a's bytes 0-3, b's 4-7); int32 tensors of one shape."""
+    if EMULATE:
+        out = tl.zeros(a.shape, tl.int32)
+        for i in tl.static_range(4):
+            src: tl.constexpr = (SEL >> (4 * i)) & 7
+            word = a if src < 4 else b
+            out |= ((word >> (8 * (src % 4))) & 0xFF) << (8 * i)
+        return out
+    else:
+        return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r", [a, b],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
 def _splat_h2(v):
     """float32 tensor -> int32 tensor of fp16 pairs ``(v, v)``."""
     h = v.to(tl.float16)
@@ -93,22 +116,31 @@ def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr, X_PAIRED: t
             return ((a >> 16) & 0xFFFF) | (b & -65536)
 
 
+def half_values(bits: int) -> int:
+    """Distance between the two codes of a pair: the codes per 16-bit half word (2/4-bit), 8 for
+    3-bit (values a and a + 8 of a 32-value chunk, see :func:`_step_dot3`)."""
+    return 8 if bits == 3 else 16 // bits
+
+
 def pair_x(x: torch.Tensor, bits: int) -> torch.Tensor:
     """fp16 ``x [M, K]`` as int32 ``[M, K / 2]`` in the kernel's pair order: word ``r HV + i``
-    holds ``(x[r 2HV + i], x[r 2HV + HV + i])``, ``HV = 16 / bits``: one permute launch that
+    holds ``(x[r 2HV + i], x[r 2HV + HV + i])``, ``HV =`` :func:`half_values`: one permute launch that
     spares every thread rebuilding the pairs of every row."""
-    hv = 16 // bits
+    hv = half_values(bits)
     M, K = x.shape
     return x.view(M, K // (2 * hv), 2, hv).transpose(2, 3).contiguous().view(torch.int32).view(M, K // 2)
 
 
 @triton.jit
-def _step_words(qw_ptr, row0, offs_n, mask_n, stride_qk, BLOCK_C: tl.constexpr, EVEN_N: tl.constexpr):
-    """The ``BLOCK_C`` word rows from ``row0`` as a tuple of ``[1, BLOCK_N]`` tensors, requested
-    together before any is used (a program can issue them before waiting for the previous grid)."""
+def _step_words(qw_ptr, row0, offs_n, mask_n, stride_qk, BLOCK_C: tl.constexpr, EVEN_N: tl.constexpr,
+                BITS: tl.constexpr):
+    """The word rows of ``BLOCK_C`` chunks from chunk ``row0`` (one word a chunk, three for 3-bit)
+    as a tuple of ``[1, BLOCK_N]`` tensors, requested together before any is used (a program can
+    issue them before waiting for the previous grid)."""
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1
     words = ()
-    for c in tl.static_range(BLOCK_C):
-        ptrs = qw_ptr + (row0 + c) * stride_qk + offs_n
+    for c in tl.static_range(BLOCK_C * WORDS):
+        ptrs = qw_ptr + (row0 * WORDS + c) * stride_qk + offs_n
         if EVEN_N:  # a masked vector load first zeroes its registers: two extra instructions
             words = words + (tl.load(ptrs),)
         else:
@@ -157,6 +189,57 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
 
 
 @triton.jit
+def _pair3(lo_word, hi_word, A: tl.constexpr, HALF: tl.constexpr, EMULATE: tl.constexpr):
+    """3-bit values ``a = A + 16 HALF`` and ``a + 8`` of a chunk at bits 0-2 of the low and high
+    half, from the words holding them (words 0:1 for HALF 0, 1:2 for HALF 1)."""
+    BIT: tl.constexpr = 3 * A + 16 * HALF  # value a's bit, counted from lo_word's bit 0
+    BYTE: tl.constexpr = BIT // 8
+    OFF: tl.constexpr = BIT % 8
+    BYTE2: tl.constexpr = BYTE + 1 if OFF > 5 else BYTE  # the field crosses into the next byte
+    SEL: tl.constexpr = BYTE | (BYTE2 << 4) | ((BYTE + 3) << 8) | ((BYTE2 + 3) << 12)
+    return (prmt(lo_word, hi_word, SEL, EMULATE) >> OFF) & 0x00070007
+
+
+@triton.jit
+def _step_dot3(words, xw_rows, mask_m, z, row0, magic,
+               BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, X_PAIRED: tl.constexpr):
+    """:func:`_step_dot` for 3-bit chunks (32 values in 3 words, a dense bit stream). Value a sits
+    at stream bit 3a and value a + 8 at 3a + 24: the same bit of the byte three further on. One
+    ``prmt`` takes bytes (B, B + 1) and (B + 3, B + 4) of a word pair into the low and high half,
+    so the pair (a, a + 8) lands at the same offset in both halves, and a shift and the lop3 of
+    the 2/4-bit kernel finish it: pairs a = 0..7 from words 0:1, a = 16..23 from words 1:2; five
+    instructions a pair, x fma included."""
+    ce = tl.full(z.shape, 0x1C001C00, tl.int32)  # 2^-8
+    ze = _splat_h2(-(z * (1.0 / 256) + 4.0))
+    FLUSH: tl.constexpr = 1 if BLOCK_C < 2 else 2  # FLUSH * 16 pairs * 7 <= 256
+    shape: tl.constexpr = (xw_rows.shape[0], z.shape[1])
+    part = tl.zeros(shape, dtype=tl.float32)
+    for c0 in tl.static_range(0, BLOCK_C, FLUSH):
+        h = tl.zeros(shape, dtype=tl.int32)
+        for c in tl.static_range(c0, c0 + FLUSH):
+            for half in tl.static_range(2):
+                lo_word = words[3 * c + half]
+                hi_word = words[3 * c + half + 1]
+                for a in tl.static_range(8):
+                    w = fma_h2(_pair3(lo_word, hi_word, a, half, EMULATE) | magic, ce, ze, EMULATE)
+                    xp = _x_pair(xw_rows, mask_m, 2 * (row0 + c) + half, a, 8, X_PAIRED)
+                    h = fma_h2(tl.broadcast_to(w, shape), tl.broadcast_to(xp, shape), h, EMULATE)
+        lo, hi = _unpack(h)
+        part += lo.to(tl.float32) + hi.to(tl.float32)
+    return part * 256.0
+
+
+@triton.jit
+def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
+               BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, X_PAIRED: tl.constexpr):
+    """One step's ``sum_k x (q - z)``: :func:`_step_dot3` for 3-bit chunks, else :func:`_step_dot`."""
+    if BITS == 3:
+        return _step_dot3(words, xw_rows, mask_m, z, row0, magic, BLOCK_C, EMULATE, X_PAIRED)
+    else:
+        return _step_dot(words, xw_rows, mask_m, z, row0, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+
+
+@triton.jit
 def _dq_gemv_half2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xw, stride_qk, stride_g, stride_ym, magic,
@@ -170,7 +253,7 @@ def _dq_gemv_half2_kernel(
     decoded pair of weights meets the x pairs of all rows. ``ONE_STEP``: split-K equals the
     step count. ``x_ptr`` is fp16 x or, with ``X_PAIRED``, :func:`pair_x` of it; ``stride_xw``
     is its row stride in 32-bit words."""
-    BK: tl.constexpr = BLOCK_C * (32 // BITS)
+    BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)[:, None]
@@ -182,17 +265,17 @@ def _dq_gemv_half2_kernel(
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
     xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
     if ONE_STEP:  # one step per program: its codes stream while the previous grid ends
-        words = _step_words(qw_ptr, s_lo * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N)
+        words = _step_words(qw_ptr, s_lo * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
         s, z = load_group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
-        acc = s * _step_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+        acc = s * _chunk_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi):
-            words = _step_words(qw_ptr, step * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N)
+            words = _step_words(qw_ptr, step * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
             s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
-            acc += s * _step_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+            acc += s * _chunk_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     tile = offs_m * stride_ym + offs_n
     store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
@@ -202,8 +285,8 @@ def gemv_half2_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
-    """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/4-bit codes);
-    ``cfg.block_k`` is BLOCK_C (word rows per step, one step inside one group)."""
+    """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/3/4-bit
+    codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group)."""
     M, K = x.shape
     N = qweight.shape[1]
     if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
@@ -221,7 +304,7 @@ def gemv_half2_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
-        ONE_STEP=K // (cfg.block_k * (32 // bits)) == cfg.split_k, X_PAIRED=paired,
+        ONE_STEP=K // (cfg.block_k * chunk_values(bits)) == cfg.split_k, X_PAIRED=paired,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

@@ -52,7 +52,7 @@ DENSE = 9
 """``Config.variant`` of the decode-to-workspace + cuBLAS path (``dequant.py``) for M > 16."""
 HALF2 = 8
 """``Config.variant`` of the paired-fp16 kernel for M <= 8 (``half2.py``)."""
-HALF2_BITS = (2, 4)
+HALF2_BITS = (2, 3, 4)
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)
 

@@ -385,7 +385,7 @@ def test_gemv1_variants(bits, group, dtype):
             assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (prefetch, stages, bc, split)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (2, 64), (2, -1)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (2, 64), (2, -1), (3, 128), (3, 32), (3, -1)])
 def test_half2_kernel(bits, group):
     """The paired-fp16 kernel (emulated fma.f16x2 on the CPU, PTX on the GPU) against float64 at
     M = 1, 3 and 8 (rows past M masked), with column tiles that divide N and one that does not,
@@ -401,7 +401,7 @@ def test_half2_kernel(bits, group):
     for m, block_m in ((1, 1), (3, 4), (8, 8)):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         ref = reference(x, q, z, scales, gl, bias)[0]
-        for block_n, bc, split in ((32, 1, 3), (64, 4, 2), (64, 2, 1), (32, 2, k // (2 * vpc))):
+        for block_n, bc, split in ((32, 1, 3), (64, 4, 2), (64, 2, 1), (32, 2, k // (2 * vpc)), (32, 4, 1)):
             if gl % (bc * vpc):
                 continue
             cfg = tuning.Config(block_m, block_n, bc, split, 4, 1, tuning.HALF2)
@@ -410,23 +410,24 @@ def test_half2_kernel(bits, group):
             assert rel(y, ref) < 3e-3, (m, block_n, bc, split)
 
 
-def test_half2_takes_only_fp16_and_2_or_4_bits():
+def test_half2_takes_only_fp16_and_2_to_4_bits():
     """Other inputs get an error naming the requirement; the decode candidates hold paired-fp16
     tiles only where they apply, after the measured ones, and the dispatcher runs them."""
     from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(0)
     cfg = tuning.Config(1, 32, 1, 1, 4, 1, tuning.HALF2)
-    for bits, dtype, m in ((3, torch.float16, 1), (4, torch.bfloat16, 1), (4, torch.float16, 2)):
+    for bits, dtype, m in ((8, torch.float16, 1), (4, torch.bfloat16, 1), (4, torch.float16, 2)):
         q, z, s, qw, zeros, scales, gl = rand_layer(32, 256, bits, 128, gen)
         x = torch.randn(m, 256, generator=gen).to(DEV, dtype)
         with pytest.raises(ValueError, match="paired-fp16 kernel takes fp16 x of at most 1 rows"):
             gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg)
-    assert tuning.half2_candidates(1, 8192, 8192, 3, 128) == [] and tuning.half2_candidates(9, 8192, 8192, 4, 128) == []
-    for m in (1, 2, 5, 8):
-        cands = tuning.half2_candidates(m, 8192, 8192, 4, 128)
-        assert cands and all(c.variant == tuning.HALF2 and c.block_m == tuning.m_bucket(m) for c in cands)
-        assert all(c.block_n * c.block_m <= 4096 and 128 % (c.block_k * 8) == 0 for c in cands)
+    assert tuning.half2_candidates(1, 8192, 8192, 8, 128) == [] and tuning.half2_candidates(9, 8192, 8192, 4, 128) == []
+    for bits in (2, 3, 4):
+        for m in (1, 2, 5, 8):
+            cands = tuning.half2_candidates(m, 8192, 8192, bits, 128)
+            assert cands and all(c.variant == tuning.HALF2 and c.block_m == tuning.m_bucket(m) for c in cands)
+            assert all(c.block_n * c.block_m <= 4096 and 128 % (c.block_k * chunk_values(bits)) == 0 for c in cands)
 
 
 def test_dispatch_tries_half2_after_the_measured_kernels(monkeypatch):
@@ -456,7 +457,7 @@ def test_dispatch_tries_half2_after_the_measured_kernels(monkeypatch):
 
 
 @pytest.mark.skipif(not GPU, reason="the PTX of the paired-fp16 step runs on a GPU only")
-@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64)])
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (3, 128)])
 @pytest.mark.parametrize("m", [1, 4])
 def test_gpu_half2_matches_float64(bits, group, m):
     from efficientqat.kernels.half2 import gemv_half2_forward
