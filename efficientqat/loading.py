@@ -78,7 +78,8 @@ def load_quantized(
     ``path``: a finished run folder, its ``model/``, or a GPTQ-v2 export. ``device`` defaults
     to CUDA when present; ``dtype`` to fp16 on CUDA and fp32 on the CPU. ``fuse`` merges each
     layer's q/k/v and gate/up into one packed matmul apiece (fewer, larger launches per decode
-    step; see :mod:`efficientqat.fused_projections`); ``state_dict()`` still reads unfused.
+    step; see :mod:`efficientqat.fused_projections`); ``state_dict()`` still reads unfused. Pass
+    ``fuse=False`` for tools that wrap single projections (LoRA adapters on ``q_proj``, say).
     """
     model = _load_unfused(path, device, dtype)
     if fuse:
