@@ -27,7 +27,8 @@ kernel at 3 bits.
 
 Triton emits no ``fma.f16x2`` or ``prmt`` on packed registers, so :func:`fma_h2` and :func:`prmt`
 are inline PTX on the GPU and emulations (unpack, fp16 arithmetic, repack; byte moves) under the
-CPU interpreter, which cannot run assembly (``EMULATE``). Everything else is written once, in plain Triton, and checked on the CPU.
+CPU interpreter, which cannot run assembly (``EMULATE``). Everything else is written once, in
+plain Triton, and checked on the CPU.
 """
 
 from __future__ import annotations

@@ -355,13 +355,17 @@ def pdl_supported(device: torch.device) -> bool:
             and torch.cuda.get_device_capability(device) >= (9, 0))
 
 
+def launch_twins(cfg: Config, pdl: bool) -> list[Config]:
+    """``cfg`` reducing split-K in the kernel (``fixup``, where it splits K), and with ``pdl`` the
+    same under programmatic dependent launch."""
+    fixed = replace(cfg, fixup=cfg.split_k > 1)
+    return [fixed] + ([replace(fixed, pdl=True)] if pdl else [])
+
+
 def with_launch_variants(cands: list[Config], pdl: bool, lead: int = 2) -> list[Config]:
-    """Decode candidates, then twins of the ``lead`` first (the tables are ordered best first)
-    that reduce split-K in the kernel (``fixup``: one launch, no memset) and, with ``pdl``, the
-    same under programmatic dependent launch: the tuner keeps them only if they time faster."""
-    twins = []
-    for c in cands[:lead]:
-        twins += [replace(c, fixup=c.split_k > 1)] + ([replace(c, fixup=c.split_k > 1, pdl=True)] if pdl else [])
+    """Decode candidates, then the :func:`launch_twins` of the ``lead`` first (the tables are
+    ordered best first): the tuner keeps them only if they time faster."""
+    twins = [t for c in cands[:lead] for t in launch_twins(c, pdl)]
     return list(dict.fromkeys(cands + [t for t in twins if t.fixup or t.pdl]))
 
 

@@ -88,8 +88,8 @@ def kernel_name(cfg: tuning.Config) -> str:
 def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tuning.Config]:
     """``cfg`` as each wanted write-back / launch: ``plain`` (memset + atomics), ``fixup`` (split-K
     reduced in the kernel), ``pdl`` (fixup where split-K, and programmatic dependent launch)."""
-    out = {"plain": cfg, "fixup": tuning.replace(cfg, fixup=cfg.split_k > 1),
-           "pdl": tuning.replace(cfg, fixup=cfg.split_k > 1, pdl=pdl)}
+    twins = tuning.launch_twins(cfg, pdl)
+    out = {"plain": cfg, "fixup": twins[0], "pdl": twins[-1]}
     return list(dict.fromkeys(out[w] for w in wanted))
 
 
