@@ -11,6 +11,13 @@ all split-K), ``gemm`` (M > 16), ``backward`` (input and scale gradients), ``aut
 by M and the autograd Function), ``tuning`` (candidates, timing, the json config cache).
 """
 
-from .autograd import DequantMatmulFn, check_supported, dequant_linear, is_supported, unpack_zeros
+# With the repository root on sys.path (``python -m efficientqat.blockap`` run from it, or
+# PYTHONPATH=$PWD), this folder is also importable as a top-level ``kernels``, the name of the
+# Hugging Face hub-kernels package, and ``import transformers`` imports it to look for a version.
+# Loaded under that name it stays an empty package: a second copy of the modules would register
+# the ``efficientqat::dequant_matmul`` operator again (compiled models then launch the copy, with
+# its own tuning memo, cache writer and split-K workspaces).
+if __name__ == "efficientqat.kernels":
+    from .autograd import DequantMatmulFn, check_supported, dequant_linear, is_supported, unpack_zeros
 
-__all__ = ["DequantMatmulFn", "check_supported", "dequant_linear", "is_supported", "unpack_zeros"]
+    __all__ = ["DequantMatmulFn", "check_supported", "dequant_linear", "is_supported", "unpack_zeros"]
