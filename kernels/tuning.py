@@ -102,8 +102,14 @@ class ConfigCache:
             return None
 
     def put(self, key: str, cfg: Config) -> None:
+        """Merge into what the file holds now: other processes (ranks, a parallel sweep) may
+        have written entries since this one read it."""
         with self._lock:
             entries = self._load()
+            try:
+                entries.update({k: v for k, v in json.loads(self._path.read_text()).items() if k not in entries})
+            except (OSError, ValueError):
+                pass
             entries[key] = asdict(cfg)
             path = self._path
             try:

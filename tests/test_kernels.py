@@ -206,6 +206,17 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
     assert tuning.m_bucket(1) == 1 and tuning.m_bucket(5) == 8 and tuning.m_bucket(2048) == 2048
 
 
+def test_config_cache_keeps_entries_another_process_wrote(tmp_path, monkeypatch):
+    monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
+    ours, theirs = tuning.ConfigCache(), tuning.ConfigCache()
+    assert ours.get("dev|a") is None and theirs.get("dev|b") is None  # both read the empty file
+    a, b = tuning.Config(16, 128, 64, 4, 4, 3), tuning.Config(1, 256, 32, 8, 4, 1)
+    theirs.put("dev|b", b)
+    ours.put("dev|a", a)
+    fresh = tuning.ConfigCache()
+    assert fresh.get("dev|a") == a and fresh.get("dev|b") == b
+
+
 def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
     """The candidate lists are built once per key, not on every layer call (hot-path cost)."""
     monkeypatch.setattr(tuning, "_MEMO", {})
