@@ -15,6 +15,10 @@ model it measures
 * prefill tokens/s: one forward over ``--prefill`` tokens at batch 1;
 * model memory: bytes of parameters and buffers (packed weights + scales + zeros + the rest).
 
+With ``--profile`` the timed decode steps are profiled once more: device time per kernel family
+(our packed matmuls, cuBLAS, attention, fused elementwise, ...) against the step's wall time
+(``step_profile.py``), which says whether a missed speed-up is in our kernels or around them.
+
 Raw rows go to ``<out>/bench_generate.json`` with the kernel configurations the run launched
 (tiles, in-kernel split-K reduction, programmatic dependent launch, by layer shape and M); the
 table with speed-ups over FP16 is printed.
@@ -32,6 +36,7 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import make_layer  # noqa: E402  (also makes efficientqat.kernels importable)
+from step_profile import format_profile, profile_steps  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -148,6 +153,9 @@ def bench_model(label: str, model: nn.Module, args: argparse.Namespace, device: 
         mode = ("compiled+" if args.compile else "") + ("cuda_graph" if graphed else "eager")
         row["decode"][batch] = {"tokens_per_s": batch * args.decode_tokens / seconds, "mode": mode,
                                 "setup_s": setup_s}
+        if args.profile:
+            row["decode"][batch]["profile"] = profile_steps(step.run, args.decode_tokens, device)
+            print(format_profile(f"{label} decode b{batch}", row["decode"][batch]["profile"]), flush=True)
         del step
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
     with torch.no_grad():
@@ -182,6 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile the decode steps once: device time per kernel family")
     args = p.parse_args(argv)
     if args.tiny:
         args.decode_tokens, args.prefill, args.iters = min(args.decode_tokens, 4), min(args.prefill, 16), 1

@@ -209,11 +209,31 @@ def test_bench_generate_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64"])
+    rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64",
+                       "--profile"])
     assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
     assert all(r["decode"][b]["tokens_per_s"] > 0 for r in rows for b in (1, 2))
     data = json.loads((tmp_path / "bench_generate.json").read_text())
     assert data["rows"][1]["model"] == "w2g64" and data["fused"] and isinstance(data["kernel_configs"], dict)
+    for row in rows:
+        prof = row["decode"][1]["profile"]
+        assert 0 < prof["kernel_us_per_step"] <= 1.05 * prof["wall_us_per_step"]
+        assert abs(sum(prof["us_per_step"].values()) - prof["kernel_us_per_step"]) < 1e-6 * prof["kernel_us_per_step"] + 1e-9
+        assert prof["top_kernels"] and prof["top_kernels"][0]["us"] >= prof["top_kernels"][-1]["us"]
+
+
+def test_step_profile_sorts_kernel_names_into_families():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
+    from step_profile import family
+
+    assert family("_dq_gemv_half2_kernel") == "packed matmul (ours)"
+    assert family("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused elementwise (inductor)"
+    assert family("sm90_xmma_gemm_f16f16_f16f32_f32_nn_n_tilesize64x64x64") == "cuBLAS / CUTLASS matmul"
+    assert family("void pytorch_flash::flash_fwd_splitkv_kernel<...>") == "attention"
+    assert family("Memset (Device)") == "torch elementwise (memset, copies, casts)"
+    assert family("ncclKernel_AllReduce") == "other"
 
 
 def test_lm_eval_on_a_local_task(tmp_path, tokenizer):
