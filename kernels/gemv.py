@@ -109,14 +109,36 @@ def _dq_gemv1_kernel(
 
 
 @triton.jit
+def _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC: tl.constexpr, XPW: tl.constexpr):
+    """x of ``chunks`` as a tuple of ``VPC / XPW`` int64 ``[BLOCK_M, len(chunks)]`` tiles: tile
+    ``t`` holds values ``t XPW .. (t + 1) XPW - 1`` of each chunk (masked rows and chunks read 0)."""
+    rows = x_ptr.to(tl.pointer_type(tl.int64)) + offs_m[:, None] * stride_xw + (chunks * (VPC // XPW))[None, :]
+    words = ()
+    for t in tl.static_range(VPC // XPW):
+        words = words + (tl.load(rows + t, mask=mask_x, other=0),)
+    return words
+
+
+@triton.jit
+def _x_slot(x_words, J: tl.constexpr, XPW: tl.constexpr, dtype: tl.constexpr):
+    """Value ``J`` of every chunk from :func:`_x_chunk_words`' tiles, as ``dtype``."""
+    BITS: tl.constexpr = 64 // XPW
+    field = (x_words[J // XPW] >> (BITS * (J % XPW))) & ((1 << BITS) - 1)
+    if BITS == 16:
+        return field.to(tl.int16).to(dtype, bitcast=True)
+    else:
+        return field.to(tl.int32).to(dtype, bitcast=True)
+
+
+@triton.jit
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_g, stride_ym,
+    stride_xw, stride_qk, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
-    FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
+    FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -127,6 +149,12 @@ def _dq_gemv_tc_kernel(
     weight) and scale and zero point are applied once per step to the float32 partial sum,
     ``s (sum x q - z sum x)`` with ``sum x q = (sum x f - sum x) 2^b``. Otherwise every weight
     is dequantized before its dot (one more FMA per weight).
+
+    x is read as 64-bit words (``XPW`` values each, ``stride_xw`` words a row): one
+    ``[BLOCK_M, BLOCK_C]`` tile per word of a chunk, from which each slot's x operand is a
+    shift and mask. Being elementwise on a loaded tile, that goes to the tensor cores' operand
+    layout through shared memory once per word, not once per slot (a gather per slot cost a
+    shared-memory round trip and a barrier for each of the 8-32 slots of a step).
 
     Without ``EVEN_K`` the last step is ragged (3-bit K = 11008: 344 chunks, steps of 16): its
     missing chunks read zero words and zero x, and never fold (a folded step ends a group)."""
@@ -152,12 +180,12 @@ def _dq_gemv_tc_kernel(
             mask_x = mask_x & (chunks < K // VPC)[None, :]
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_first[None, :]
+        x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
         if FOLD_SCALES:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_tot = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
             for j in tl.static_range(VPC):
-                xj = tl.load(x_ptrs + j, mask=mask_x, other=0.0)
+                xj = _x_slot(x_words, j, XPW, dtype)
                 f = slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS).to(dtype)
                 part = tl.dot(xj, f, part, input_precision=DOT_PREC)
                 x_tot += xj.to(tl.float32)
@@ -172,7 +200,7 @@ def _dq_gemv_tc_kernel(
             s_mul = s * (1 << BITS)
             s_add = -(1.0 + z * (1.0 / (1 << BITS))) * s_mul
             for j in tl.static_range(VPC):
-                xj = tl.load(x_ptrs + j, mask=mask_x, other=0.0)
+                xj = _x_slot(x_words, j, XPW, dtype)
                 w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
                 acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
@@ -215,15 +243,17 @@ def gemv_tc_forward(
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
     y, ws, count, fixup = decode_output(x, N, cfg)
+    if x.data_ptr() % 8 or x.stride(0) * x.element_size() % 8:  # the kernel reads x in 64-bit words
+        x = x.clone()
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_tc_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        x.stride(0) * x.element_size() // 8, qweight.stride(0), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
-        FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl,
+        FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
