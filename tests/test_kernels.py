@@ -482,6 +482,25 @@ def test_gpu_half2_matches_float64(bits, group, m):
         assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
 
 
+@pytest.mark.skipif(not GPU, reason="the compiled tensor-core kernel's 64-bit x loads need a GPU")
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64), (8, 128)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_tc_decode_matches_float64(bits, group, dtype):
+    """Every tensor-core decode tile at M = 2 and 16, x read as 64-bit words, including an x that
+    starts 2 bytes past an 8-byte boundary (copied first) and a ragged 3-bit K."""
+    from efficientqat.kernels.gemv import gemv_tc_forward
+
+    gen = torch.Generator().manual_seed(bits)
+    k = 11008 if bits == 3 else 4096
+    q, z, s, qw, zeros, scales, gl = rand_layer(1024, k, bits, group, gen, scale_dtype=dtype)
+    for m in (2, 16):
+        flat = torch.randn(m * k + 1, generator=gen).to(DEV, dtype)
+        for x in (flat[:-1].view(m, k), flat[1:].view(m, k)):
+            ref = reference(x, q, z, scales, gl)[0]
+            for cfg in tuning.gemv_tc_candidates(1024, k, bits):
+                assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 def test_gpu_capture_without_a_workspace_falls_back(monkeypatch):
     """A fixup launch first seen inside a graph capture allocates nothing there: it takes the
