@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+import triton
 
 from efficientqat.packing import chunk_values
 
 from .tiling import PDL_IN_TRITON, zero_workspaces
 
-CACHE_FILE = "kernel_configs.json"
+# Per Triton version: a new compiler changes which tiles are fastest (and which fit at all).
+CACHE_FILE = f"kernel_configs-triton{triton.__version__}.json"
 
 
 @dataclass(frozen=True)
