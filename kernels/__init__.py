@@ -7,8 +7,10 @@ Public entry points:
 * :func:`check_supported` / :func:`is_supported` - the shape rules (K, N, group multiples of 32).
 
 Files: ``unpack`` (in-kernel decode), ``gemv`` (M = 1 on CUDA cores; M <= 16 on tensor cores;
-all split-K), ``gemm`` (M > 16), ``backward`` (input and scale gradients), ``autograd`` (dispatch
-by M and the autograd Function), ``tuning`` (candidates, timing, the json config cache).
+all split-K), ``half2`` (M <= 8 on paired fp16), ``gemm`` (M > 16), ``dequant`` (decode to a
+workspace + cuBLAS), ``backward`` (input and scale gradients), ``tiling`` (shared write-back and
+launch helpers), ``autograd`` (dispatch by M and the autograd Function), ``candidates`` (the tiles
+each kernel may take), ``tuning`` (timing them, the json config cache).
 """
 
 # With the repository root on sys.path (``python -m efficientqat.blockap`` run from it, or

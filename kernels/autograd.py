@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from . import tuning
+from . import candidates, tuning
 from .backward import grad_input, grad_scales
 from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
@@ -74,9 +74,9 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     the paired-fp16 kernel's after them. Each family's leading tiles also come as twins that
     reduce split-K in the kernel and, on Hopper, use programmatic dependent launch."""
     sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
-    own = tuning.gemv1_candidates(N, K, bits, group, sms) if M == 1 else tuning.gemv_tc_candidates(N, K, bits)
-    paired = tuning.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
-    return tuning.with_launch_variants(own, pdl) + tuning.with_launch_variants(paired, pdl)
+    own = candidates.gemv1_candidates(N, K, bits, group, sms) if M == 1 else candidates.gemv_tc_candidates(N, K, bits)
+    paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
+    return candidates.with_launch_variants(own, pdl) + candidates.with_launch_variants(paired, pdl)
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -89,7 +89,7 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             _pick(gemv1_forward if M == 1 else gemv_tc_forward, tuning.HALF2, gemv_half2_forward), \
             "gemv1" if M == 1 else "gemv_tc"
     else:
-        cands, fn, name = lambda: tuning.gemm_candidates(M, N, K, group), \
+        cands, fn, name = lambda: candidates.gemm_candidates(M, N, K, group), \
             _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"
     args = (x, qweight, scales, zeros, bias, bits, group)
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
@@ -101,8 +101,8 @@ def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     M, N = dy.shape
     fn = _pick(grad_input, tuning.DENSE, dense_grad_input)
     args = (dy, qweight, scales, zeros, bits, group, K)
-    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group), lambda: tuning.grad_input_candidates(M, N, K, group),
-                        lambda c: fn(*args, cfg=c))
+    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group),
+                        lambda: candidates.grad_input_candidates(M, N, K, group), lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
 
 
@@ -112,8 +112,8 @@ def backward_scales_2d(x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor,
     N = dy.shape[1]
     fn = _pick(grad_scales, tuning.DENSE, dense_grad_scales)
     args = (x, dy, qweight, zeros, bits, group)
-    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group), lambda: tuning.grad_scales_candidates(M, N, K, group),
-                        lambda c: fn(*args, cfg=c))
+    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group),
+                        lambda: candidates.grad_scales_candidates(M, N, K, group), lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
 
 

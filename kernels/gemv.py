@@ -76,7 +76,7 @@ def _dq_gemv1_kernel(
     ``PREFETCH`` (variant 1) issues the next step's word loads before the current step's
     arithmetic (a register double buffer, two tiles of DRAM requests per program). It costs
     registers: on an H200 it lost at 8192^2 and won some smaller/taller layers, so the tuner
-    decides (``tuning.GEMV1_TABLE``).
+    decides (``candidates.GEMV1_TABLE``).
     """
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC

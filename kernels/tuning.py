@@ -1,4 +1,4 @@
-"""Tile-configuration choice: candidate lists, on-GPU timing, and a json cache on disk.
+"""Tile-configuration choice: on-GPU timing of the candidates (``candidates.py``) and a json cache on disk.
 
 Triton's ``@triton.autotune`` re-times every process start and (under ``TRITON_INTERPRET=1``)
 cannot run more than one config, so the kernels here take their tile sizes as plain
@@ -8,7 +8,7 @@ constexprs and this module picks them:
   sound default) is used without timing;
 * on a GPU every valid candidate is timed once per key (CUDA-graph replays with the L2
   flushed before each call, see ``_time_ms``) and the winner is stored in
-  ``<dir>/kernel_configs.json``, where ``<dir>`` is ``$EFFICIENTQAT_CACHE_DIR`` or
+  ``<dir>/kernel_configs-triton<version>.json``, where ``<dir>`` is ``$EFFICIENTQAT_CACHE_DIR`` or
   ``~/.cache/efficientqat``. The key holds the device name, the
   kernel, M's bucket, N, K, bits, group and dtype, so a later run starts tuned.
 """
@@ -20,14 +20,12 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 import triton
-
-from efficientqat.packing import chunk_values
 
 from .tiling import PDL_IN_TRITON, zero_workspaces
 
@@ -145,6 +143,14 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+@functools.lru_cache(maxsize=None)
+def pdl_supported(device: torch.device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0 on, a Triton that launches with it,
+    compiled kernels (not the CPU interpreter)."""
+    return (PDL_IN_TRITON and not interpreting() and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) >= (9, 0))
+
+
 def make_key(kernel: str, device: torch.device, **fields: object) -> str:
     return "|".join([device_name(device), kernel] + [f"{k}={v}" for k, v in fields.items()])
 
@@ -250,178 +256,3 @@ def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[
         CACHE.put(key, cfg)
     _MEMO[key] = cfg
     return cfg
-
-
-def _fits(group: int, block_k: int, K: int) -> bool:
-    return block_k <= group and group % block_k == 0 and K % block_k == 0
-
-
-def _fit_k(block_k: int, group: int, K: int) -> int:
-    """Halve ``block_k`` until one K step lies inside one group (32 always does: checked upstream)."""
-    while block_k > 32 and not _fits(group, block_k, K):
-        block_k //= 2
-    return block_k
-
-
-def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
-    """M > 16 forward. Larger tiles for larger M; split-K for mid M with few output tiles."""
-    table = [
-        (128, 128, 64, 1, 8, 3), (128, 256, 64, 1, 8, 3), (64, 128, 64, 1, 4, 4), (128, 128, 32, 1, 4, 4),
-        (256, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4), (64, 256, 64, 1, 8, 3), (128, 128, 128, 1, 8, 2),
-    ]
-    if M <= 256:
-        table = [
-            (32, 128, 128, 4, 4, 3), (64, 128, 64, 2, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 128, 4, 4, 3),
-            (16, 128, 128, 8, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (32, 256, 64, 4, 8, 3),
-        ]
-    out = []
-    for bm, bn, bk, split, warps, stages in table:
-        bk = _fit_k(bk, group, K)
-        split = max(1, min(split, K // bk))
-        if _fits(group, bk, K):
-            out.append(Config(bm, bn, bk, split, warps, stages))
-    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1) for c in out[:4]]
-    if M > 256:  # W as the register (A) operand of wgmma: tiles that compile without spills
-        for bm, bn, bk, warps, stages in [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4)]:
-            bk = _fit_k(bk, group, K)
-            if _fits(group, bk, K):
-                out.append(Config(bm, bn, bk, 1, warps, stages, 2))
-    return _with_dense(list(dict.fromkeys(out)), M)
-
-
-def _with_dense(fused: list[Config], M: int) -> list[Config]:
-    """Add the decode + cuBLAS path: first (the untuned default) for large M, where only the
-    three leading fused tiles stay as challengers (on an H200 the best fused GEMMs took 2.0-2.2x
-    its time at M >= 2048, so timing all of them would only add minutes of compilation), else last."""
-    return [DENSE_CONFIG] + fused[:3] if M >= DENSE_FIRST_M else fused + [DENSE_CONFIG]
-
-
-def grad_input_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
-    table = [
-        (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4),
-        (256, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4),
-    ]
-    out = []
-    for bm, bn, bk, warps, stages in table:
-        bk = _fit_k(bk, group, K)
-        if _fits(group, bk, K):
-            out.append(Config(bm, bn, bk, 1, warps, stages))
-    return _with_dense(list(dict.fromkeys(out)), M)
-
-
-def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
-    table = [
-        (64, 128, 128, 8, 3), (32, 128, 128, 8, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
-        (32, 256, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 64, 4, 4),
-    ]
-    out = []
-    for bm, bn, bk, warps, stages in table:
-        ok = K % bk == 0 and ((bk <= group and group % bk == 0) or (bk % group == 0 and (group & (group - 1)) == 0))
-        if ok:
-            out.append(Config(bm, bn, bk, 1, warps, stages))
-        elif K % 32 == 0 and group % 32 == 0:
-            out.append(Config(bm, bn, 32, 1, warps, stages))
-    return _with_dense(list(dict.fromkeys(out)), M)
-
-
-GEMV1_TABLE = [
-    # (BLOCK_N, warps, BLOCK_C, programs per SM, variant (1: prefetch), pipeline stages), H200:
-    # the best tiles of pipelines/sweep_decode.py at 8192^2 (w4g128, w3g128, w2g64) and
-    # 28672x8192 (the only shape where a pipelined loop won, by 2%), and of the previous
-    # candidate list at 4096^2.
-    # BLOCK_N >= 128 * warps puts every thread on 4-column vectors of all BLOCK_C rows, so the
-    # per-step row sums stay in-thread; BLOCK_C shrinks to fit the group (w2g64, w3g128: 4).
-    (2048, 8, 16, 2, 0, 1), (1024, 2, 4, 4, 0, 1), (512, 2, 4, 4, 0, 1), (2048, 8, 8, 2, 0, 1),
-    (1024, 4, 8, 2, 0, 1), (512, 4, 4, 4, 1, 1), (1024, 8, 4, 2, 1, 1), (512, 4, 8, 4, 1, 1),
-    (512, 2, 8, 4, 0, 3),
-]
-
-
-def gemv1_candidates(N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
-    """M = 1 CUDA-core kernel; ``block_k`` holds BLOCK_C (packed chunks per step, one step inside
-    one group), ``split_k`` is sized so the grid gives each of ``sms`` SMs the table's programs,
-    ``variant`` 1 prefetches the next step's words, ``num_stages`` > 1 pipelines the step loop."""
-    out = [gemv1_config(N, K, bits, group, sms, *row) for row in GEMV1_TABLE]
-    return list(dict.fromkeys(c for c in out if c is not None))
-
-
-HALF2_TABLE = [
-    # (BLOCK_N at M = 1, warps, BLOCK_C, programs per SM). H200, pipelines/sweep_decode.py at
-    # 8192^2, M = 1: the best w4g128 tile (13.4 us against 16.0 for the float32 kernel), the best
-    # w2g64 one (12.3 against 15.8), the runner-up; then the best at M = 4 (as 512 columns,
-    # 28.5 us against 31.7 for the tensor-core kernel). BLOCK_N shrinks with the rows so that a
-    # thread's fp16 sums (rows x columns registers) stay at 16.
-    (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2),
-]
-
-
-@functools.lru_cache(maxsize=None)
-def pdl_supported(device: torch.device) -> bool:
-    """Programmatic dependent launch: compute capability 9.0 on, a Triton that launches with it,
-    compiled kernels (not the CPU interpreter)."""
-    return (PDL_IN_TRITON and not interpreting() and device.type == "cuda"
-            and torch.cuda.get_device_capability(device) >= (9, 0))
-
-
-def launch_twins(cfg: Config, pdl: bool) -> list[Config]:
-    """``cfg`` reducing split-K in the kernel (``fixup``, where it splits K), and with ``pdl`` the
-    same under programmatic dependent launch."""
-    fixed = replace(cfg, fixup=cfg.split_k > 1)
-    return [fixed] + ([replace(fixed, pdl=True)] if pdl else [])
-
-
-def with_launch_variants(cands: list[Config], pdl: bool, lead: int = 2) -> list[Config]:
-    """Decode candidates, then the :func:`launch_twins` of the ``lead`` first (the tables are
-    ordered best first): the tuner keeps them only if they time faster."""
-    twins = [t for c in cands[:lead] for t in launch_twins(c, pdl)]
-    return list(dict.fromkeys(cands + [t for t in twins if t.fixup or t.pdl]))
-
-
-def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
-    """Paired-fp16 kernel (fp16 x, 2/4-bit codes, M <= 8; empty otherwise), for the tuner to set
-    after the measured kernels of the same M; ``block_m`` is M rounded up to a power of two."""
-    if bits not in HALF2_BITS or M > 8:
-        return []
-    block_m = m_bucket(M)
-    out = []
-    for block_n, warps, block_c, per_sm in HALF2_TABLE:
-        block_n = max(32 * warps, block_n // block_m)
-        cfg = gemv1_config(N, K, bits, group, sms, block_n, warps, block_c, per_sm, HALF2, 1)
-        if cfg is not None:
-            out.append(replace(cfg, block_m=block_m))
-    return list(dict.fromkeys(out))
-
-
-def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, warps: int, block_c: int,
-                 per_sm: int, variant: int, stages: int) -> Config | None:
-    """One M = 1 tile for this layer: BLOCK_C halved until a step fits inside a group (and to 4
-    for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM,
-    ``stages`` > 1 software-pipelines the step loop (cp.async ring in shared memory).
-    None where no step fits a group."""
-    vpc = chunk_values(bits)
-    while block_c > 1 and (group % (block_c * vpc) or bits == 3 and block_c > 4):
-        block_c //= 2
-    if group % (block_c * vpc):
-        return None
-    split = max(1, min(K // (block_c * vpc), round(per_sm * sms / -(-N // block_n))))
-    return Config(1, block_n, block_c, split, warps, stages, variant)
-
-
-GEMV_TC_TABLE = [
-    # (BLOCK_N, BLOCK_C, split-K, warps, stages). H200, pipelines/sweep_decode.py at 8192^2, M = 4
-    # and 16: the best w4g128 tiles (steps fold scales, 256 columns), then w2g64 / w3g128 (128).
-    (256, 16, 8, 4, 3), (256, 16, 32, 4, 2), (256, 16, 8, 8, 3), (128, 16, 8, 4, 2),
-    (128, 16, 4, 4, 2), (128, 16, 16, 4, 2), (64, 16, 8, 4, 2), (128, 32, 4, 4, 2),
-]
-
-
-def gemv_tc_candidates(N: int, K: int, bits: int) -> list[Config]:
-    """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
-    the dot depth). Any K: a last step short of BLOCK_C chunks is masked; split-K is capped at
-    the step count."""
-    vpc = chunk_values(bits)
-    out = []
-    for bn, bc, split, warps, stages in GEMV_TC_TABLE:
-        steps = -(-K // (bc * vpc))
-        out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
-    return list(dict.fromkeys(out))

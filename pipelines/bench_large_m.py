@@ -3,7 +3,7 @@
     python3 pipelines/bench_large_m.py --out DIR [--ms 2048,8192]
 
 For each layer and M (bf16) it times, as the median of CUDA events: the forward (best fused tile
-of ``tuning.gemm_candidates``, the dense path, the decode alone, cuBLAS ``x @ W.T``), the input
+of ``candidates.gemm_candidates``, the dense path, the decode alone, cuBLAS ``x @ W.T``), the input
 gradient (fused vs dense vs cuBLAS ``dy @ W``) and the scale gradient (fused vs dense vs the
 cuBLAS weight gradient ``dy.T @ x`` it replaces), and checks that both paths agree. These are
 the numbers behind the tuner's default for M >= ``tuning.DENSE_FIRST_M``.
@@ -21,7 +21,7 @@ from bench_kernels import event_median_ms, make_layer  # noqa: E402
 
 import torch  # noqa: E402
 
-from efficientqat.kernels import dequant, tuning  # noqa: E402
+from efficientqat.kernels import candidates, dequant, tuning  # noqa: E402
 from efficientqat.kernels.backward import grad_input, grad_scales  # noqa: E402
 from efficientqat.kernels.gemm import gemm_forward  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
@@ -55,9 +55,9 @@ def bench(n: int, k: int, quant: str, m: int) -> dict:
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
     us = lambda fn: event_median_ms(fn, 10) * 1e3  # noqa: E731
-    fwd_ms, fwd_cfg = best_fused(tuning.gemm_candidates(m, n, k, group), lambda c: gemm_forward(x, qw, s, z, None, bits, group, c))
-    dx_ms, _ = best_fused(tuning.grad_input_candidates(m, n, k, group), lambda c: grad_input(dy, qw, s, z, bits, group, k, c))
-    ds_ms, ds_cfg = best_fused(tuning.grad_scales_candidates(m, n, k, group), lambda c: grad_scales(x, dy, qw, z, bits, group, c))
+    fwd_ms, fwd_cfg = best_fused(candidates.gemm_candidates(m, n, k, group), lambda c: gemm_forward(x, qw, s, z, None, bits, group, c))
+    dx_ms, _ = best_fused(candidates.grad_input_candidates(m, n, k, group), lambda c: grad_input(dy, qw, s, z, bits, group, k, c))
+    ds_ms, ds_cfg = best_fused(candidates.grad_scales_candidates(m, n, k, group), lambda c: grad_scales(x, dy, qw, z, bits, group, c))
     dense = tuning.DENSE_CONFIG
     return dict(
         n=n, k=k, quant=quant, m=m,

@@ -1,5 +1,5 @@
 """Sweep the decode kernels' tiles (M = 1..16) on one layer shape: the data behind
-``tuning.GEMV1_TABLE`` and ``tuning.GEMV_TC_TABLE``.
+``candidates.GEMV1_TABLE`` and ``candidates.GEMV_TC_TABLE``.
 
     python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128,w3g128,w2g64 --m 1,16 --out DIR
 
@@ -28,7 +28,7 @@ from bench_kernels import copy_bandwidth, graph_median_ms, make_layer  # noqa: E
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from efficientqat.kernels import tuning  # noqa: E402
+from efficientqat.kernels import candidates, tuning  # noqa: E402
 from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward  # noqa: E402
 from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
 from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
@@ -52,13 +52,13 @@ def pipelines(cfg: tuning.Config, k: int, bits: int) -> bool:
 def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tuning.Config], list[tuning.Config]]:
     """The tuner's tiles (the reference; fp16 x, so with the paired-fp16 ones where they apply),
     then every paired-fp16 and every pipelined tile."""
-    table = tuning.gemv1_candidates(n, k, bits, group, sms) + tuning.half2_candidates(1, n, k, bits, group, sms)
+    table = candidates.gemv1_candidates(n, k, bits, group, sms) + candidates.half2_candidates(1, n, k, bits, group, sms)
     paired = itertools.product(GEMV1_TILES + [(2048, 4), (4096, 8)], [4, 8, 16], [1, 2, 4]) \
         if bits in tuning.HALF2_BITS else []
     piped = itertools.product(GEMV1_TILES, [4, 8, 16], [1, 2, 4], [2, 3, 4])
-    rest = [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, tuning.HALF2, 1)
+    rest = [candidates.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, tuning.HALF2, 1)
             for (bn, warps), bc, per_sm in paired]
-    rest += [tuning.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, 0, st)
+    rest += [candidates.gemv1_config(n, k, bits, group, sms, bn, warps, bc, per_sm, 0, st)
              for (bn, warps), bc, per_sm, st in piped]
     rest = [c for c in rest if c is not None and c not in table and pipelines(c, k, bits)]
     return table, list(dict.fromkeys(rest))
@@ -70,8 +70,8 @@ def tc_grid(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[tun
     steps = -(-k // (16 * chunk_values(bits)))
     swept = [tuning.Config(16, bn, 16, min(split, steps), warps, stages)
              for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4]
-    paired = tuning.half2_candidates(m, n, k, bits, group, sms) if m > 1 else []
-    return list(dict.fromkeys(tuning.gemv_tc_candidates(n, k, bits) + swept + paired))
+    paired = candidates.half2_candidates(m, n, k, bits, group, sms) if m > 1 else []
+    return list(dict.fromkeys(candidates.gemv_tc_candidates(n, k, bits) + swept + paired))
 
 
 def launcher(cfg: tuning.Config):
@@ -88,7 +88,7 @@ def kernel_name(cfg: tuning.Config) -> str:
 def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tuning.Config]:
     """``cfg`` as each wanted write-back / launch: ``plain`` (memset + atomics), ``fixup`` (split-K
     reduced in the kernel), ``pdl`` (fixup where split-K, and programmatic dependent launch)."""
-    twins = tuning.launch_twins(cfg, pdl)
+    twins = candidates.launch_twins(cfg, pdl)
     out = {"plain": cfg, "fixup": twins[0], "pdl": twins[-1]}
     return list(dict.fromkeys(out[w] for w in wanted))
 

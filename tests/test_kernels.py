@@ -9,6 +9,8 @@ Every launch writes into NaN-poisoned buffers, so any output element the kernel 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -24,7 +26,7 @@ except ImportError:
     efficientqat.__path__.append(str(pathlib.Path(__file__).resolve().parents[1]))
 
 from efficientqat.kernels import DequantMatmulFn, check_supported, dequant_linear, unpack_zeros  # noqa: E402
-from efficientqat.kernels import tuning  # noqa: E402
+from efficientqat.kernels import candidates, tuning  # noqa: E402
 from efficientqat.packing import chunk_values, pack_qweight, pack_qzeros  # noqa: E402
 from efficientqat.qlinear import PackedLinear  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
@@ -234,14 +236,14 @@ def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
 
 def test_candidates_respect_groups():
     for group in (32, 64, 128, 4096):
-        for cands in (tuning.gemm_candidates(64, 4096, 4096, group),
-                      tuning.gemm_candidates(4096, 4096, 4096, group),
-                      tuning.grad_input_candidates(4096, 4096, 4096, group)):
+        for cands in (candidates.gemm_candidates(64, 4096, 4096, group),
+                      candidates.gemm_candidates(4096, 4096, 4096, group),
+                      candidates.grad_input_candidates(4096, 4096, 4096, group)):
             fused = [c for c in cands if c.variant != tuning.DENSE]
             assert fused and all(group % c.block_k == 0 and 4096 % c.block_k == 0 for c in fused)
         for bits in (2, 3, 4, 8):  # M = 1: one step (BLOCK_C chunks) never leaves its group
             vpc = chunk_values(bits)
-            cands = tuning.gemv1_candidates(8192, 4096, bits, group)
+            cands = candidates.gemv1_candidates(8192, 4096, bits, group)
             assert cands and all(group % (c.block_k * vpc) == 0 for c in cands)
             assert all(1 <= c.split_k <= 4096 // (c.block_k * vpc) for c in cands)
 
@@ -325,10 +327,10 @@ def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
 
 def test_launch_variants_twin_the_leading_tiles():
     base = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 512, 4, 1, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
-    assert tuning.with_launch_variants(base, pdl=False) == base + [tuning.replace(base[0], fixup=True)]
-    assert tuning.with_launch_variants(base, pdl=True) == base + [
-        tuning.replace(base[0], fixup=True), tuning.replace(base[0], fixup=True, pdl=True),
-        tuning.replace(base[1], pdl=True)]
+    assert candidates.with_launch_variants(base, pdl=False) == base + [replace(base[0], fixup=True)]
+    assert candidates.with_launch_variants(base, pdl=True) == base + [
+        replace(base[0], fixup=True), replace(base[0], fixup=True, pdl=True),
+        replace(base[1], pdl=True)]
 
 
 @pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
@@ -433,10 +435,10 @@ def test_half2_takes_only_fp16_and_2_to_4_bits():
         x = torch.randn(m, 256, generator=gen).to(DEV, dtype)
         with pytest.raises(ValueError, match="paired-fp16 kernel takes fp16 x of at most 1 rows"):
             gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg)
-    assert tuning.half2_candidates(1, 8192, 8192, 8, 128) == [] and tuning.half2_candidates(9, 8192, 8192, 4, 128) == []
+    assert candidates.half2_candidates(1, 8192, 8192, 8, 128) == [] and candidates.half2_candidates(9, 8192, 8192, 4, 128) == []
     for bits in (2, 3, 4):
         for m in (1, 2, 5, 8):
-            cands = tuning.half2_candidates(m, 8192, 8192, bits, 128)
+            cands = candidates.half2_candidates(m, 8192, 8192, bits, 128)
             assert cands and all(c.variant == tuning.HALF2 and c.block_m == tuning.m_bucket(m) for c in cands)
             assert all(c.block_n * c.block_m <= 4096 and 128 % (c.block_k * chunk_values(bits)) == 0 for c in cands)
 
@@ -478,7 +480,7 @@ def test_gpu_half2_matches_float64(bits, group, m):
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
     pdl = tuning.pdl_supported(x.device)
-    for cfg in tuning.with_launch_variants(tuning.half2_candidates(m, 4096, 4096, bits, gl), pdl, lead=4):
+    for cfg in candidates.with_launch_variants(candidates.half2_candidates(m, 4096, 4096, bits, gl), pdl, lead=4):
         assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
 
 
@@ -497,7 +499,7 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
         flat = torch.randn(m * k + 1, generator=gen).to(DEV, dtype)
         for x in (flat[:-1].view(m, k), flat[1:].view(m, k)):
             ref = reference(x, q, z, scales, gl)[0]
-            for cfg in tuning.gemv_tc_candidates(1024, k, bits):
+            for cfg in candidates.gemv_tc_candidates(1024, k, bits):
                 assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
 
 
@@ -536,7 +538,7 @@ def test_gpu_chained_decode_launches(fixup, pdl):
     layers = [rand_layer(2048, 2048, 4, 128, gen, scale_dtype=torch.float16) for _ in range(3)]
     for m, launch, cfg in [(1, gemv1_forward, tuning.Config(1, 512, 16, 8, 4, 1)),
                            (4, gemv_tc_forward, tuning.Config(16, 128, 16, 8, 4, 2))]:
-        cfg = tuning.replace(cfg, fixup=fixup, pdl=pdl)
+        cfg = replace(cfg, fixup=fixup, pdl=pdl)
         x = torch.randn(m, 2048, generator=gen).to(DEV, torch.float16)
 
         def chain():
