@@ -234,6 +234,34 @@ def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
     assert first == again == tuning.Config(1, 32, 1, 1, 4, 1) and len(built) == 1
 
 
+def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch):
+    """One noisy first timing must not decide: A (truly 10) first reads 12 and B (truly 11) 11;
+    the three leaders are re-timed and ranked by their median, the rest timed once. A tile that
+    fails or computes something else never wins, however fast."""
+    monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache())
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
+    a, b, c, d, bad, wrong = (tuning.Config(1, n, 1, 1, 4, 1) for n in (32, 64, 128, 256, 512, 1024))
+    samples = {a: [12.0, 10.0, 10.0], b: [11.0, 11.0, 11.0], c: [20.0, 20.0, 20.0], d: [30.0, 30.0, 30.0],
+               wrong: [1.0, 1.0, 1.0]}
+    current = []
+
+    def run(cfg):
+        if cfg == bad:
+            raise RuntimeError("out of shared memory")
+        current[:] = [cfg]
+        return torch.ones(4) * (2.0 if cfg == wrong else 1.0)
+
+    def fake_time(fn, flush_ms):
+        fn()
+        return samples[current[0]].pop(0)
+
+    monkeypatch.setattr(tuning, "_time_ms", fake_time)
+    assert tuning.choose("cpu|test|m=1", lambda: [b, bad, d, c, wrong, a], run) == a
+    assert [len(samples[x]) for x in (a, b, c, d, wrong)] == [0, 0, 0, 2, 3]
+
+
 def test_candidates_respect_groups():
     for group in (32, 64, 128, 4096):
         for cands in (candidates.gemm_candidates(64, 4096, 4096, group),
