@@ -44,7 +44,8 @@ def _self_time_us(event) -> float:
 def profile_steps(run: Callable[[int], None], steps: int, device: torch.device, top: int = 12) -> dict:
     """Profile ``run(steps)`` once (after the caller's warm-up) and return, per step, the device
     microseconds of each kernel family, their sum, the wall time (the difference is launch gaps
-    and idle device), and the ``top`` kernels by time."""
+    and idle device), the number of kernels launched (what those gaps scale with), and the
+    ``top`` kernels by time."""
     import time
 
     from torch.profiler import ProfilerActivity, profile
@@ -60,24 +61,28 @@ def profile_steps(run: Callable[[int], None], steps: int, device: torch.device, 
             torch.cuda.synchronize(device)
         wall_us = (time.perf_counter() - start) * 1e6
     kernels: dict[str, float] = {}
+    launches = 0
     for avg in prof.key_averages():
         if on_gpu and str(getattr(avg, "device_type", "")).endswith("CPU"):
             continue
         us = (_self_time_us(avg) if on_gpu else float(avg.self_cpu_time_total)) / steps
         if us > 0:
             kernels[avg.key] = kernels.get(avg.key, 0.0) + us
+            launches += avg.count
     families: dict[str, float] = {}
     for name, us in kernels.items():
         families[family(name)] = families.get(family(name), 0.0) + us
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1])[:top]
     return {"us_per_step": dict(sorted(families.items(), key=lambda kv: -kv[1])),
             "kernel_us_per_step": sum(kernels.values()), "wall_us_per_step": wall_us / steps,
+            "launches_per_step": launches / steps,
             "top_kernels": [{"name": n[:120], "family": family(n), "us": us} for n, us in ranked]}
 
 
 def format_profile(label: str, prof: dict) -> str:
     """A few lines for the log: families with their share of the step's wall time."""
     wall = prof["wall_us_per_step"]
-    lines = [f"{label}: {wall:.0f} us per step, kernels {prof['kernel_us_per_step']:.0f} us"]
+    lines = [f"{label}: {wall:.0f} us per step, kernels {prof['kernel_us_per_step']:.0f} us "
+             f"in {prof['launches_per_step']:.0f} launches"]
     lines += [f"  {name}: {us:.0f} us ({us / wall:.0%})" for name, us in prof["us_per_step"].items()]
     return "\n".join(lines)

@@ -217,7 +217,7 @@ def test_bench_generate_smoke(tmp_path):
     assert data["rows"][1]["model"] == "w2g64" and data["fused"] and isinstance(data["kernel_configs"], dict)
     for row in rows:
         prof = row["decode"][1]["profile"]
-        assert 0 < prof["kernel_us_per_step"] <= 1.05 * prof["wall_us_per_step"]
+        assert 0 < prof["kernel_us_per_step"] <= 1.05 * prof["wall_us_per_step"] and prof["launches_per_step"] >= 1
         assert abs(sum(prof["us_per_step"].values()) - prof["kernel_us_per_step"]) < 1e-6 * prof["kernel_us_per_step"] + 1e-9
         assert prof["top_kernels"] and prof["top_kernels"][0]["us"] >= prof["top_kernels"][-1]["us"]
 
