@@ -516,7 +516,7 @@ def test_gpu_half2_matches_float64(bits, group, m):
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64), (8, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_tc_decode_matches_float64(bits, group, dtype):
-    """Every tensor-core decode tile at M = 2 and 16, x read as 64-bit words, including an x that
+    """The leading tensor-core decode tiles at M = 2 and 16, x read as 64-bit words, including an x that
     starts 2 bytes past an 8-byte boundary (copied first) and a ragged 3-bit K."""
     from efficientqat.kernels.gemv import gemv_tc_forward
 
@@ -527,7 +527,7 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
         flat = torch.randn(m * k + 1, generator=gen).to(DEV, dtype)
         for x in (flat[:-1].view(m, k), flat[1:].view(m, k)):
             ref = reference(x, q, z, scales, gl)[0]
-            for cfg in candidates.gemv_tc_candidates(1024, k, bits):
+            for cfg in candidates.gemv_tc_candidates(1024, k, bits)[:4]:  # compile time: the leading tiles
                 assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
 
 
