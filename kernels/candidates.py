@@ -22,6 +22,18 @@ def _fit_k(block_k: int, group: int, K: int) -> int:
     return block_k
 
 
+def _fitted(rows: list[tuple[int, ...]], group: int, K: int, variant: int = 0) -> list[Config]:
+    """Table rows ``(BLOCK_M, BLOCK_N, BLOCK_K, split-K, warps, stages)`` fitted to a layer:
+    BLOCK_K halved until a step lies inside one group, split-K capped at the step count; rows
+    that cannot fit are dropped."""
+    out = []
+    for bm, bn, bk, split, warps, stages in rows:
+        bk = _fit_k(bk, group, K)
+        if _fits(group, bk, K):
+            out.append(Config(bm, bn, bk, max(1, min(split, K // bk)), warps, stages, variant))
+    return out
+
+
 def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
     """M > 16 forward. Larger tiles for larger M; split-K for mid M with few output tiles."""
     table = [
@@ -33,22 +45,14 @@ def gemm_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
             (32, 128, 128, 4, 4, 3), (64, 128, 64, 2, 4, 4), (32, 64, 128, 4, 4, 4), (64, 64, 128, 4, 4, 3),
             (16, 128, 128, 8, 4, 3), (64, 128, 64, 1, 4, 4), (128, 128, 64, 1, 8, 3), (32, 256, 64, 4, 8, 3),
         ]
-    out = []
-    for bm, bn, bk, split, warps, stages in table:
-        bk = _fit_k(bk, group, K)
-        split = max(1, min(split, K // bk))
-        if _fits(group, bk, K):
-            out.append(Config(bm, bn, bk, split, warps, stages))
-    out += [Config(c.block_m, c.block_n, c.block_k, c.split_k, c.num_warps, c.num_stages, 1) for c in out[:4]]
+    out = _fitted(table, group, K)
+    out += [replace(c, variant=1) for c in out[:4]]
     # W as the register (A) operand of wgmma (variant 2): above 256 rows the tiles that compiled
     # without spills on an H200; up to 256, narrow token tiles split along K to fill the GPU
     # (untimed guesses the tuner keeps only if they beat the rest)
     wa_table = [(128, 128, 64, 1, 8, 3), (128, 128, 64, 1, 8, 4), (128, 128, 32, 1, 8, 4)] if M > 256 else \
         [(64, 128, 64, 4, 4, 3), (32, 128, 128, 4, 4, 3), (64, 128, 64, 2, 4, 4)]
-    for bm, bn, bk, split, warps, stages in wa_table:
-        bk = _fit_k(bk, group, K)
-        if _fits(group, bk, K):
-            out.append(Config(bm, bn, bk, max(1, min(split, K // bk)), warps, stages, 2))
+    out += _fitted(wa_table, group, K, variant=2)
     return _with_dense(list(dict.fromkeys(out)), M)
 
 
@@ -61,15 +65,10 @@ def _with_dense(fused: list[Config], M: int) -> list[Config]:
 
 def grad_input_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
     table = [
-        (128, 64, 128, 8, 3), (128, 128, 64, 8, 3), (64, 64, 128, 4, 4), (128, 64, 64, 4, 4),
-        (256, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 128, 64, 4, 4),
+        (128, 64, 128, 1, 8, 3), (128, 128, 64, 1, 8, 3), (64, 64, 128, 1, 4, 4), (128, 64, 64, 1, 4, 4),
+        (256, 64, 128, 1, 8, 3), (128, 128, 128, 1, 8, 2), (64, 128, 64, 1, 4, 4),
     ]
-    out = []
-    for bm, bn, bk, warps, stages in table:
-        bk = _fit_k(bk, group, K)
-        if _fits(group, bk, K):
-            out.append(Config(bm, bn, bk, 1, warps, stages))
-    return _with_dense(list(dict.fromkeys(out)), M)
+    return _with_dense(list(dict.fromkeys(_fitted(table, group, K))), M)
 
 
 def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:

@@ -11,6 +11,7 @@ smoke test) the profiler sees operators instead of kernels; the families then mo
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -46,8 +47,6 @@ def profile_steps(run: Callable[[int], None], steps: int, device: torch.device, 
     microseconds of each kernel family, their sum, the wall time (the difference is launch gaps
     and idle device), the number of kernels launched (what those gaps scale with), and the
     ``top`` kernels by time."""
-    import time
-
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = device.type == "cuda"
