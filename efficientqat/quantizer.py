@@ -14,6 +14,7 @@ inside the grid and q - z outside; dW^/dz = 0 inside the grid and -s outside.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,17 @@ class QuantSpec:
     @property
     def name(self) -> str:
         return f"w{self.bits}g{self.group_size if self.group_size > 0 else 'ch'}"
+
+    @classmethod
+    def from_name(cls, name: str) -> QuantSpec:
+        """Inverse of :attr:`name` ("w4g128", "w2g64", "w8gch"): how benchmarks and sweeps
+        take a setting on their command line."""
+        match = re.fullmatch(r"w(\d+)g(\d+|ch)", name.strip())
+        if match is None:
+            raise ConfigError(f"quantization setting '{name}' is not of the form wBITSgGROUP "
+                              "(e.g. w4g128, w2g64, or w4gch for per channel)")
+        group = match.group(2)
+        return cls(int(match.group(1)), -1 if group == "ch" else int(group))
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

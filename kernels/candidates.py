@@ -112,8 +112,10 @@ HALF2_TABLE = [
     # 8192^2, M = 1: the best w4g128 tile (13.4 us against 16.0 for the float32 kernel), the best
     # w2g64 one (12.3 against 15.8), the runner-up; then the best at M = 4 (as 512 columns,
     # 28.5 us against 31.7 for the tensor-core kernel). BLOCK_N shrinks with the rows so that a
-    # thread's fp16 sums (rows x columns registers) stay at 16.
-    (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2),
+    # thread's fp16 sums (rows x columns registers) stay at 16. Last, untimed: 512 columns, so
+    # that 4096-row layers (o_proj) get 4 programs per SM, where the float32 kernel's 512-column
+    # tile with fp32 atomics and an output fill won (6.5 + 1.8 us a call in session 6's profile).
+    (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2), (512, 4, 4, 4),
 ]
 
 

@@ -94,7 +94,7 @@ def main() -> None:
     ids = torch.randint(0, 32000, (args.batch, args.context), device=device)
     rows = []
     for name in args.quants.split(","):
-        spec = QuantSpec(int(name[1]), int(name.split("g")[1]))
+        spec = QuantSpec.from_name(name)
         for backend in ("triton", "torch"):
             os.environ["EFFICIENTQAT_KERNELS"] = "1" if backend == "triton" else "0"
             model = packed_llama(args.layers, spec, device)

@@ -246,8 +246,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for qi, q in enumerate(args.quants.split(",")):
-        bits, g = int(q[1]), int(q.split("g")[1])
-        spec = QuantSpec(bits, g)
+        spec = QuantSpec.from_name(q)
         for n, k in shapes:
             bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train,
                         out / "bench_kernels.partial.json")

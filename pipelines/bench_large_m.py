@@ -48,8 +48,9 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench(n: int, k: int, quant: str, m: int) -> dict:
-    bits, group = int(quant[1]), int(quant.split("g")[1])
-    layer = make_layer(n, k, QuantSpec(bits, group), "cuda")
+    spec = QuantSpec.from_name(quant)
+    bits, group = spec.bits, spec.group_size
+    layer = make_layer(n, k, spec, "cuda")
     qw, s, z = layer.qweight, layer.scales, layer.kernel_zeros()
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)

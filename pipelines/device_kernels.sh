@@ -6,6 +6,7 @@
 #   bash pipelines/device_kernels.sh generate w4g128    # bench_generate --compile --profile, batch 1
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
+#   bash pipelines/device_kernels.sh profile            # ncu counters: M = 16 tensor cores, M = 1 w2g64 and 4096^2
 #
 # Tuned configs go to $EFFICIENTQAT_CACHE_DIR (default .lab/tc, git-ignored): carry that folder from
 # one call to the next (device tool `carry`) so no call re-tunes what an earlier one tuned; each call
@@ -31,8 +32,20 @@ case $stage in
   table)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
+  profile)
+    # stall reasons, achieved occupancy and memory throughput of the tuned kernel (run 2 of session 6:
+    # M = 16 at 0.23 of the copy rate, w2g64 M = 1 at 0.41, the 4096^2 layers one short wave each)
+    for case in "8192,8192 w4g128 16" "8192,8192 w2g64 1" "4096,4096 w4g128 1"; do
+      set -- $case
+      timeout 170 ncu --clock-control none --profile-from-start off --kernel-name regex:_dq_ --launch-count 1 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
+        python3 pipelines/profile_kernel.py --shape "$1" --quant "$2" --m "$3" > "$out/ncu_$2_m$3_${1/,/x}.txt" 2>&1
+      echo "ncu $case: rc $?"; grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Registers Per|Issued Ipc|Stall|chosen" \
+        "$out/ncu_$2_m$3_${1/,/x}.txt" | head -30
+    done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, sweep or table QUANTS" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, sweep, table QUANTS or profile" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"

@@ -95,7 +95,7 @@ def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tu
 
 def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, kernels: set[str],
           variants: list[str]) -> list[dict]:
-    spec = QuantSpec(int(quant[1]), int(quant.split("g")[1]))
+    spec = QuantSpec.from_name(quant)
     first = make_layer(n, k, spec, "cuda")
     packed = first.qweight.numel() * 4 + first.scales.numel() * 3
     layers = [first] + [make_layer(n, k, spec, "cuda") for _ in range(min(48, math.ceil(ROTATION_BYTES / packed)) - 1)]

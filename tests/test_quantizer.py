@@ -66,3 +66,16 @@ def test_bad_bits_and_group_sizes_name_the_problem():
         QuantSpec(4, 0)
     with pytest.raises(ConfigError, match="does not divide"):
         QuantSpec(4, 48).group_len(64)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(2, 64), QuantSpec(3, 128), QuantSpec(4, 32), QuantSpec(8, -1)])
+def test_setting_names_parse_back_to_their_spec(spec):
+    assert QuantSpec.from_name(spec.name) == spec
+
+
+@pytest.mark.parametrize("name", ["w4", "4g128", "w4g", "w4g12x", "w4g128 extra"])
+def test_malformed_setting_names_say_the_expected_form(name):
+    with pytest.raises(ConfigError, match="wBITSgGROUP"):
+        QuantSpec.from_name(name)
+    with pytest.raises(ConfigError, match="wbits=5"):
+        QuantSpec.from_name("w5g128")
