@@ -74,7 +74,7 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     the paired-fp16 kernel's after them. Each family's leading tiles also come as twins that
     reduce split-K in the kernel and, on Hopper, use programmatic dependent launch."""
     sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
-    own = candidates.gemv1_candidates(N, K, bits, group, sms) if M == 1 else candidates.gemv_tc_candidates(N, K, bits)
+    own = candidates.gemv1_candidates(N, K, bits, group, sms) if M == 1 else candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
     return candidates.with_launch_variants(own, pdl) + candidates.with_launch_variants(paired, pdl)
 

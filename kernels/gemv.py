@@ -131,6 +131,32 @@ def _x_slot(x_words, J: tl.constexpr, XPW: tl.constexpr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _x_pair(x_words, J: tl.constexpr, VPC: tl.constexpr, XPW: tl.constexpr, dtype: tl.constexpr):
+    """x of slots ``J`` and ``J + VPC / 2`` of every chunk interleaved along K,
+    ``[BLOCK_M, 2 BLOCK_C]`` with column ``2c + h`` the x of slot ``J + h VPC / 2`` of chunk ``c``:
+    the order in which :func:`_code_pair` lays out the codes."""
+    lo = _x_slot(x_words, J, XPW, dtype)
+    hi = _x_slot(x_words, J + VPC // 2, XPW, dtype)
+    return tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * lo.shape[1]))
+
+
+@triton.jit
+def _code_pair(w0, J: tl.constexpr, BITS: tl.constexpr, PAIR_MAGIC: tl.constexpr, dtype: tl.constexpr):
+    """Codes of slots ``J`` and ``J + 16 / BITS`` (bits ``J b`` and ``J b + 16`` of each word) as
+    the 16-bit floats ``OFFSET + q``, ``[2 BLOCK_C, BLOCK_N]`` with row ``2c + h`` slot
+    ``J + h 16 / BITS`` of chunk ``c``. One shift and one and-or make both: the two fields land in
+    the low mantissa bits of the two halves of a word whose exponent bits ``PAIR_MAGIC`` sets
+    (``0x6400``: fp16 1024, ``0x4300``: bf16 128; exact for 2/4-bit codes). No float conversion:
+    the halves are the two k-adjacent values that a tensor-core B fragment holds in one register."""
+    FIELDS: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    pair = ((w0 >> (J * BITS)) & FIELDS) | PAIR_MAGIC
+    lo = (pair & 0xFFFF).to(tl.int16)
+    hi = (pair >> 16).to(tl.int16)
+    both = tl.permute(tl.join(lo, hi), (0, 2, 1))
+    return tl.reshape(both, (2 * w0.shape[0], w0.shape[1])).to(dtype, bitcast=True)
+
+
+@triton.jit
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K,
@@ -139,6 +165,7 @@ def _dq_gemv_tc_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
+    PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -181,7 +208,18 @@ def _dq_gemv_tc_kernel(
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
         x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
-        if FOLD_SCALES:
+        if PAIR_MAGIC:
+            # codes as OFFSET + q in pairs: sum x q = part - OFFSET sum x
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            x_tot = tl.zeros((BLOCK_M, 2 * BLOCK_C), dtype=tl.float32)
+            for j in tl.static_range(VPC // 2):
+                xj = _x_pair(x_words, j, VPC, XPW, dtype)
+                part = tl.dot(xj, _code_pair(w0, j, BITS, PAIR_MAGIC, dtype), part, input_precision=DOT_PREC)
+                x_tot += xj.to(tl.float32)
+            x_sum = tl.sum(x_tot, axis=1)[:, None]
+            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
+            acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
+        elif FOLD_SCALES:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_tot = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
             for j in tl.static_range(VPC):
@@ -210,6 +248,20 @@ def _dq_gemv_tc_kernel(
     store_decode(y_ptr + tile, acc, mask, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
 
 
+PAIRED_CODES = 1
+"""``Config.variant`` of the tensor-core kernel that takes the codes in 16-bit pairs (``_code_pair``)."""
+PAIR_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
+"""Exponent bits that make a code field ``q`` the 16-bit float ``PAIR_OFFSET + q``."""
+PAIR_OFFSET = {torch.float16: 1024.0, torch.bfloat16: 128.0}
+
+
+def pairs_codes(bits: int, group: int, dtype: torch.dtype, block_c: int) -> bool:
+    """Whether the paired-code path applies: 2/4-bit codes (two fields 16 bits apart in a word),
+    fp16/bf16 x, and a step (``block_c`` chunks) inside one group (the offset and zero point are
+    folded per step)."""
+    return bits in (2, 4) and dtype in PAIR_MAGIC and group % (block_c * chunk_values(bits)) == 0
+
+
 def gemv1_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
@@ -235,13 +287,18 @@ def gemv_tc_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
-    """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16)."""
+    """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16),
+    ``cfg.variant`` :data:`PAIRED_CODES` takes the codes in fp16 / bf16 pairs (:func:`pairs_codes`)."""
     M, K = x.shape
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
+    paired = cfg.variant == PAIRED_CODES
+    if paired and not pairs_codes(bits, group, x.dtype, cfg.block_k):
+        raise ValueError(f"paired codes need 2/4-bit codes, fp16/bf16 x and a step of {step} values "
+                         f"inside a group (got {bits} bits, group {group}, {x.dtype})")
     y, ws, count, fixup = decode_output(x, N, cfg)
     if x.data_ptr() % 8 or x.stride(0) * x.element_size() % 8:  # the kernel reads x in 64-bit words
         x = x.clone()
@@ -254,6 +311,7 @@ def gemv_tc_forward(
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
+        PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

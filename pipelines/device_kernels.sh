@@ -28,7 +28,7 @@ case $stage in
     timeout 270 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w3g128,w2g64,w4g128 --m 1 \
       --kernels half2 --variants fixup,pdl --budget-s 60 --out "$out/sweep_m1" 2>&1 | grep "^|" | head -12
     timeout 270 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128 --m 4,16 \
-      --kernels tc --variants fixup --budget-s 100 --out "$out/sweep_m16" 2>&1 | grep "^|" | head -12 ;;
+      --kernels tc,tcp --variants fixup --budget-s 150 --out "$out/sweep_m16" 2>&1 | grep "^|" | head -12 ;;
   table)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 from efficientqat.kernels import candidates, tuning  # noqa: E402
-from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward  # noqa: E402
+from efficientqat.kernels.gemv import PAIRED_CODES, gemv1_forward, gemv_tc_forward  # noqa: E402
 from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
 from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
@@ -66,12 +66,14 @@ def gemv1_grid(n: int, k: int, bits: int, group: int, sms: int) -> tuple[list[tu
 
 def tc_grid(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[tuning.Config]:
     """Tensor-core tiles of depth 16 chunks (the tuner's table first; split-K capped at the
-    steps, a ragged last one included), then for M > 1 the tuner's paired-fp16 tiles."""
+    steps, a ragged last one included) and each as paired-code tile where that applies, then for
+    M > 1 the tuner's paired-fp16 tiles."""
     steps = -(-k // (16 * chunk_values(bits)))
     swept = [tuning.Config(16, bn, 16, min(split, steps), warps, stages)
              for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4]
+    swept += candidates.paired_code_twins(swept, bits, group, torch.float16)
     paired = candidates.half2_candidates(m, n, k, bits, group, sms) if m > 1 else []
-    return list(dict.fromkeys(candidates.gemv_tc_candidates(n, k, bits) + swept + paired))
+    return list(dict.fromkeys(candidates.gemv_tc_candidates(n, k, bits, group, torch.float16) + swept + paired))
 
 
 def launcher(cfg: tuning.Config):
@@ -82,7 +84,9 @@ def launcher(cfg: tuning.Config):
 
 def kernel_name(cfg: tuning.Config) -> str:
     """The family a tile belongs to, as the table and ``--kernels`` name it."""
-    return "half2" if cfg.variant == tuning.HALF2 else "tc" if cfg.block_m == 16 else "gemv1"
+    if cfg.block_m == 16:
+        return "tcp" if cfg.variant == PAIRED_CODES else "tc"
+    return "half2" if cfg.variant == tuning.HALF2 else "gemv1"
 
 
 def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tuning.Config]:
@@ -141,7 +145,7 @@ def main() -> None:
     ap.add_argument("--m", default="1", help="comma-separated row counts, each 1..16")
     ap.add_argument("--out", type=Path, default=Path("."))
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop sweeping a (quant, M) after this many seconds")
-    ap.add_argument("--kernels", default="gemv1,half2,tc", help="which kernel families to sweep")
+    ap.add_argument("--kernels", default="gemv1,half2,tc,tcp", help="which kernel families to sweep")
     ap.add_argument("--variants", default="plain,fixup,pdl",
                     help="write-back / launch of each tile: plain (memset + atomics), fixup (in-kernel split-K "
                          "reduction), pdl (fixup + programmatic dependent launch)")
@@ -150,8 +154,8 @@ def main() -> None:
     if not set(variants) <= {"plain", "fixup", "pdl"}:
         raise SystemExit(f"--variants takes plain, fixup and pdl, not {args.variants}")
     kernels = set(args.kernels.split(","))
-    if not kernels <= {"gemv1", "half2", "tc"}:
-        raise SystemExit(f"--kernels takes gemv1, half2 and tc, not {args.kernels}")
+    if not kernels <= {"gemv1", "half2", "tc", "tcp"}:
+        raise SystemExit(f"--kernels takes gemv1, half2, tc and tcp (tensor cores, paired codes), not {args.kernels}")
     n, k = map(int, args.shape.split(","))
     ms = [int(m) for m in args.m.split(",")]
     if not all(1 <= m <= 16 for m in ms):
