@@ -378,12 +378,12 @@ def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
             assert rel(y, ref) < 1e-5, (m, split)
 
 
-def test_launch_variants_twin_the_leading_tiles():
+def test_launch_variants_twin_every_split_and_chain_the_leading_tiles():
     base = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 512, 4, 1, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
-    assert candidates.with_launch_variants(base, pdl=False) == base + [replace(base[0], fixup=True)]
-    assert candidates.with_launch_variants(base, pdl=True) == base + [
-        replace(base[0], fixup=True), replace(base[0], fixup=True, pdl=True),
-        replace(base[1], pdl=True)]
+    fixed = [replace(base[0], fixup=True), replace(base[2], fixup=True)]  # split-K 1 has nothing to reduce
+    assert candidates.with_launch_variants(base, pdl=False) == base + fixed
+    assert candidates.with_launch_variants(base, pdl=True) == base + fixed + [
+        replace(base[0], fixup=True, pdl=True), replace(base[1], pdl=True)]
 
 
 @pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
