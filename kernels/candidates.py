@@ -191,10 +191,20 @@ def gemv_tc_candidates(N: int, K: int, bits: int, group: int, dtype: torch.dtype
         steps = -(-K // (bc * vpc))
         out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
     out = list(dict.fromkeys(out))
-    return out + paired_code_twins(out[:4], bits, group, dtype)
+    return out + paired_code_twins(out[:4], K, bits, group, dtype)
 
 
-def paired_code_twins(tiles: list[Config], bits: int, group: int, dtype: torch.dtype) -> list[Config]:
-    """The tensor-core ``tiles`` that can take paired codes, as paired-code tiles."""
-    return [replace(c, variant=PAIRED_CODES, fixup=c.split_k > 1) for c in tiles
-            if pairs_codes(bits, group, dtype, c.block_k)]
+def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype: torch.dtype) -> list[Config]:
+    """The tensor-core ``tiles`` as paired-code tiles where that applies, BLOCK_C halved (down
+    to 4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped
+    at the step count."""
+    vpc = chunk_values(bits)
+    out = []
+    for c in tiles:
+        block_c = c.block_k
+        while block_c > 4 and group % (block_c * vpc):
+            block_c //= 2
+        if pairs_codes(bits, group, dtype, block_c):
+            split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
+            out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES, fixup=split > 1))
+    return list(dict.fromkeys(out))

@@ -132,28 +132,42 @@ def _x_slot(x_words, J: tl.constexpr, XPW: tl.constexpr, dtype: tl.constexpr):
 
 @triton.jit
 def _x_pair(x_words, J: tl.constexpr, VPC: tl.constexpr, XPW: tl.constexpr, dtype: tl.constexpr):
-    """x of slots ``J`` and ``J + VPC / 2`` of every chunk interleaved along K,
-    ``[BLOCK_M, 2 BLOCK_C]`` with column ``2c + h`` the x of slot ``J + h VPC / 2`` of chunk ``c``:
-    the order in which :func:`_code_pair` lays out the codes."""
-    lo = _x_slot(x_words, J, XPW, dtype)
-    hi = _x_slot(x_words, J + VPC // 2, XPW, dtype)
-    return tl.reshape(tl.join(lo, hi), (lo.shape[0], 2 * lo.shape[1]))
+    """x of slots ``J`` and ``J + VPC / 2`` of every chunk, ``[BLOCK_M, BLOCK_C, 2]``: the order
+    in which :func:`_code_pair` lays out the codes."""
+    return tl.join(_x_slot(x_words, J, XPW, dtype), _x_slot(x_words, J + VPC // 2, XPW, dtype))
 
 
 @triton.jit
 def _code_pair(w0, J: tl.constexpr, BITS: tl.constexpr, PAIR_MAGIC: tl.constexpr, dtype: tl.constexpr):
     """Codes of slots ``J`` and ``J + 16 / BITS`` (bits ``J b`` and ``J b + 16`` of each word) as
-    the 16-bit floats ``OFFSET + q``, ``[2 BLOCK_C, BLOCK_N]`` with row ``2c + h`` slot
-    ``J + h 16 / BITS`` of chunk ``c``. One shift and one and-or make both: the two fields land in
-    the low mantissa bits of the two halves of a word whose exponent bits ``PAIR_MAGIC`` sets
-    (``0x6400``: fp16 1024, ``0x4300``: bf16 128; exact for 2/4-bit codes). No float conversion:
-    the halves are the two k-adjacent values that a tensor-core B fragment holds in one register."""
+    the 16-bit floats ``OFFSET + q``, ``[BLOCK_C, 2, BLOCK_N]``. One shift and one and-or make
+    both: the two fields land in the low mantissa bits of the two halves of a word whose exponent
+    bits ``PAIR_MAGIC`` sets (``0x6400``: fp16 1024, ``0x4300``: bf16 128; exact for 2/4-bit
+    codes). No float conversion: the halves are the two k-adjacent values that a tensor-core B
+    fragment holds in one register."""
     FIELDS: tl.constexpr = ((1 << BITS) - 1) * 0x10001
     pair = ((w0 >> (J * BITS)) & FIELDS) | PAIR_MAGIC
     lo = (pair & 0xFFFF).to(tl.int16)
     hi = (pair >> 16).to(tl.int16)
-    both = tl.permute(tl.join(lo, hi), (0, 2, 1))
-    return tl.reshape(both, (2 * w0.shape[0], w0.shape[1])).to(dtype, bitcast=True)
+    return tl.permute(tl.join(lo, hi), (0, 2, 1)).to(dtype, bitcast=True)
+
+
+@triton.jit
+def _paired_operands(w0, x_words, J: tl.constexpr, PAIRS: tl.constexpr, BITS: tl.constexpr, VPC: tl.constexpr,
+                     XPW: tl.constexpr, PAIR_MAGIC: tl.constexpr, dtype: tl.constexpr):
+    """x ``[BLOCK_M, D]`` and codes ``[D, BLOCK_N]`` of one dot over ``PAIRS`` (1 or 2) slot pairs
+    from slot pair ``J`` on, ``D = 2 PAIRS BLOCK_C`` (``PAIRS = 2`` gives 4-chunk steps the depth
+    16 a dot needs, so a step of 2-bit codes fits a group of 64). Along D the two halves of a
+    pair stay adjacent (one B-fragment register), x in the same order."""
+    xs = _x_pair(x_words, J, VPC, XPW, dtype)
+    codes = _code_pair(w0, J, BITS, PAIR_MAGIC, dtype)
+    if PAIRS == 2:
+        # [C, 2 (half), *] twice -> [2 (pair), C, 2 (half), *]: pair-major, so each B-fragment
+        # register is still one word's pair
+        xs = tl.permute(tl.join(xs, _x_pair(x_words, J + 1, VPC, XPW, dtype)), (0, 3, 1, 2))
+        codes = tl.permute(tl.join(codes, _code_pair(w0, J + 1, BITS, PAIR_MAGIC, dtype)), (3, 0, 1, 2))
+    D: tl.constexpr = 2 * PAIRS * w0.shape[0]
+    return tl.reshape(xs, (xs.shape[0], D)), tl.reshape(codes, (D, w0.shape[1]))
 
 
 @triton.jit
@@ -165,7 +179,7 @@ def _dq_gemv_tc_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
-    PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr,
+    PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -211,10 +225,10 @@ def _dq_gemv_tc_kernel(
         if PAIR_MAGIC:
             # codes as OFFSET + q in pairs: sum x q = part - OFFSET sum x
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            x_tot = tl.zeros((BLOCK_M, 2 * BLOCK_C), dtype=tl.float32)
-            for j in tl.static_range(VPC // 2):
-                xj = _x_pair(x_words, j, VPC, XPW, dtype)
-                part = tl.dot(xj, _code_pair(w0, j, BITS, PAIR_MAGIC, dtype), part, input_precision=DOT_PREC)
+            x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
+            for j in tl.static_range(0, VPC // 2, PAIRS):
+                xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
+                part = tl.dot(xj, codes, part, input_precision=DOT_PREC)
                 x_tot += xj.to(tl.float32)
             x_sum = tl.sum(x_tot, axis=1)[:, None]
             s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
@@ -259,7 +273,8 @@ def pairs_codes(bits: int, group: int, dtype: torch.dtype, block_c: int) -> bool
     """Whether the paired-code path applies: 2/4-bit codes (two fields 16 bits apart in a word),
     fp16/bf16 x, and a step (``block_c`` chunks) inside one group (the offset and zero point are
     folded per step)."""
-    return bits in (2, 4) and dtype in PAIR_MAGIC and group % (block_c * chunk_values(bits)) == 0
+    return bits in (2, 4) and dtype in PAIR_MAGIC and block_c in (4, 8, 16, 32) \
+        and group % (block_c * chunk_values(bits)) == 0
 
 
 def gemv1_forward(
@@ -287,8 +302,8 @@ def gemv_tc_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
-    """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16),
-    ``cfg.variant`` :data:`PAIRED_CODES` takes the codes in fp16 / bf16 pairs (:func:`pairs_codes`)."""
+    """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16; >= 4 with
+    ``cfg.variant`` :data:`PAIRED_CODES`, the codes in fp16 / bf16 pairs, see :func:`pairs_codes`)."""
     M, K = x.shape
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
@@ -312,6 +327,7 @@ def gemv_tc_forward(
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
+        PAIRS=1 if cfg.block_k >= 8 else 2,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

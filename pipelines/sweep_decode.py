@@ -71,7 +71,7 @@ def tc_grid(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[tun
     steps = -(-k // (16 * chunk_values(bits)))
     swept = [tuning.Config(16, bn, 16, min(split, steps), warps, stages)
              for bn, split, warps, stages in TC_TILES if bn >= 32 * warps // 4]
-    swept += candidates.paired_code_twins(swept, bits, group, torch.float16)
+    swept += candidates.paired_code_twins(swept, k, bits, group, torch.float16)
     paired = candidates.half2_candidates(m, n, k, bits, group, sms) if m > 1 else []
     return list(dict.fromkeys(candidates.gemv_tc_candidates(n, k, bits, group, torch.float16) + swept + paired))
 

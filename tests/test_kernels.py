@@ -332,29 +332,31 @@ def test_gemv_tc_scales_per_step_or_per_weight(bits, group, dtype):
             assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (m, split, folds)
 
 
-@pytest.mark.parametrize("bits,group", [(4, 128), (4, -1), (2, 256), (2, -1)])
-def test_gemv_tc_paired_codes_match_float64(bits, group):
+@pytest.mark.parametrize("bits,group,block_c", [(4, 128, 16), (4, -1, 16), (2, 256, 16), (2, -1, 8),
+                                                 (2, 64, 4), (4, 32, 4)])
+def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
     """The tensor-core kernel with codes taken as fp16 pairs ``1024 + q`` (two fields per and-or,
     no float conversion; the offset folded out per step with the zero point) against float64, at
-    M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and atomics), with bias; and a clear error
-    where pairs do not apply (3-bit codes, a step longer than the group, float32 x)."""
+    M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and atomics), with bias; 4-chunk steps put
+    two slot pairs in each dot (w2g64, w4g32). A clear error where pairs do not apply (float32 x)."""
     from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward, pairs_codes
 
     gen = torch.Generator().manual_seed(bits * 11 + group)
     n, k = 96, 1024
     q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
     bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
-    assert pairs_codes(bits, gl, torch.float16, 16) and not pairs_codes(bits, gl, torch.float32, 16)
+    assert pairs_codes(bits, gl, torch.float16, block_c) and not pairs_codes(bits, gl, torch.float32, block_c)
+    assert not pairs_codes(bits, gl, torch.float16, 4 * block_c) or group == -1  # a step past the group
     for m in (1, 5, 16):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         ref = reference(x, q, z, scales, gl, bias)[0]
         for split, fixup in ((1, False), (3, False), (3, True)):
-            cfg = tuning.Config(16, 32, 16, split, 4, 1, PAIRED_CODES, fixup=fixup)
+            cfg = tuning.Config(16, 32, block_c, split, 4, 1, PAIRED_CODES, fixup=fixup)
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
             assert y.shape == (m, n) and y.dtype == torch.float16
             assert rel(y, ref) < 3e-3, (m, split, fixup)
     with pytest.raises(ValueError, match="paired codes need"):
-        gemv_tc_forward(x.float(), qw, scales, zeros, None, bits, gl, tuning.Config(16, 32, 16, 1, 4, 1, PAIRED_CODES))
+        gemv_tc_forward(x.float(), qw, scales, zeros, None, bits, gl, tuning.Config(16, 32, block_c, 1, 4, 1, PAIRED_CODES))
 
 
 @pytest.mark.parametrize("bits,group,block_c,k", [(3, 128, 16, 1280), (3, -1, 16, 1280), (2, 64, 32, 1280),
