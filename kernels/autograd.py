@@ -71,10 +71,12 @@ def _pick(default, variant: int, other):
 
 def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> list[tuning.Config]:
     """M <= 16: the CUDA-core kernel's tiles at M = 1, else the tensor-core kernel's; for fp16 x
-    the paired-fp16 kernel's after them. Each family's leading tiles also come as twins that
-    reduce split-K in the kernel and, on Hopper, use programmatic dependent launch."""
+    the paired-fp16 kernel's after them. Every split-K tile also comes as its twin that reduces
+    split-K in the kernel, and each family's leading tiles, on Hopper, with programmatic
+    dependent launch (:func:`candidates.with_launch_variants`)."""
     sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
-    own = candidates.gemv1_candidates(N, K, bits, group, sms) if M == 1 else candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
+    own = candidates.gemv1_candidates(N, K, bits, group, sms) if M == 1 else \
+        candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
     return candidates.with_launch_variants(own, pdl) + candidates.with_launch_variants(paired, pdl)
 
