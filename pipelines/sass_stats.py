@@ -1,0 +1,122 @@
+"""Compile the tensor-core decode kernel for Hopper (sm_90) on any machine, GPU or not, and print
+what its machine code costs: registers per thread, instructions in the K loop, the loop's
+instruction mix and lane-instructions per weight.
+
+    python3 pipelines/sass_stats.py --bits 4 --block-n 256 --block-c 16 --warps 4 --stages 3 --paired
+
+Timings need the GPU; these counts do not, and they bound what a tile can reach: instructions
+per weight against the schedulers' issue rate, registers against occupancy, barriers and
+shared-memory stores against the layout conversions Triton inserted. Triton's wheel ships
+``ptxas``, ``nvdisasm`` and ``cuobjdump``; the numbers in BENCHMARKS.md came from this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from efficientqat.kernels import gemv
+from efficientqat.kernels.unpack import unit_constants
+from efficientqat.packing import chunk_values
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+OPCODE = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
+BACK_BRANCH = re.compile(r"BRA .*`\((\.L_x_\d+)\)")
+
+
+def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
+               paired: bool) -> tuple[str, str]:
+    """Resource usage (``cuobjdump``) and SASS text of ``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
+    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
+                "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
+    scalars = {n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym")}
+    field_mask, one_bits = unit_constants(bits)
+    magic = {"fp16": 0x64006400, "bf16": 0x43004300}[dtype] if paired else 0
+    constants = dict(BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=8,
+                     DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
+                     FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
+                     XPW=4, PAIR_MAGIC=magic, PAIR_OFFSET=1024.0 if dtype == "fp16" else 128.0,
+                     PAIRS=1 if block_c >= 8 else 2)
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    names = list(signature)
+    aligned = [n for n in names if n.endswith("ptr") or n.startswith("stride") or n in ("N", "K")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn=gemv._dq_gemv_tc_kernel, signature=signature, constexprs=constants, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    cubin = kernel.asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([str(TOOLS / "nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(TOOLS / "cuobjdump"), "--dump-resource-usage", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
+def opcodes(lines: list[str]) -> collections.Counter:
+    ops = collections.Counter()
+    for line in lines:
+        match = OPCODE.match(line)
+        if match:
+            ops[match.group(1)] += 1
+    return ops
+
+
+def k_loop(sass: str) -> list[str]:
+    """The longest backward-branch body that issues tensor-core instructions: the K loop."""
+    lines = sass.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if line.startswith(".L_x_")}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        match = BACK_BRANCH.search(line)
+        start = labels.get(match.group(1)) if match else None
+        if start is not None and start < i and any("HMMA" in b for b in lines[start:i]) and i + 1 - start > len(best):
+            best = lines[start:i + 1]
+    return best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    p.add_argument("--group", type=int, default=128)
+    p.add_argument("--block-n", type=int, default=256)
+    p.add_argument("--block-c", type=int, default=16, help="packed chunks per K step")
+    p.add_argument("--warps", type=int, default=4)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
+    p.add_argument("--json", action="store_true", help="one JSON line instead of text")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    if args.paired and not gemv.pairs_codes(args.bits, args.group, dtype, args.block_c):
+        raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
+    usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages, args.paired)
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
+    weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step
+    stats = {"registers": int(registers), "local_stores": whole["STL"],
+             "barriers": sum(n for op, n in whole.items() if op.startswith("BAR")),
+             "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights}
+    if args.json:
+        print(json.dumps(stats))
+        return
+    print(f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}, barriers {stats['barriers']}")
+    print(f"K loop: {stats['loop_instructions']} instructions per warp-step, {stats['per_weight']:.2f} lane-instructions per weight")
+    print("mix:", ", ".join(f"{op} {n}" for op, n in loop.most_common(16)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The tensor-core decode kernel compiled for Hopper (sm_90) without a GPU: the interpreter that
+runs the other kernel tests never compiles, so a kernel that computes right there can still fail
+to compile or spill on the GPU. Runs ``pipelines/sass_stats.py`` (Triton's own ptxas, nvdisasm and
+cuobjdump) in a process without ``TRITON_INTERPRET``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sass_stats.py"
+triton = pytest.importorskip("triton")
+if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    pytest.skip("this Triton build has no CUDA toolchain", allow_module_level=True)
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def sass(*args: str) -> dict:
+    done = run_script("--json", *args)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_paired_codes_compile_for_hopper_with_fewer_instructions_per_weight():
+    tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--stages", "3"]
+    unit, paired = sass(*tile), sass(*tile, "--paired")
+    assert paired["local_stores"] == 0 and paired["loop_instructions"] > 0
+    # no float conversion per weight: fewer instructions and registers than the unit-float tile
+    assert paired["per_weight"] < 0.8 * unit["per_weight"] and paired["registers"] < unit["registers"]
+
+
+def test_two_pairs_per_dot_compile_for_w2g64():
+    stats = sass("--bits", "2", "--group", "64", "--block-n", "256", "--block-c", "4", "--paired")
+    assert stats["local_stores"] == 0 and stats["loop_instructions"] > 0
+
+
+def test_paired_codes_refuse_a_step_past_the_group():
+    done = run_script("--bits", "2", "--group", "64", "--block-c", "16", "--paired")
+    assert done.returncode != 0 and "inside --group 64" in done.stderr
