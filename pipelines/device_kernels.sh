@@ -34,15 +34,23 @@ case $stage in
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
   profile)
     # stall reasons, achieved occupancy and memory throughput of the tuned kernel (run 2 of session 6:
-    # M = 16 at 0.23 of the copy rate, w2g64 M = 1 at 0.41, the 4096^2 layers one short wave each)
-    for case in "8192,8192 w4g128 16" "8192,8192 w2g64 1" "4096,4096 w4g128 1"; do
-      set -- $case
+    # M = 16 at 0.23 of the copy rate, w2g64 M = 1 at 0.41, the 4096^2 layers one short wave each);
+    # the stall and L2-atomic metrics by name, and without them if this ncu does not know the names
+    ncu_run() {  # SHAPE QUANT M REPORT [ncu options]
+      local shape=$1 quant=$2 m=$3 report=$4; shift 4
       timeout 170 ncu --clock-control none --profile-from-start off --kernel-name regex:_dq_ --launch-count 1 \
         --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
-        python3 pipelines/profile_kernel.py --shape "$1" --quant "$2" --m "$3" > "$out/ncu_$2_m$3_${1/,/x}.txt" 2>&1
-      echo "ncu $case: rc $?"; grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Registers Per|Issued Ipc|Stall|chosen" \
-        "$out/ncu_$2_m$3_${1/,/x}.txt" | head -30
+        --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats "$@" \
+        python3 pipelines/profile_kernel.py --shape "$shape" --quant "$quant" --m "$m" > "$report" 2>&1
+    }
+    stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:lts__t_(sectors|requests)_op_(red|atom)\.sum"
+    for case in "8192,8192 w4g128 16" "8192,8192 w2g64 1" "4096,4096 w4g128 1"; do
+      read -r shape quant m <<< "$case"
+      report="$out/ncu_${quant}_m${m}_${shape/,/x}.txt"
+      ncu_run "$shape" "$quant" "$m" "$report" --metrics "$stalls" || ncu_run "$shape" "$quant" "$m" "$report"
+      echo "ncu $case: rc $?"
+      grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Registers Per|Issued Ipc|stalled|op_red|op_atom|chosen" \
+        "$report" | head -45
     done ;;
   *)
     echo "unknown stage '$stage': tests, generate SETTING, sweep, table QUANTS or profile" >&2; exit 2 ;;
