@@ -10,7 +10,7 @@ import torch
 
 from efficientqat.packing import chunk_values
 
-from .gemv import PAIRED_CODES, pairs_codes
+from .gemv import PAIRED_CODES, PAIRED_WGMMA, pairs_codes
 from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, Config, m_bucket
 
 
@@ -181,23 +181,24 @@ GEMV_TC_TABLE = [
 def gemv_tc_candidates(N: int, K: int, bits: int, group: int, dtype: torch.dtype) -> list[Config]:
     """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
     the dot depth). Any K: a last step short of BLOCK_C chunks is masked; split-K is capped at
-    the step count. Then, where they apply, the leading tiles with the codes in 16-bit pairs
-    (``gemv.PAIRED_CODES``, reducing split-K in the kernel): sm_90 SASS 3.1 instead of 4.8
-    instructions per weight and 179 instead of 255 registers at the best tile; untimed, so the
-    tuner keeps them only if faster."""
+    the step count. Then, where they apply, the three leading tiles with the codes in 16-bit pairs
+    (``gemv.PAIRED_CODES`` / ``PAIRED_WGMMA``, reducing split-K in the kernel): sm_90 SASS 3.1
+    instead of 4.8 instructions per weight and 179 instead of 255 registers at the best tile;
+    untimed, so the tuner keeps them only if faster."""
     vpc = chunk_values(bits)
     out = []
     for bn, bc, split, warps, stages in GEMV_TC_TABLE:
         steps = -(-K // (bc * vpc))
         out.append(Config(16, bn, bc, max(1, min(split, steps)), warps, stages))
     out = list(dict.fromkeys(out))
-    return out + paired_code_twins(out[:4], K, bits, group, dtype)
+    return out + paired_code_twins(out[:3], K, bits, group, dtype)
 
 
 def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype: torch.dtype) -> list[Config]:
-    """The tensor-core ``tiles`` as paired-code tiles where that applies, BLOCK_C halved (down
-    to 4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped
-    at the step count."""
+    """The tensor-core ``tiles`` as paired-code tiles where that applies, with ``mma.sync`` and
+    then with ``wgmma`` (Hopper; the tuner skips what does not compile), BLOCK_C halved (down to
+    4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped at
+    the step count."""
     vpc = chunk_values(bits)
     out = []
     for c in tiles:
@@ -207,4 +208,4 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
         if pairs_codes(bits, group, dtype, block_c):
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
             out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES, fixup=split > 1))
-    return list(dict.fromkeys(out))
+    return list(dict.fromkeys(out + [replace(c, variant=PAIRED_WGMMA) for c in out]))

@@ -179,7 +179,7 @@ def _dq_gemv_tc_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
-    PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr,
+    PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -224,12 +224,20 @@ def _dq_gemv_tc_kernel(
         x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
         if PAIR_MAGIC:
             # codes as OFFSET + q in pairs: sum x q = part - OFFSET sum x
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
-            for j in tl.static_range(0, VPC // 2, PAIRS):
-                xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
-                part = tl.dot(xj, codes, part, input_precision=DOT_PREC)
-                x_tot += xj.to(tl.float32)
+            if W_AS_A:
+                part_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for j in tl.static_range(0, VPC // 2, PAIRS):
+                    xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
+                    part_t = tl.dot(tl.trans(codes), tl.trans(xj), part_t, input_precision=DOT_PREC)
+                    x_tot += xj.to(tl.float32)
+                part = tl.trans(part_t)
+            else:
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in tl.static_range(0, VPC // 2, PAIRS):
+                    xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
+                    part = tl.dot(xj, codes, part, input_precision=DOT_PREC)
+                    x_tot += xj.to(tl.float32)
             x_sum = tl.sum(x_tot, axis=1)[:, None]
             s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
@@ -264,6 +272,11 @@ def _dq_gemv_tc_kernel(
 
 PAIRED_CODES = 1
 """``Config.variant`` of the tensor-core kernel that takes the codes in 16-bit pairs (``_code_pair``)."""
+PAIRED_WGMMA = 2
+"""The same with the codes as the register (A) operand of Hopper's asynchronous ``wgmma`` and x^T as
+its shared-memory operand (``y^T = W x^T``), instead of ``mma.sync`` with x as A: sm_90 SASS at
+128 columns 3.86 instead of 4.13 lane-instructions per weight and 116 instead of 124 registers (at
+256 both 3.12), and tensor-core work that does not hold the issuing warp."""
 PAIR_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
 """Exponent bits that make a code field ``q`` the 16-bit float ``PAIR_OFFSET + q``."""
 PAIR_OFFSET = {torch.float16: 1024.0, torch.bfloat16: 128.0}
@@ -303,14 +316,15 @@ def gemv_tc_forward(
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
     """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16; >= 4 with
-    ``cfg.variant`` :data:`PAIRED_CODES`, the codes in fp16 / bf16 pairs, see :func:`pairs_codes`)."""
+    ``cfg.variant`` :data:`PAIRED_CODES` or :data:`PAIRED_WGMMA`, the codes in fp16 / bf16 pairs,
+    see :func:`pairs_codes`)."""
     M, K = x.shape
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
-    paired = cfg.variant == PAIRED_CODES
+    paired = cfg.variant in (PAIRED_CODES, PAIRED_WGMMA)
     if paired and not pairs_codes(bits, group, x.dtype, cfg.block_k):
         raise ValueError(f"paired codes need 2/4-bit codes, fp16/bf16 x and a step of {step} values "
                          f"inside a group (got {bits} bits, group {group}, {x.dtype})")
@@ -327,7 +341,7 @@ def gemv_tc_forward(
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
-        PAIRS=1 if cfg.block_k >= 8 else 2,
+        PAIRS=1 if cfg.block_k >= 8 else 2, W_AS_A=cfg.variant == PAIRED_WGMMA,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -36,7 +36,7 @@ BACK_BRANCH = re.compile(r"BRA .*`\((\.L_x_\d+)\)")
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
-               paired: bool) -> tuple[str, str]:
+               paired: bool, wgmma: bool = False) -> tuple[str, str]:
     """Resource usage (``cuobjdump``) and SASS text of ``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
@@ -47,7 +47,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=magic, PAIR_OFFSET=1024.0 if dtype == "fp16" else 128.0,
-                     PAIRS=1 if block_c >= 8 else 2)
+                     PAIRS=1 if block_c >= 8 else 2, W_AS_A=wgmma)
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
     names = list(signature)
     aligned = [n for n in names if n.endswith("ptr") or n.startswith("stride") or n in ("N", "K")]
@@ -74,14 +74,14 @@ def opcodes(lines: list[str]) -> collections.Counter:
 
 
 def k_loop(sass: str) -> list[str]:
-    """The longest backward-branch body that issues tensor-core instructions: the K loop."""
+    """The longest backward-branch body that issues tensor-core instructions (``HMMA``, ``HGMMA``): the K loop."""
     lines = sass.splitlines()
     labels = {line.split(":")[0]: i for i, line in enumerate(lines) if line.startswith(".L_x_")}
     best: list[str] = []
     for i, line in enumerate(lines):
         match = BACK_BRANCH.search(line)
         start = labels.get(match.group(1)) if match else None
-        if start is not None and start < i and any("HMMA" in b for b in lines[start:i]) and i + 1 - start > len(best):
+        if start is not None and start < i and any("MMA" in b for b in lines[start:i]) and i + 1 - start > len(best):
             best = lines[start:i + 1]
     return best
 
@@ -96,6 +96,7 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
+    p.add_argument("--wgmma", action="store_true", help="with --paired: codes as wgmma's register operand (PAIRED_WGMMA)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -103,13 +104,17 @@ def main() -> None:
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.paired and not gemv.pairs_codes(args.bits, args.group, dtype, args.block_c):
         raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
-    usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages, args.paired)
+    if args.wgmma and not args.paired:
+        raise SystemExit("--wgmma takes --paired")
+    usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages,
+                             args.paired, args.wgmma)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
     weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step
     stats = {"registers": int(registers), "local_stores": whole["STL"],
              "barriers": sum(n for op, n in whole.items() if op.startswith("BAR")),
-             "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights}
+             "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
+             "tensor_ops": sorted(op for op in loop if "MMA" in op)}
     if args.json:
         print(json.dumps(stats))
         return

@@ -336,10 +336,11 @@ def test_gemv_tc_scales_per_step_or_per_weight(bits, group, dtype):
                                                  (2, 64, 4), (4, 32, 4)])
 def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
     """The tensor-core kernel with codes taken as fp16 pairs ``1024 + q`` (two fields per and-or,
-    no float conversion; the offset folded out per step with the zero point) against float64, at
-    M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and atomics), with bias; 4-chunk steps put
+    no float conversion; the offset folded out per step with the zero point), as mma.sync's B or
+    wgmma's A operand, against float64, at M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and
+    atomics), with bias; 4-chunk steps put
     two slot pairs in each dot (w2g64, w4g32). A clear error where pairs do not apply (float32 x)."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward, pairs_codes
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv_tc_forward, pairs_codes
 
     gen = torch.Generator().manual_seed(bits * 11 + group)
     n, k = 96, 1024
@@ -350,11 +351,12 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
     for m in (1, 5, 16):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         ref = reference(x, q, z, scales, gl, bias)[0]
-        for split, fixup in ((1, False), (3, False), (3, True)):
-            cfg = tuning.Config(16, 32, block_c, split, 4, 1, PAIRED_CODES, fixup=fixup)
+        for variant, split, fixup in ((PAIRED_CODES, 1, False), (PAIRED_CODES, 3, False), (PAIRED_CODES, 3, True),
+                                      (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True)):
+            cfg = tuning.Config(16, 32, block_c, split, 4, 1, variant, fixup=fixup)
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
             assert y.shape == (m, n) and y.dtype == torch.float16
-            assert rel(y, ref) < 3e-3, (m, split, fixup)
+            assert rel(y, ref) < 3e-3, (m, variant, split, fixup)
     with pytest.raises(ValueError, match="paired codes need"):
         gemv_tc_forward(x.float(), qw, scales, zeros, None, bits, gl, tuning.Config(16, 32, block_c, 1, 4, 1, PAIRED_CODES))
 
@@ -544,8 +546,9 @@ def test_gpu_half2_matches_float64(bits, group, m):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_tc_decode_matches_float64(bits, group, dtype):
     """The leading tensor-core decode tiles at M = 2 and 16, x read as 64-bit words, including an x that
-    starts 2 bytes past an 8-byte boundary (copied first) and a ragged 3-bit K."""
-    from efficientqat.kernels.gemv import gemv_tc_forward
+    starts 2 bytes past an 8-byte boundary (copied first) and a ragged 3-bit K; at 2/4 bits also the
+    paired-code tiles (mma.sync and wgmma, fp16 and bf16)."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv_tc_forward
 
     gen = torch.Generator().manual_seed(bits)
     k = 11008 if bits == 3 else 4096
@@ -555,8 +558,9 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
         for x in (flat[:-1].view(m, k), flat[1:].view(m, k)):
             ref = reference(x, q, z, scales, gl)[0]
             tiles = candidates.gemv_tc_candidates(1024, k, bits, gl, dtype)
-            # compile time: the leading tiles of each variant (paired codes at 2/4 bits)
-            for cfg in tiles[:4] + [c for c in tiles if c.variant][:2]:
+            # compile time: the leading tiles, and one of each paired-code variant (2/4 bits)
+            paired = [next((c for c in tiles if c.variant == v), None) for v in (PAIRED_CODES, PAIRED_WGMMA)]
+            for cfg in tiles[:4] + [c for c in paired if c is not None]:
                 assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
 
 

@@ -38,9 +38,18 @@ def test_paired_codes_compile_for_hopper_with_fewer_instructions_per_weight():
     assert paired["per_weight"] < 0.8 * unit["per_weight"] and paired["registers"] < unit["registers"]
 
 
-def test_two_pairs_per_dot_compile_for_w2g64():
-    stats = sass("--bits", "2", "--group", "64", "--block-n", "256", "--block-c", "4", "--paired")
+@pytest.mark.parametrize("wgmma", [False, True])
+def test_two_pairs_per_dot_compile_for_w2g64(wgmma):
+    stats = sass("--bits", "2", "--group", "64", "--block-n", "256", "--block-c", "4", "--paired", *(["--wgmma"] if wgmma else []))
     assert stats["local_stores"] == 0 and stats["loop_instructions"] > 0
+
+
+def test_paired_codes_as_the_wgmma_register_operand_compile_for_hopper():
+    tile = ["--bits", "4", "--group", "128", "--block-n", "128", "--block-c", "16", "--warps", "4", "--stages", "3", "--paired"]
+    stats, synchronous = sass(*tile, "--wgmma"), sass(*tile)
+    assert all(op.startswith("HGMMA") for op in stats["tensor_ops"]) and stats["tensor_ops"]
+    assert all(op.startswith("HMMA") for op in synchronous["tensor_ops"]) and synchronous["tensor_ops"]
+    assert stats["local_stores"] == 0 and stats["per_weight"] <= 1.05 * synchronous["per_weight"]
 
 
 def test_paired_codes_refuse_a_step_past_the_group():
