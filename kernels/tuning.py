@@ -17,6 +17,7 @@ constexprs and this module picks them:
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import statistics
@@ -31,8 +32,18 @@ import triton
 
 from .tiling import PDL_IN_TRITON, zero_workspaces
 
-# Per Triton version: a new compiler changes which tiles are fastest (and which fit at all).
-CACHE_FILE = f"kernel_configs-triton{triton.__version__}.json"
+def sources_digest(folder: Path) -> str:
+    """A short hash of the ``*.py`` sources in ``folder``: the tuned choice is only as good as
+    the kernels and candidate tables it was made among."""
+    digest = hashlib.sha1()
+    for path in sorted(folder.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:10]
+
+
+# Per Triton version (a new compiler changes which tiles are fastest, and which fit at all) and
+# per kernel source: new kernels or candidate tiles must get their chance against an old choice.
+CACHE_FILE = f"kernel_configs-triton{triton.__version__}-{sources_digest(Path(__file__).parent)}.json"
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -206,6 +208,23 @@ def test_config_cache_roundtrip(tmp_path, monkeypatch):
     assert tuning.ConfigCache().get("dev|gemv|m=1") == cfg
     assert (tmp_path / tuning.CACHE_FILE).exists() and triton.__version__ in tuning.CACHE_FILE
     assert tuning.m_bucket(1) == 1 and tuning.m_bucket(5) == 8 and tuning.m_bucket(2048) == 2048
+
+
+def test_cache_file_names_the_kernel_sources_it_was_tuned_for(tmp_path):
+    """A change to a kernel or a candidate table moves the cache to a new file, so new tiles are
+    timed instead of an old choice being read back; other files and unchanged sources do not."""
+    import efficientqat.kernels as package
+
+    src = Path(package.__file__).parent
+    for path in src.glob("*.py"):
+        (tmp_path / path.name).write_bytes(path.read_bytes())
+    assert tuning.sources_digest(tmp_path) == tuning.sources_digest(src)
+    assert tuning.sources_digest(src) in tuning.CACHE_FILE
+    (tmp_path / "notes.txt").write_text("not a source")
+    assert tuning.sources_digest(tmp_path) == tuning.sources_digest(src)
+    table = tmp_path / "candidates.py"
+    table.write_text(table.read_text() + "\n# one more tile\n")
+    assert tuning.sources_digest(tmp_path) != tuning.sources_digest(src)
 
 
 def test_config_cache_keeps_entries_another_process_wrote(tmp_path, monkeypatch):
