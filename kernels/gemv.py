@@ -171,6 +171,16 @@ def _paired_operands(w0, x_words, J: tl.constexpr, PAIRS: tl.constexpr, BITS: tl
 
 
 @triton.jit
+def _paired_dot(xj, codes, part, W_AS_A: tl.constexpr, DOT_PREC: tl.constexpr):
+    """``part + xj @ codes``; with ``W_AS_A`` ``part`` is held transposed, ``[BLOCK_N, BLOCK_M]``,
+    and the codes are the register operand of ``wgmma`` (:data:`PAIRED_WGMMA`)."""
+    if W_AS_A:
+        return tl.dot(tl.trans(codes), tl.trans(xj), part, input_precision=DOT_PREC)
+    else:
+        return tl.dot(xj, codes, part, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K,
@@ -196,6 +206,10 @@ def _dq_gemv_tc_kernel(
     shift and mask. Being elementwise on a loaded tile, that goes to the tensor cores' operand
     layout through shared memory once per word, not once per slot (a gather per slot cost a
     shared-memory round trip and a barrier for each of the 8-32 slots of a step).
+
+    ``PAIR_MAGIC`` (2/4 bits, fp16/bf16 x): the codes enter the dots two per register as
+    ``PAIR_OFFSET + q`` (:func:`_code_pair`), ``PAIRS`` slot pairs per dot, offset and zero point
+    folded per step; ``W_AS_A`` turns each dot around so the codes are ``wgmma``'s register operand.
 
     Without ``EVEN_K`` the last step is ragged (3-bit K = 11008: 344 chunks, steps of 16): its
     missing chunks read zero words and zero x, and never fold (a folded step ends a group)."""
@@ -226,18 +240,15 @@ def _dq_gemv_tc_kernel(
             # codes as OFFSET + q in pairs: sum x q = part - OFFSET sum x
             x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
             if W_AS_A:
-                part_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for j in tl.static_range(0, VPC // 2, PAIRS):
-                    xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
-                    part_t = tl.dot(tl.trans(codes), tl.trans(xj), part_t, input_precision=DOT_PREC)
-                    x_tot += xj.to(tl.float32)
-                part = tl.trans(part_t)
+                part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             else:
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for j in tl.static_range(0, VPC // 2, PAIRS):
-                    xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
-                    part = tl.dot(xj, codes, part, input_precision=DOT_PREC)
-                    x_tot += xj.to(tl.float32)
+            for j in tl.static_range(0, VPC // 2, PAIRS):
+                xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
+                part = _paired_dot(xj, codes, part, W_AS_A, DOT_PREC)
+                x_tot += xj.to(tl.float32)
+            if W_AS_A:
+                part = tl.trans(part)
             x_sum = tl.sum(x_tot, axis=1)[:, None]
             s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
