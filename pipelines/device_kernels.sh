@@ -3,7 +3,8 @@
 # 10-minute command limit:
 #
 #   bash pipelines/device_kernels.sh tests              # GPU-only kernel tests (paired fp16, tensor-core, graphs)
-#   bash pipelines/device_kernels.sh generate w4g128 1,8  # bench_generate --compile --profile (batches: default 1)
+#   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
+#                                                     # with a fresh cache one batch size per call)
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
 #   bash pipelines/device_kernels.sh profile            # ncu counters: M = 16 tensor cores, M = 1 w2g64 and 4096^2
