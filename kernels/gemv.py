@@ -301,6 +301,11 @@ def pairs_codes(bits: int, group: int, dtype: torch.dtype, block_c: int) -> bool
         and group % (block_c * chunk_values(bits)) == 0
 
 
+def pairs_per_dot(block_c: int) -> int:
+    """Slot pairs in one paired-code dot: depth ``2 pairs block_c`` must reach the 16 a dot needs."""
+    return 1 if block_c >= 8 else 2
+
+
 def gemv1_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
@@ -352,7 +357,7 @@ def gemv_tc_forward(
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
-        PAIRS=1 if cfg.block_k >= 8 else 2, W_AS_A=cfg.variant == PAIRED_WGMMA,
+        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -9,7 +9,7 @@ constexprs and this module picks them:
 * on a GPU every valid candidate is timed once per key (CUDA-graph replays with the L2
   flushed before each call, see ``_time_ms``), the leaders twice more (``_fastest``), and the
   winner is stored in
-  ``<dir>/kernel_configs-triton<version>.json``, where ``<dir>`` is ``$EFFICIENTQAT_CACHE_DIR`` or
+  ``<dir>/kernel_configs-triton<version>-<source hash>.json`` (:data:`CACHE_FILE`), where ``<dir>`` is ``$EFFICIENTQAT_CACHE_DIR`` or
   ``~/.cache/efficientqat``. The key holds the device name, the
   kernel, M's bucket, N, K, bits, group and dtype, so a later run starts tuned.
 """
@@ -31,6 +31,7 @@ import torch
 import triton
 
 from .tiling import PDL_IN_TRITON, zero_workspaces
+
 
 def sources_digest(folder: Path) -> str:
     """A short hash of the ``*.py`` sources in ``folder``: the tuned choice is only as good as

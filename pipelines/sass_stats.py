@@ -33,6 +33,7 @@ from efficientqat.packing import chunk_values
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 OPCODE = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 BACK_BRANCH = re.compile(r"BRA .*`\((\.L_x_\d+)\)")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
@@ -42,12 +43,11 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
     scalars = {n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym")}
     field_mask, one_bits = unit_constants(bits)
-    magic = {"fp16": 0x64006400, "bf16": 0x43004300}[dtype] if paired else 0
     constants = dict(BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=8,
                      DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
-                     XPW=4, PAIR_MAGIC=magic, PAIR_OFFSET=1024.0 if dtype == "fp16" else 128.0,
-                     PAIRS=1 if block_c >= 8 else 2, W_AS_A=wgmma)
+                     XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
+                     PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma)
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
     names = list(signature)
     aligned = [n for n in names if n.endswith("ptr") or n.startswith("stride") or n in ("N", "K")]
@@ -89,7 +89,7 @@ def k_loop(sass: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    p.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
     p.add_argument("--group", type=int, default=128)
     p.add_argument("--block-n", type=int, default=256)
     p.add_argument("--block-c", type=int, default=16, help="packed chunks per K step")
@@ -101,8 +101,7 @@ def main() -> None:
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    if args.paired and not gemv.pairs_codes(args.bits, args.group, dtype, args.block_c):
+    if args.paired and not gemv.pairs_codes(args.bits, args.group, DTYPES[args.dtype], args.block_c):
         raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
     if args.wgmma and not args.paired:
         raise SystemExit("--wgmma takes --paired")
