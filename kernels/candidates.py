@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import torch
+import triton
 
 from efficientqat.packing import chunk_values
 
@@ -196,7 +197,7 @@ def gemv_tc_candidates(N: int, K: int, bits: int, group: int, dtype: torch.dtype
 
 def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype: torch.dtype) -> list[Config]:
     """The tensor-core ``tiles`` as paired-code tiles where that applies, with ``mma.sync`` and
-    then with ``wgmma`` (Hopper; the tuner skips what does not compile), BLOCK_C halved (down to
+    then with ``wgmma`` where this Triton compiles it (Hopper), BLOCK_C halved (down to
     4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped at
     the step count."""
     vpc = chunk_values(bits)
@@ -208,4 +209,13 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
         if pairs_codes(bits, group, dtype, block_c):
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
             out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES, fixup=split > 1))
-    return list(dict.fromkeys(out + [replace(c, variant=PAIRED_WGMMA) for c in out]))
+    wgmma = [replace(c, variant=PAIRED_WGMMA) for c in out] if compiles_register_wgmma() else []
+    return list(dict.fromkeys(out + wgmma))
+
+
+def compiles_register_wgmma(version: str | None = None) -> bool:
+    """Whether this Triton compiles the codes as ``wgmma``'s register operand: 3.6 (the GPU
+    image's) aborts in ``TritonGPUOptimizeDotOperands`` on every such tile; 3.9 compiles them
+    (``tests/test_sass.py``). Versions between are untried, so left out."""
+    major, minor = (int(part) for part in (version or triton.__version__).split(".")[:2])
+    return (major, minor) >= (3, 9)

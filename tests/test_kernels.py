@@ -295,6 +295,19 @@ def test_candidates_respect_groups():
             assert all(1 <= c.split_k <= 4096 // (c.block_k * vpc) for c in cands)
 
 
+def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
+    """Triton 3.6 aborts compiling the codes as wgmma's register operand: its tuner must not be
+    offered those tiles (the sweep and the GPU test stopped on them), while 3.9 gets both kinds."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA
+
+    assert not candidates.compiles_register_wgmma("3.6.0") and candidates.compiles_register_wgmma("3.9.0")
+    assert candidates.compiles_register_wgmma("4.0.1")
+    for version, wanted in (("3.6.0", {PAIRED_CODES}), ("3.9.0", {PAIRED_CODES, PAIRED_WGMMA})):
+        monkeypatch.setattr(candidates.triton, "__version__", version)
+        tiles = candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16)
+        assert {c.variant for c in tiles} - {0} == wanted
+
+
 @pytest.mark.skipif(not GPU, reason="bf16 tl.dot and autotuning need a GPU")
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
 @pytest.mark.parametrize("m", [1, 16, 300])
