@@ -7,7 +7,8 @@
 #                                                     # with a fresh cache one batch size per call)
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
-#   bash pipelines/device_kernels.sh profile            # ncu counters: M = 16 tensor cores, M = 1 w2g64 and 4096^2
+#   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M ..."]  # ncu counters and per-instruction stalls
+#                                                     # (default: M = 16 tensor cores, M = 1 w2g64 and 4096^2)
 #
 # Tuned configs go to $EFFICIENTQAT_CACHE_DIR (default .lab/tc, git-ignored): carry that folder from
 # one call to the next (device tool `carry`) so no call re-tunes what an earlier one tuned; each call
@@ -34,27 +35,29 @@ case $stage in
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
   profile)
-    # stall reasons, achieved occupancy and memory throughput of the tuned kernel (run 2 of session 6:
-    # M = 16 at 0.23 of the copy rate, w2g64 M = 1 at 0.41, the 4096^2 layers one short wave each);
-    # the stall and L2-atomic metrics by name, and without them if this ncu does not know the names
-    ncu_run() {  # SHAPE QUANT M REPORT [ncu options]
-      local shape=$1 quant=$2 m=$3 report=$4; shift 4
-      timeout 170 ncu --clock-control none --profile-from-start off --kernel-name regex:_dq_ --launch-count 1 \
-        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
-        --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats "$@" \
-        python3 pipelines/profile_kernel.py --shape "$shape" --quant "$quant" --m "$m" > "$report" 2>&1
-    }
+    # hardware counters of the tuned kernel (session 7: M = 16 at 12.5% occupancy, 202 registers, 0.21 IPC,
+    # long-scoreboard stalls first): the sections, the stall and L2-atomic metrics by name (retried without
+    # them if this ncu does not know the names), and the per-SASS-instruction stall samples (source page, CSV)
+    # that say which load the warps wait on
     stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:lts__t_(sectors|requests)_op_(red|atom)\.sum"
-    for case in "8192,8192 w4g128 16" "8192,8192 w2g64 1" "4096,4096 w4g128 1"; do
-      read -r shape quant m <<< "$case"
-      report="$out/ncu_${quant}_m${m}_${shape/,/x}.txt"
-      ncu_run "$shape" "$quant" "$m" "$report" --metrics "$stalls" || ncu_run "$shape" "$quant" "$m" "$report"
-      echo "ncu $case: rc $?"
-      grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Registers Per|Issued Ipc|stalled|op_red|op_atom|chosen" \
-        "$report" | head -45
+    for case in ${2:-"8192,8192:w4g128:16 8192,8192:w2g64:1 4096,4096:w4g128:1"}; do
+      IFS=: read -r shape quant m <<< "$case"
+      base="$out/ncu_${quant}_m${m}_${shape/,/x}"
+      for metrics in "--metrics $stalls" ""; do
+        timeout 200 ncu --clock-control none --profile-from-start off --kernel-name regex:_dq_ --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
+          --section SourceCounters --import-source no $metrics -f -o "$base" \
+          python3 pipelines/profile_kernel.py --shape "$shape" --quant "$quant" --m "$m" > "$base.log" 2>&1 && break
+      done
+      ncu -i "$base.ncu-rep" > "$base.txt" 2>&1
+      ncu -i "$base.ncu-rep" --page source --csv --print-source sass > "$base.sass.csv" 2>&1
+      echo "ncu $case:"; grep chosen "$base.log"
+      grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Registers Per|Issued Warp|stalled_(long|short|barrier|wait|mio)" \
+        "$base.txt" | head -20
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, sweep, table QUANTS or profile" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, sweep, table QUANTS or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"
