@@ -11,7 +11,7 @@ import triton
 
 from efficientqat.packing import chunk_values
 
-from .gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_Z_IN_CODES, pairs_codes, pairs_per_dot
+from .gemv import PAIRED_CODES, PAIRED_WGMMA, pairs_codes
 from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, Config, m_bucket
 
 
@@ -196,8 +196,8 @@ def gemv_tc_candidates(N: int, K: int, bits: int, group: int, dtype: torch.dtype
 
 
 def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype: torch.dtype) -> list[Config]:
-    """The tensor-core ``tiles`` as paired-code tiles where that applies, with ``mma.sync``, with
-    the zero point subtracted in the codes, and with ``wgmma`` where this Triton compiles it (Hopper), BLOCK_C halved (down to
+    """The tensor-core ``tiles`` as paired-code tiles where that applies, with ``mma.sync`` and
+    then with ``wgmma`` where this Triton compiles it (Hopper), BLOCK_C halved (down to
     4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped at
     the step count."""
     vpc = chunk_values(bits)
@@ -210,10 +210,7 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
             out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES, fixup=split > 1))
     wgmma = [replace(c, variant=PAIRED_WGMMA) for c in out] if compiles_register_wgmma() else []
-    # zero point in the codes: one slot pair per dot only (at two, sm_90 SASS shows the broadcast
-    # zero point costing more barriers than the x sum it saves)
-    z_in_codes = [replace(c, variant=PAIRED_Z_IN_CODES) for c in out if pairs_per_dot(c.block_k) == 1]
-    return list(dict.fromkeys(out + z_in_codes + wgmma))
+    return list(dict.fromkeys(out + wgmma))
 
 
 def compiles_register_wgmma(version: str | None = None) -> bool:

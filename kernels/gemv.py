@@ -190,7 +190,6 @@ def _dq_gemv_tc_kernel(
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
-    Z_IN_CODES: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -234,38 +233,25 @@ def _dq_gemv_tc_kernel(
         if not EVEN_K:
             mask_w = mask_w & (chunks < K // VPC)[:, None]
             mask_x = mask_x & (chunks < K // VPC)[None, :]
-        if PAIR_MAGIC:  # issued before the words (after the dots they stalled every step)
-            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
         x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
         if PAIR_MAGIC:
-            # codes as OFFSET + q in pairs. Z_IN_CODES: less OFFSET + z, the exact small integers
-            # q - z, so the dots give sum x (q - z) with no per-step sum of x (whose cross-warp
-            # reduction was a top stall site in the M = 16 profile); otherwise
-            # sum x (q - z) = part - (OFFSET + z) sum x
-            if Z_IN_CODES:
-                z_code = (z + PAIR_OFFSET).to(dtype)[None, :]
-            else:
-                x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
+            # codes as OFFSET + q in pairs: sum x q = part - OFFSET sum x
+            x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
             if W_AS_A:
                 part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             else:
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(0, VPC // 2, PAIRS):
                 xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
-                if Z_IN_CODES:
-                    part = _paired_dot(xj, codes - z_code, part, W_AS_A, DOT_PREC)
-                else:
-                    part = _paired_dot(xj, codes, part, W_AS_A, DOT_PREC)
-                    x_tot += xj.to(tl.float32)
+                part = _paired_dot(xj, codes, part, W_AS_A, DOT_PREC)
+                x_tot += xj.to(tl.float32)
             if W_AS_A:
                 part = tl.trans(part)
-            if Z_IN_CODES:
-                acc += part * s[None, :]
-            else:
-                x_sum = tl.sum(x_tot, axis=1)[:, None]
-                acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
+            x_sum = tl.sum(x_tot, axis=1)[:, None]
+            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
+            acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
         elif FOLD_SCALES:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             x_tot = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -302,11 +288,6 @@ PAIRED_WGMMA = 2
 its shared-memory operand (``y^T = W x^T``), instead of ``mma.sync`` with x as A: sm_90 SASS at
 128 columns 3.86 instead of 4.13 lane-instructions per weight and 116 instead of 124 registers (at
 256 both 3.12), and tensor-core work that does not hold the issuing warp."""
-PAIRED_Z_IN_CODES = 3
-"""Paired codes (``mma.sync``) with the zero point subtracted from the codes in fp16/bf16 pairs
-(``(OFFSET + q) - (OFFSET + z)``, exact) instead of folded through a per-step sum of x: more
-instructions per weight (sm_90: 4.1 vs 3.1 at 4 bits), none of that sum's cross-warp reduction."""
-PAIRED_VARIANTS = (PAIRED_CODES, PAIRED_WGMMA, PAIRED_Z_IN_CODES)
 PAIR_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
 """Exponent bits that make a code field ``q`` the 16-bit float ``PAIR_OFFSET + q``."""
 PAIR_OFFSET = {torch.float16: 1024.0, torch.bfloat16: 128.0}
@@ -351,7 +332,7 @@ def gemv_tc_forward(
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
     """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16; >= 4 with
-    ``cfg.variant`` in :data:`PAIRED_VARIANTS`, the codes in fp16 / bf16 pairs,
+    ``cfg.variant`` :data:`PAIRED_CODES` or :data:`PAIRED_WGMMA`, the codes in fp16 / bf16 pairs,
     see :func:`pairs_codes`)."""
     M, K = x.shape
     N = qweight.shape[1]
@@ -359,7 +340,7 @@ def gemv_tc_forward(
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
-    paired = cfg.variant in PAIRED_VARIANTS
+    paired = cfg.variant in (PAIRED_CODES, PAIRED_WGMMA)
     if paired and not pairs_codes(bits, group, x.dtype, cfg.block_k):
         raise ValueError(f"paired codes need 2/4-bit codes, fp16/bf16 x and a step of {step} values "
                          f"inside a group (got {bits} bits, group {group}, {x.dtype})")
@@ -376,7 +357,7 @@ def gemv_tc_forward(
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
-        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA, Z_IN_CODES=cfg.variant == PAIRED_Z_IN_CODES,
+        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -37,7 +37,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
-               paired: bool, wgmma: bool = False, z_in_codes: bool = False) -> tuple[str, str]:
+               paired: bool, wgmma: bool = False) -> tuple[str, str]:
     """Resource usage (``cuobjdump``) and SASS text of ``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
@@ -47,8 +47,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
-                     PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma,
-                     Z_IN_CODES=z_in_codes)
+                     PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma)
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
     names = list(signature)
     aligned = [n for n in names if n.endswith("ptr") or n.startswith("stride") or n in ("N", "K")]
@@ -98,26 +97,23 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
     p.add_argument("--wgmma", action="store_true", help="with --paired: codes as wgmma's register operand (PAIRED_WGMMA)")
-    p.add_argument("--z-in-codes", action="store_true",
-                   help="with --paired: zero point subtracted in the codes (PAIRED_Z_IN_CODES)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
     if args.paired and not gemv.pairs_codes(args.bits, args.group, DTYPES[args.dtype], args.block_c):
         raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
-    if (args.wgmma or args.z_in_codes) and not args.paired:
-        raise SystemExit("--wgmma and --z-in-codes take --paired")
+    if args.wgmma and not args.paired:
+        raise SystemExit("--wgmma takes --paired")
     usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages,
-                             args.paired, args.wgmma, args.z_in_codes)
+                             args.paired, args.wgmma)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
     weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step
     stats = {"registers": int(registers), "local_stores": whole["STL"],
              "barriers": sum(n for op, n in whole.items() if op.startswith("BAR")),
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
-             "tensor_ops": sorted(op for op in loop if "MMA" in op),
-             "loop_shuffles": sum(n for op, n in loop.items() if op.startswith("SHFL"))}
+             "tensor_ops": sorted(op for op in loop if "MMA" in op)}
     if args.json:
         print(json.dumps(stats))
         return

@@ -298,12 +298,11 @@ def test_candidates_respect_groups():
 def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
     """Triton 3.6 aborts compiling the codes as wgmma's register operand: its tuner must not be
     offered those tiles (the sweep and the GPU test stopped on them), while 3.9 gets both kinds."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_Z_IN_CODES
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA
 
     assert not candidates.compiles_register_wgmma("3.6.0") and candidates.compiles_register_wgmma("3.9.0")
     assert candidates.compiles_register_wgmma("4.0.1")
-    for version, wanted in (("3.6.0", {PAIRED_CODES, PAIRED_Z_IN_CODES}),
-                            ("3.9.0", {PAIRED_CODES, PAIRED_Z_IN_CODES, PAIRED_WGMMA})):
+    for version, wanted in (("3.6.0", {PAIRED_CODES}), ("3.9.0", {PAIRED_CODES, PAIRED_WGMMA})):
         monkeypatch.setattr(candidates.triton, "__version__", version)
         tiles = candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16)
         assert {c.variant for c in tiles} - {0} == wanted
@@ -369,11 +368,11 @@ def test_gemv_tc_scales_per_step_or_per_weight(bits, group, dtype):
                                                  (2, 64, 4), (4, 32, 4)])
 def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
     """The tensor-core kernel with codes taken as fp16 pairs ``1024 + q`` (two fields per and-or,
-    no float conversion; the offset folded out per step with the zero point, or subtracted in the
-    codes with it), as mma.sync's B or wgmma's A operand, against float64, at M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and
+    no float conversion; the offset folded out per step with the zero point), as mma.sync's B or
+    wgmma's A operand, against float64, at M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and
     atomics), with bias; 4-chunk steps put
     two slot pairs in each dot (w2g64, w4g32). A clear error where pairs do not apply (float32 x)."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_Z_IN_CODES, gemv_tc_forward, pairs_codes
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv_tc_forward, pairs_codes
 
     gen = torch.Generator().manual_seed(bits * 11 + group)
     n, k = 96, 1024
@@ -385,8 +384,7 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         ref = reference(x, q, z, scales, gl, bias)[0]
         for variant, split, fixup in ((PAIRED_CODES, 1, False), (PAIRED_CODES, 3, False), (PAIRED_CODES, 3, True),
-                                      (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True),
-                                      (PAIRED_Z_IN_CODES, 1, False), (PAIRED_Z_IN_CODES, 3, True)):
+                                      (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True)):
             cfg = tuning.Config(16, 32, block_c, split, 4, 1, variant, fixup=fixup)
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
             assert y.shape == (m, n) and y.dtype == torch.float16
@@ -582,7 +580,7 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
     """The leading tensor-core decode tiles at M = 2 and 16, x read as 64-bit words, including an x that
     starts 2 bytes past an 8-byte boundary (copied first) and a ragged 3-bit K; at 2/4 bits also the
     paired-code tiles (mma.sync and wgmma, fp16 and bf16)."""
-    from efficientqat.kernels.gemv import PAIRED_VARIANTS, gemv_tc_forward
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv_tc_forward
 
     gen = torch.Generator().manual_seed(bits)
     k = 11008 if bits == 3 else 4096
@@ -593,7 +591,7 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
             ref = reference(x, q, z, scales, gl)[0]
             tiles = candidates.gemv_tc_candidates(1024, k, bits, gl, dtype)
             # compile time: the leading tiles, and one of each paired-code variant (2/4 bits)
-            paired = [next((c for c in tiles if c.variant == v), None) for v in PAIRED_VARIANTS]
+            paired = [next((c for c in tiles if c.variant == v), None) for v in (PAIRED_CODES, PAIRED_WGMMA)]
             for cfg in tiles[:4] + [c for c in paired if c is not None]:
                 assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
 

@@ -55,12 +55,3 @@ def test_paired_codes_as_the_wgmma_register_operand_compile_for_hopper():
 def test_paired_codes_refuse_a_step_past_the_group():
     done = run_script("--bits", "2", "--group", "64", "--block-c", "16", "--paired")
     assert done.returncode != 0 and "inside --group 64" in done.stderr
-
-
-def test_zero_point_in_the_codes_drops_the_x_sum_reduction():
-    """PAIRED_Z_IN_CODES exists to remove the per-step cross-lane sum of x (the M = 16 profile's
-    top stall site after the scale load): its K loop must shuffle nothing where the x-sum fold does."""
-    tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--stages", "3", "--paired"]
-    folded, in_codes = sass(*tile), sass(*tile, "--z-in-codes")
-    assert folded["loop_shuffles"] > 0 and in_codes["loop_shuffles"] == 0
-    assert in_codes["local_stores"] == 0 and in_codes["barriers"] < folded["barriers"]
