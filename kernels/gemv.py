@@ -184,7 +184,7 @@ def _paired_dot(xj, codes, part, W_AS_A: tl.constexpr, DOT_PREC: tl.constexpr):
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K,
-    stride_xw, stride_qk, stride_g, stride_ym,
+    stride_xw, stride_qk, stride_qn, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
@@ -233,7 +233,7 @@ def _dq_gemv_tc_kernel(
         if not EVEN_K:
             mask_w = mask_w & (chunks < K // VPC)[:, None]
             mask_x = mask_x & (chunks < K // VPC)[None, :]
-        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_w, BITS)
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n * stride_qn, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
         x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
         if PAIR_MAGIC:
@@ -351,7 +351,7 @@ def gemv_tc_forward(
     _dq_gemv_tc_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K,
-        x.stride(0) * x.element_size() // 8, qweight.stride(0), scales.stride(0), y.stride(0),
+        x.stride(0) * x.element_size() // 8, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,

@@ -37,18 +37,23 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
-               paired: bool, wgmma: bool = False) -> tuple[str, str]:
+               paired: bool, wgmma: bool = False, k_major: bool = False) -> tuple[str, str]:
     """Resource usage (``cuobjdump``) and SASS text of ``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
-    scalars = {n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym")}
+    # the unit stride of the codes (along N, or along K for the K-major repack) is specialised as
+    # Triton does at run time for an int argument of 1
+    unit_stride = "stride_qk" if k_major else "stride_qn"
+    scalars = {n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_qn", "stride_g", "stride_ym")
+               if n != unit_stride}
     field_mask, one_bits = unit_constants(bits)
-    constants = dict(BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=8,
+    constants = dict({unit_stride: 1}, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=8,
                      DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma)
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    signature = {name: signature[name] for name in gemv._dq_gemv_tc_kernel.arg_names}
     names = list(signature)
     aligned = [n for n in names if n.endswith("ptr") or n.startswith("stride") or n in ("N", "K")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
@@ -97,6 +102,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
     p.add_argument("--wgmma", action="store_true", help="with --paired: codes as wgmma's register operand (PAIRED_WGMMA)")
+    p.add_argument("--k-major", action="store_true", help="codes repacked K-major (qweight.t().contiguous().t())")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -106,7 +112,7 @@ def main() -> None:
     if args.wgmma and not args.paired:
         raise SystemExit("--wgmma takes --paired")
     usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages,
-                             args.paired, args.wgmma)
+                             args.paired, args.wgmma, args.k_major)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
     weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step

@@ -97,12 +97,14 @@ def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tu
 
 
 def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, kernels: set[str],
-          variants: list[str]) -> list[dict]:
+          variants: list[str], k_major: bool = False) -> list[dict]:
     spec = QuantSpec.from_name(quant)
     first = make_layer(n, k, spec, "cuda")
     packed = first.qweight.numel() * 4 + first.scales.numel() * 3
     layers = [first] + [make_layer(n, k, spec, "cuda") for _ in range(min(48, math.ceil(ROTATION_BYTES / packed)) - 1)]
     zeros = [layer.kernel_zeros() for layer in layers]
+    # --k-major: the same codes stored column by column (each column's words contiguous along K)
+    codes = [layer.qweight.t().contiguous().t() if k_major else layer.qweight for layer in layers]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
     ref = xs[0].float() @ layers[0].dequantize_weight(torch.float32).t()
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(max(2, math.ceil(ROTATION_BYTES / (2 * n * k))))]
@@ -120,7 +122,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
 
         def call(i: int, cfg: tuning.Config = cfg) -> torch.Tensor:
             layer = layers[i]
-            return launcher(cfg)(xs[i], layer.qweight, layer.scales, zeros[i], None, spec.bits, spec.group_size, cfg)
+            return launcher(cfg)(xs[i], codes[i], layer.scales, zeros[i], None, spec.bits, spec.group_size, cfg)
 
         try:
             err = ((call(0).float() - ref).norm() / ref.norm()).item()
@@ -128,7 +130,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
             print(f"{quant} {cfg}: skipped ({type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''})", flush=True)
             continue
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
-        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel_name(cfg),
+        rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel_name(cfg) + ("/K-major" if k_major else ""),
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
                          variant=cfg.variant, stages=cfg.num_stages, fixup=cfg.fixup, pdl=cfg.pdl,
                          us=t * 1e3, cublas_us=t_cublas * 1e3,
@@ -148,6 +150,8 @@ def main() -> None:
     ap.add_argument("--variants", default="plain,fixup,pdl",
                     help="write-back / launch of each tile: plain (memset + atomics), fixup (in-kernel split-K "
                          "reduction), pdl (fixup + programmatic dependent launch)")
+    ap.add_argument("--k-major", action="store_true",
+                    help="codes repacked K-major (each column's words contiguous): tensor-core kernels only")
     args = ap.parse_args()
     variants = args.variants.split(",")
     if not set(variants) <= {"plain", "fixup", "pdl"}:
@@ -155,13 +159,15 @@ def main() -> None:
     kernels = set(args.kernels.split(","))
     if not kernels <= {"gemv1", "half2", "tc", "tcp"}:
         raise SystemExit(f"--kernels takes gemv1, half2, tc and tcp (tensor cores, paired codes), not {args.kernels}")
+    if args.k_major and not kernels <= {"tc", "tcp"}:
+        raise SystemExit("--k-major applies to the tensor-core kernels only: pass --kernels tc,tcp")
     n, k = map(int, args.shape.split(","))
     ms = [int(m) for m in args.m.split(",")]
     if not all(1 <= m <= 16 for m in ms):
         raise SystemExit(f"--m takes row counts from 1 to 16, not {args.m}")
     copy_bw = copy_bandwidth()
     cases = list(itertools.product(args.quants.split(","), ms))
-    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels, variants)]
+    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels, variants, args.k_major)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
     print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | variant | stages | fixup | pdl | us | x cuBLAS | BW/copy |\n"

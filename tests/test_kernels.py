@@ -393,6 +393,24 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
         gemv_tc_forward(x.float(), qw, scales, zeros, None, bits, gl, tuning.Config(16, 32, block_c, 1, 4, 1, PAIRED_CODES))
 
 
+@pytest.mark.parametrize("bits,group,paired", [(4, 128, True), (3, 128, False), (2, 64, False)])
+def test_gemv_tc_reads_k_major_codes(bits, group, paired):
+    """The tensor-core decode kernel takes the codes' column stride: the same codes stored K-major
+    (each column's words contiguous, the layout that lets its pipelined copies move 16 bytes) give
+    the float64 result, split-K with the in-kernel reduction included."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward
+
+    gen = torch.Generator().manual_seed(bits * 7)
+    n, k = 64, 1024
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    k_major = qw.t().contiguous().t()
+    assert k_major.stride() == (1, qw.shape[0]) and torch.equal(k_major, qw)
+    x = torch.randn(16, k, generator=gen).to(DEV, torch.float16)
+    ref = reference(x, q, z, scales, gl)[0]
+    cfg = tuning.Config(16, 32, 16 if paired else 8, 2, 4, 1, PAIRED_CODES if paired else 0, fixup=True)
+    assert rel(gemv_tc_forward(x, k_major, scales, zeros, None, bits, gl, cfg), ref) < 3e-3
+
+
 @pytest.mark.parametrize("bits,group,block_c,k", [(3, 128, 16, 1280), (3, -1, 16, 1280), (2, 64, 32, 1280),
                                                  (4, 128, 32, 1152), (8, 64, 32, 1088)])
 def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
