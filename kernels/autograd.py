@@ -159,6 +159,9 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K).contiguous()
     scales = scales.contiguous()
+    # only the decode kernels take a column stride (K-major codes, sweep_decode.py --k-major);
+    # every path here reads N-major words, so any other view is copied rather than misread
+    qweight = qweight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     if x2d.shape[0] == 0:

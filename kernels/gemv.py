@@ -30,11 +30,12 @@ from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
 
 @triton.jit
-def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C: tl.constexpr, BITS: tl.constexpr):
+def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C: tl.constexpr,
+                 BITS: tl.constexpr):
     """The packed words of step ``step`` (all-zero from ``s_hi`` on: the prefetch after the last
     step; the column limit drops to <= 0 there)."""
     mask = offs_n < tl.minimum(N, (s_hi - step) * N)
-    return load_chunk_words(qw_ptr, step * BLOCK_C + offs_c, offs_n, stride_qk, mask[None, :], BITS)
+    return load_chunk_words(qw_ptr, step * BLOCK_C + offs_c, offs_n * stride_qn, stride_qk, mask[None, :], BITS)
 
 
 @triton.jit
@@ -61,7 +62,7 @@ def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, s
 @triton.jit
 def _dq_gemv1_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
-    N, K, stride_qk, stride_g, field_mask, one_bits,
+    N, K, stride_qk, stride_qn, stride_g, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     STAGES: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
@@ -94,13 +95,13 @@ def _dq_gemv1_kernel(
     wait_for_previous_grid(PDL)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PREFETCH:
-        n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
+        n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
     for step in tl.range(s_lo, s_hi, num_stages=STAGES):
         if PREFETCH:
             w0, w1, w2 = n0, n1, n2
-            n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
+            n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
         else:
-            w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, N, BLOCK_C, BITS)
+            w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
         acc += _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g,
                            field_mask, one_bits, BITS, GROUP, BLOCK_C)
 
@@ -318,7 +319,7 @@ def gemv1_forward(
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv1_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
-        N, K, qweight.stride(0), scales.stride(0), *unit_constants(bits),
+        N, K, qweight.stride(0), qweight.stride(1), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
         STAGES=cfg.num_stages, FIXUP=fixup, PDL=cfg.pdl,

@@ -264,7 +264,7 @@ def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
 @triton.jit
 def _dq_gemv_half2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
-    M, N, K, stride_xw, stride_qk, stride_g, stride_ym, magic,
+    M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
@@ -286,8 +286,9 @@ def _dq_gemv_half2_kernel(
     s_lo = pid_k * n_steps // SPLIT_K
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
     xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
+    cols = offs_n * stride_qn  # word offsets of the columns (1: the standard N-major codes)
     if ONE_STEP:  # one step per program: its codes stream while the previous grid ends
-        words = _step_words(qw_ptr, s_lo * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
+        words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
         s, z = load_group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
@@ -295,7 +296,7 @@ def _dq_gemv_half2_kernel(
         wait_for_previous_grid(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi):
-            words = _step_words(qw_ptr, step * BLOCK_C, offs_n, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
+            words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
             s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
@@ -322,7 +323,7 @@ def gemv_half2_forward(
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_half2_kernel[grid](
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
-        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), scales.stride(0), y.stride(0), MAGIC,
+        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,

@@ -6,6 +6,7 @@
 #   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
 #                                                     # with a fresh cache one batch size per call)
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
+#   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
 #   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M ..."]  # ncu counters and per-instruction stalls
 #                                                     # (default: M = 16 tensor cores, M = 1 w2g64 and 4096^2)
@@ -31,6 +32,15 @@ case $stage in
       --kernels half2 --variants fixup,pdl --budget-s 60 --out "$out/sweep_m1" 2>&1 | grep "^|" | head -12
     timeout 270 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128 --m 4,16 \
       --kernels tc,tcp --variants fixup --budget-s 150 --out "$out/sweep_m16" 2>&1 | grep "^|" | head -12 ;;
+  kmajor)
+    # session 7: K-major codes took the M = 16 tensor-core kernel from 32.2 to 28.3 us; one layout has
+    # to serve every M, so the M = 1 kernels are timed on both too (same process per layout, cuBLAS alongside)
+    for layout in "" "--k-major"; do
+      timeout 140 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128,w2g64 --m 1 --kernels half2,gemv1 \
+        --variants fixup --budget-s 30 $layout --out "$out/kmajor_m1$layout" 2>&1 | grep "^|" | head -8
+      timeout 120 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128 --m 16,4 --kernels tcp \
+        --variants fixup --budget-s 25 $layout --out "$out/kmajor_m16$layout" 2>&1 | grep "^|" | head -8
+    done ;;
   table)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
@@ -57,7 +67,7 @@ case $stage in
         "$base.txt" | head -20
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, sweep, table QUANTS or profile [CASES]" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, sweep, kmajor, table QUANTS or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"

@@ -393,12 +393,13 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
         gemv_tc_forward(x.float(), qw, scales, zeros, None, bits, gl, tuning.Config(16, 32, block_c, 1, 4, 1, PAIRED_CODES))
 
 
-@pytest.mark.parametrize("bits,group,paired", [(4, 128, True), (3, 128, False), (2, 64, False)])
-def test_gemv_tc_reads_k_major_codes(bits, group, paired):
-    """The tensor-core decode kernel takes the codes' column stride: the same codes stored K-major
-    (each column's words contiguous, the layout that lets its pipelined copies move 16 bytes) give
-    the float64 result, split-K with the in-kernel reduction included."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
+def test_decode_kernels_read_k_major_codes(bits, group):
+    """Every decode kernel takes the codes' column stride: the same codes stored K-major (each
+    column's words contiguous, the layout whose pipelined copies move 16 bytes in the tensor-core
+    kernel) give the float64 result, split-K with the in-kernel reduction included."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, gemv1_forward, gemv_tc_forward
+    from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(bits * 7)
     n, k = 64, 1024
@@ -407,8 +408,15 @@ def test_gemv_tc_reads_k_major_codes(bits, group, paired):
     assert k_major.stride() == (1, qw.shape[0]) and torch.equal(k_major, qw)
     x = torch.randn(16, k, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
-    cfg = tuning.Config(16, 32, 16 if paired else 8, 2, 4, 1, PAIRED_CODES if paired else 0, fixup=True)
-    assert rel(gemv_tc_forward(x, k_major, scales, zeros, None, bits, gl, cfg), ref) < 3e-3
+    tc = tuning.Config(16, 32, 16 if bits == 4 else 8, 2, 4, 1, PAIRED_CODES if bits == 4 else 0, fixup=True)
+    assert rel(gemv_tc_forward(x, k_major, scales, zeros, None, bits, gl, tc), ref) < 3e-3
+    assert rel(gemv1_forward(x[:1], k_major, scales, zeros, None, bits, gl, tuning.Config(1, 32, 1, 3, 4, 1)),
+               ref[:1]) < 3e-3
+    half2 = tuning.Config(4, 32, 1, 2, 4, 1, tuning.HALF2, fixup=True)
+    assert rel(gemv_half2_forward(x[:3], k_major, scales, zeros, None, bits, gl, half2), ref[:3]) < 3e-3
+    # the public op: every path (here the GEMM at M = 40) gets N-major words, whatever view comes in
+    x40 = torch.randn(40, k, generator=gen).to(DEV, torch.float16)
+    assert rel(dequant_linear(x40, k_major, scales, zeros, None, bits, gl), reference(x40, q, z, scales, gl)[0]) < 3e-3
 
 
 @pytest.mark.parametrize("bits,group,block_c,k", [(3, 128, 16, 1280), (3, -1, 16, 1280), (2, 64, 32, 1280),
