@@ -323,7 +323,8 @@ def gemv_half2_forward(
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_half2_kernel[grid](
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
-        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0), MAGIC,
+        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0),
+        y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,

@@ -47,7 +47,8 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
     scalars = {n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_qn", "stride_g", "stride_ym")
                if n != unit_stride}
     field_mask, one_bits = unit_constants(bits)
-    constants = dict({unit_stride: 1}, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n, BLOCK_C=block_c, SPLIT_K=8,
+    constants = dict({unit_stride: 1}, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n,
+                     BLOCK_C=block_c, SPLIT_K=8,
                      DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
@@ -55,7 +56,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
     signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
     signature = {name: signature[name] for name in gemv._dq_gemv_tc_kernel.arg_names}
     names = list(signature)
-    aligned = [n for n in names if n.endswith("ptr") or n.startswith("stride") or n in ("N", "K")]
+    aligned = [n for n in names if n.endswith("ptr") or (n.startswith("stride") and n not in constants) or n in ("N", "K")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(fn=gemv._dq_gemv_tc_kernel, signature=signature, constexprs=constants, attrs=attrs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -119,7 +120,8 @@ def main() -> None:
     stats = {"registers": int(registers), "local_stores": whole["STL"],
              "barriers": sum(n for op, n in whole.items() if op.startswith("BAR")),
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
-             "tensor_ops": sorted(op for op in loop if "MMA" in op)}
+             "tensor_ops": sorted(op for op in loop if "MMA" in op),
+             "loop_async_copies": sum(n for op, n in loop.items() if op.startswith("LDGSTS"))}
     if args.json:
         print(json.dumps(stats))
         return

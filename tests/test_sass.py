@@ -55,3 +55,13 @@ def test_paired_codes_as_the_wgmma_register_operand_compile_for_hopper():
 def test_paired_codes_refuse_a_step_past_the_group():
     done = run_script("--bits", "2", "--group", "64", "--block-c", "16", "--paired")
     assert done.returncode != 0 and "inside --group 64" in done.stderr
+
+
+def test_k_major_codes_reach_shared_memory_in_16_byte_copies():
+    """N-major codes meet a K-major shared tile and go over in 4-byte async copies (session 7's
+    profile: L1 65-70% busy at M = 16); stored K-major they need a quarter of the copy instructions
+    (x's few copies unchanged: 36 -> 12 in all at this tile with Triton 3.9)."""
+    tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--stages", "3", "--paired"]
+    n_major, k_major = sass(*tile), sass(*tile, "--k-major")
+    assert k_major["local_stores"] == 0 and k_major["loop_async_copies"] > 0
+    assert 3 * k_major["loop_async_copies"] <= n_major["loop_async_copies"]
