@@ -183,7 +183,7 @@ def gemv_tc_candidates(N: int, K: int, bits: int, group: int, dtype: torch.dtype
     """M = 2..16 tensor-core kernel loading each word once; ``block_k`` holds BLOCK_C (>= 16 for
     the dot depth). Any K: a last step short of BLOCK_C chunks is masked; split-K is capped at
     the step count. Then, where they apply, the three leading tiles with the codes in 16-bit pairs
-    (``gemv.PAIRED_CODES`` / ``PAIRED_WGMMA``, reducing split-K in the kernel): sm_90 SASS 3.1
+    (``gemv.PAIRED_CODES`` / ``PAIRED_WGMMA``): sm_90 SASS 3.1
     instead of 4.8 instructions per weight and 179 instead of 255 registers at the best tile;
     untimed, so the tuner keeps them only if faster."""
     vpc = chunk_values(bits)
@@ -199,7 +199,9 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
     """The tensor-core ``tiles`` as paired-code tiles where that applies, with ``mma.sync`` and
     then with ``wgmma`` where this Triton compiles it (Hopper), BLOCK_C halved (down to
     4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped at
-    the step count."""
+    the step count. They write back as ``tiles`` do; :func:`with_launch_variants` adds the twins
+    that reduce split-K in the kernel (session 7, M = 8 decode: the tuner picked atomics over the
+    in-kernel reduction for the unpaired tiles of the two largest layers, so both go to it)."""
     vpc = chunk_values(bits)
     out = []
     for c in tiles:
@@ -208,7 +210,7 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
             block_c //= 2
         if pairs_codes(bits, group, dtype, block_c):
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
-            out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES, fixup=split > 1))
+            out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES))
     wgmma = [replace(c, variant=PAIRED_WGMMA) for c in out] if compiles_register_wgmma() else []
     return list(dict.fromkeys(out + wgmma))
 

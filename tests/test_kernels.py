@@ -308,6 +308,18 @@ def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
         assert {c.variant for c in tiles} - {0} == wanted
 
 
+def test_paired_tiles_reach_the_tuner_with_both_write_backs():
+    """At M = 8 the tuner chose split-K by atomics over the in-kernel reduction for the largest
+    decode layers (session 7): each split-K paired-code tile must be offered both ways too."""
+    from efficientqat.kernels.autograd import decode_candidates
+    from efficientqat.kernels.gemv import PAIRED_CODES
+
+    x = torch.zeros(8, 4096, dtype=torch.float16)
+    paired = [c for c in decode_candidates(x, 8, 12288, 4096, 4, 128) if c.variant == PAIRED_CODES and not c.pdl]
+    split = {replace(c, fixup=False) for c in paired if c.split_k > 1}
+    assert split and all(replace(c, fixup=f) in paired for c in split for f in (False, True))
+
+
 @pytest.mark.skipif(not GPU, reason="bf16 tl.dot and autotuning need a GPU")
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
 @pytest.mark.parametrize("m", [1, 16, 300])
