@@ -145,7 +145,8 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                    bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` = ``x @ W^T + bias`` with W decoded from packed codes.
 
-    ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout); ``scales``: ``[G, N]`` (any float dtype,
+    ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout; any strides: every kernel takes both, so the
+    codes may be stored K-major, ``qweight.t().contiguous().t()``); ``scales``: ``[G, N]`` (any float dtype,
     may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`; ``group``: the
     group length in columns (K for per-channel).
     """
@@ -159,9 +160,6 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K).contiguous()
     scales = scales.contiguous()
-    # only the decode kernels take a column stride (K-major codes, sweep_decode.py --k-major);
-    # every path here reads N-major words, so any other view is copied rather than misread
-    qweight = qweight.contiguous()
     if bias is not None:
         bias = bias.contiguous()
     if x2d.shape[0] == 0:

@@ -28,7 +28,7 @@ from .unpack import dequant_tile, load_codes, load_group_row
 def _dq_grad_input_kernel(
     dy_ptr, qw_ptr, s_ptr, z_ptr, dx_ptr,
     M, N, K,
-    stride_dym, stride_qk, stride_g, stride_dxm,
+    stride_dym, stride_qk, stride_qn, stride_g, stride_dxm,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -48,7 +48,7 @@ def _dq_grad_input_kernel(
         mask_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
-        q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
+        q = load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS)
         s, z = load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n)
         w_t = dequant_tile(q, s, z, dtype)  # [BLOCK_K, BLOCK_N] = W^T tile
         acc = tl.dot(dy, tl.trans(w_t), acc, input_precision=DOT_PREC)
@@ -60,7 +60,7 @@ def _dq_grad_input_kernel(
 def _dq_grad_scales_kernel(
     x_ptr, dy_ptr, qw_ptr, z_ptr, ds_ptr,
     M, N, K,
-    stride_xm, stride_dym, stride_qk, stride_g,
+    stride_xm, stride_dym, stride_qk, stride_qn, stride_g,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -81,7 +81,7 @@ def _dq_grad_scales_kernel(
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         p = tl.dot(x_t, dy, p, input_precision=DOT_PREC)
 
-    q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS).to(tl.float32)
+    q = load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS).to(tl.float32)
     if BLOCK_K <= GROUP:
         g = (pid_k * BLOCK_K) // GROUP
         z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
@@ -111,7 +111,7 @@ def grad_input(
     _dq_grad_input_kernel[grid](
         dy, qweight, scales, zeros, dx,
         M, N, K,
-        dy.stride(0), qweight.stride(0), scales.stride(0), dx.stride(0),
+        dy.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), dx.stride(0),
         BITS=bits, GROUP=group,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
         DOT_PREC=dot_precision(dy.dtype),
@@ -134,7 +134,7 @@ def grad_scales(
     _dq_grad_scales_kernel[grid](
         x, dy, qweight, zeros, ds,
         M, N, K,
-        x.stride(0), dy.stride(0), qweight.stride(0), zeros.stride(0),
+        x.stride(0), dy.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0),
         BITS=bits, GROUP=group,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         ATOMIC=atomic, DOT_PREC=dot_precision(x.dtype),

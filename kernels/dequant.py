@@ -29,7 +29,7 @@ from .unpack import load_chunk_words, slot_code
 @triton.jit
 def _decode_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr,
-    N, stride_qk, stride_g, stride_wk,
+    N, stride_qk, stride_qn, stride_g, stride_wk,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``W^T[k, n] = (q[k, n] - z[g, n]) * s[g, n]`` for ``BLOCK_C`` chunks x ``BLOCK_N`` columns;
@@ -40,7 +40,7 @@ def _decode_kernel(
     chunks = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n, stride_qk, mask_n[None, :], BITS)
+    w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n * stride_qn, stride_qk, mask_n[None, :], BITS)
     # One chunk (VPC values) never straddles a group: the group is a multiple of 32 >= VPC.
     g = (chunks * VPC) // GROUP
     sz = g[:, None] * stride_g + offs_n[None, :]
@@ -66,7 +66,7 @@ def decode_weight_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     grid = (chunks // block_c, triton.cdiv(N, block_n))
     _decode_kernel[grid](
         qweight, scales, zeros, w_t,
-        N, qweight.stride(0), scales.stride(0), w_t.stride(0),
+        N, qweight.stride(0), qweight.stride(1), scales.stride(0), w_t.stride(0),
         BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_C=block_c,
         num_warps=4,
     )
@@ -96,7 +96,7 @@ def dense_grad_input(
 @triton.jit
 def _fold_scale_grad_kernel(
     p_ptr, qw_ptr, z_ptr, ds_ptr,
-    N, n0, stride_pk, stride_qk, stride_g,
+    N, n0, stride_pk, stride_qk, stride_qn, stride_g,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``ds[g, n0 + n] = sum_{k in g} (q[k, n0 + n] - z[g, n0 + n]) * P[k, n]`` for one group and
@@ -110,7 +110,7 @@ def _fold_scale_grad_kernel(
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, GROUP // VPC, BLOCK_C):
         chunks = g * (GROUP // VPC) + c0 + tl.arange(0, BLOCK_C)
-        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, cols, stride_qk, mask_n[None, :], BITS)
+        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, cols * stride_qn, stride_qk, mask_n[None, :], BITS)
         rows = p_ptr + (chunks * VPC)[:, None] * stride_pk + offs_n[None, :]
         for j in tl.static_range(VPC):
             p = tl.load(rows + j * stride_pk, mask=mask_n[None, :], other=0.0)
@@ -153,7 +153,7 @@ def dense_grad_scales(
         grid = (K // group, triton.cdiv(ns, 128))
         _fold_scale_grad_kernel[grid](
             p, qweight, zeros, ds,
-            ns, n0, p.stride(0), qweight.stride(0), zeros.stride(0),
+            ns, n0, p.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0),
             BITS=bits, GROUP=group, BLOCK_N=128, BLOCK_C=block_c, num_warps=4,
         )
     return ds

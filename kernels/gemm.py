@@ -25,7 +25,7 @@ from .unpack import dequant_tile, load_codes, load_group_row
 def _dq_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_g, stride_ym,
+    stride_xm, stride_qk, stride_qn, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, EXPAND: tl.constexpr,
@@ -49,12 +49,13 @@ def _dq_gemm_kernel(
             # Load each word once and expand in registers: [words, values/word, N] -> [K, N].
             PW: tl.constexpr = 32 // BITS
             offs_w = it * (BLOCK_K // PW) + tl.arange(0, BLOCK_K // PW)
-            words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :], mask=mask_n[None, :], other=0)
+            words = tl.load(qw_ptr + offs_w[:, None] * stride_qk + (offs_n * stride_qn)[None, :], mask=mask_n[None, :],
+                            other=0)
             shifts = tl.arange(0, PW) * BITS
             q = (words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
             q = tl.reshape(q, (BLOCK_K, BLOCK_N))
         else:
-            q = load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS)
+            q = load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS)
         s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
         w = dequant_tile(q, s, z, dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
@@ -68,7 +69,7 @@ def _dq_gemm_kernel(
 def _dq_gemm_wa_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_g, stride_ym,
+    stride_xm, stride_qk, stride_qn, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -99,9 +100,9 @@ def _dq_gemm_wa_kernel(
         s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
         if BITS == 3:
-            q = tl.trans(load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS))
+            q = tl.trans(load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS))
         else:
-            ptrs = qw_ptr + (offs_k // PW)[None, :] * stride_qk + offs_n[:, None]
+            ptrs = qw_ptr + (offs_k // PW)[None, :] * stride_qk + (offs_n * stride_qn)[:, None]
             words = tl.load(ptrs, mask=mask_n[:, None], other=0)
             q = (words >> ((offs_k % PW) * BITS)[None, :]) & ((1 << BITS) - 1)
         qf = (q | 0x4B000000).to(tl.float32, bitcast=True)
@@ -135,7 +136,7 @@ def gemm_forward(
         _dq_gemm_wa_kernel[grid](
             x, qweight, scales, zeros, bias if bias is not None else x, y,
             M, N, K,
-            x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+            x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
             BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype),
@@ -145,7 +146,7 @@ def gemm_forward(
     _dq_gemm_kernel[grid](
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,
-        x.stride(0), qweight.stride(0), scales.stride(0), y.stride(0),
+        x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype), EXPAND=bool(cfg.variant) and bits != 3,

@@ -23,7 +23,8 @@ import triton.language as tl
 def load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS: tl.constexpr):
     """Integer codes ``q[k, n]`` as int32 ``[len(offs_k), len(offs_n)]`` for absolute rows ``offs_k``.
 
-    ``qw_ptr`` points at ``qweight[0, 0]``; columns are contiguous (stride 1 along N).
+    ``qw_ptr`` points at ``qweight[0, 0]``; ``offs_n`` are the columns' word offsets (column index
+    times the column stride: 1 for N-major codes, the word rows for K-major ones).
     """
     if BITS == 3:
         bit = offs_k * 3
@@ -73,8 +74,8 @@ def dequant_tile(q, s, z, DTYPE: tl.constexpr):
 def load_chunk_words(qw_ptr, offs_c, offs_n, stride_qk, mask, BITS: tl.constexpr):
     """The packed words of chunks ``offs_c`` (a chunk = one word for 2/4/8 bits, three words = 32
     values for 3 bits), each as a ``[len(offs_c), len(offs_n)]`` tile, loaded once (no repeats);
-    ``mask`` broadcasts to that tile (masked words read 0). For 3 bits the words come back as
-    uint32 so that right shifts are logical."""
+    ``mask`` broadcasts to that tile (masked words read 0); ``offs_n`` are word offsets, as in
+    :func:`load_codes`. For 3 bits the words come back as uint32 so that right shifts are logical."""
     if BITS == 3:
         base = qw_ptr + (offs_c * 3)[:, None] * stride_qk + offs_n[None, :]
         w0 = tl.load(base, mask=mask, other=0).to(tl.uint32, bitcast=True)

@@ -4,7 +4,8 @@
 #
 #   bash pipelines/device_kernels.sh tests              # GPU-only kernel tests (paired fp16, tensor-core, graphs)
 #   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
-#                                                     # with a fresh cache one batch size per call)
+#                                                     # with a fresh cache one batch size per call; further
+#                                                     # arguments go to bench_generate, e.g. --k-major)
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
@@ -26,7 +27,7 @@ case $stage in
     timeout 400 python3 -m pytest -q tests/test_kernels.py -k "gpu_half2 or gpu_tc or chained or capture" 2>&1 | tail -15 ;;
   generate)
     timeout 560 python3 pipelines/bench_generate.py --out "$out/generate" --settings "${2:-w4g128}" --batches "${3:-1}" \
-      --compile --profile --prefill 128 --iters 5 2>&1 | grep -v -i warn | tail -30 ;;
+      --compile --profile --prefill 128 --iters 5 "${@:4}" 2>&1 | grep -v -i warn | tail -30 ;;
   sweep)
     timeout 270 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w3g128,w2g64,w4g128 --m 1 \
       --kernels half2 --variants fixup,pdl --budget-s 60 --out "$out/sweep_m1" 2>&1 | grep "^|" | head -12

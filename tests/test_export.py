@@ -222,6 +222,28 @@ def test_bench_generate_smoke(tmp_path):
         assert prof["top_kernels"] and prof["top_kernels"][0]["us"] >= prof["top_kernels"][-1]["us"]
 
 
+def test_bench_generate_k_major_model_computes_the_same(tmp_path):
+    """``--k-major`` only restrides the codes: same packed values, column-major storage, same logits."""
+    import importlib.util
+
+    from efficientqat.qlinear import PackedLinear
+
+    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    models = []
+    for k_major in (False, True):
+        torch.manual_seed(0)
+        models.append(bench.build_model(bench.TINY, bench.SETTINGS["w4g128"], torch.device("cpu"), True, k_major))
+    packed = [[m for m in model.modules() if isinstance(m, PackedLinear)] for model in models]
+    assert packed[0] and all(a.qweight.is_contiguous() and b.qweight.stride(0) == 1 and torch.equal(a.qweight, b.qweight)
+                             for a, b in zip(*packed))
+    ids = torch.randint(0, bench.TINY["vocab_size"], (2, 9))
+    with torch.no_grad():
+        assert torch.equal(models[0](ids).logits, models[1](ids).logits)
+
+
 def test_step_profile_sorts_kernel_names_into_families():
     import sys
 

@@ -406,10 +406,14 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
 
 
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
-def test_decode_kernels_read_k_major_codes(bits, group):
-    """Every decode kernel takes the codes' column stride: the same codes stored K-major (each
-    column's words contiguous, the layout whose pipelined copies move 16 bytes in the tensor-core
-    kernel) give the float64 result, split-K with the in-kernel reduction included."""
+def test_every_kernel_reads_k_major_codes(bits, group):
+    """Every kernel takes the codes' column stride: the same codes stored K-major (each column's
+    words contiguous, the layout whose pipelined copies move 16 bytes in the tensor-core decode
+    kernel) give the float64 result in all three decode kernels (split-K with the in-kernel
+    reduction), both GEMMs, the decoded-workspace path and both backward kernels of each kind."""
+    from efficientqat.kernels.backward import grad_input, grad_scales
+    from efficientqat.kernels.dequant import dense_forward, dense_grad_input, dense_grad_scales
+    from efficientqat.kernels.gemm import gemm_forward
     from efficientqat.kernels.gemv import PAIRED_CODES, gemv1_forward, gemv_tc_forward
     from efficientqat.kernels.half2 import gemv_half2_forward
 
@@ -418,17 +422,27 @@ def test_decode_kernels_read_k_major_codes(bits, group):
     q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
     k_major = qw.t().contiguous().t()
     assert k_major.stride() == (1, qw.shape[0]) and torch.equal(k_major, qw)
-    x = torch.randn(16, k, generator=gen).to(DEV, torch.float16)
-    ref = reference(x, q, z, scales, gl)[0]
+    x = torch.randn(40, k, generator=gen).to(DEV, torch.float16)
+    ref, grads = reference(x, q, z, scales, gl)
     tc = tuning.Config(16, 32, 16 if bits == 4 else 8, 2, 4, 1, PAIRED_CODES if bits == 4 else 0, fixup=True)
-    assert rel(gemv_tc_forward(x, k_major, scales, zeros, None, bits, gl, tc), ref) < 3e-3
+    assert rel(gemv_tc_forward(x[:16], k_major, scales, zeros, None, bits, gl, tc), ref[:16]) < 3e-3
     assert rel(gemv1_forward(x[:1], k_major, scales, zeros, None, bits, gl, tuning.Config(1, 32, 1, 3, 4, 1)),
                ref[:1]) < 3e-3
     half2 = tuning.Config(4, 32, 1, 2, 4, 1, tuning.HALF2, fixup=True)
     assert rel(gemv_half2_forward(x[:3], k_major, scales, zeros, None, bits, gl, half2), ref[:3]) < 3e-3
-    # the public op: every path (here the GEMM at M = 40) gets N-major words, whatever view comes in
-    x40 = torch.randn(40, k, generator=gen).to(DEV, torch.float16)
-    assert rel(dequant_linear(x40, k_major, scales, zeros, None, bits, gl), reference(x40, q, z, scales, gl)[0]) < 3e-3
+    for variant in (0, 1, 2):  # codes loaded per value, words expanded once, W as the A operand
+        cfg = tuning.Config(16, 32, 32, 1, 4, 1, variant)
+        assert rel(gemm_forward(x, k_major, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, variant
+    assert rel(dense_forward(x, k_major, scales, zeros, None, bits, gl, tuning.DENSE_CONFIG), ref) < 3e-3
+    dy = torch.randn(40, n, generator=gen).to(DEV, torch.float16)
+    dx_ref, ds_ref = grads(dy)
+    fused = tuning.Config(16, 32, 32, 1, 4, 1)
+    for dx in (grad_input(dy, k_major, scales, zeros, bits, gl, k, fused),
+               dense_grad_input(dy, k_major, scales, zeros, bits, gl, k, tuning.DENSE_CONFIG)):
+        assert rel(dx, dx_ref) < 3e-3
+    for ds in (grad_scales(x, dy, k_major, zeros, bits, gl, fused),
+               dense_grad_scales(x, dy, k_major, zeros, bits, gl, tuning.DENSE_CONFIG)):
+        assert rel(ds, ds_ref) < 3e-3
 
 
 @pytest.mark.parametrize("bits,group,block_c,k", [(3, 128, 16, 1280), (3, -1, 16, 1280), (2, 64, 32, 1280),
