@@ -198,7 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
-    p.add_argument("--k-major", action="store_true", help="store the packed codes K-major (each column's words contiguous)")
+    p.add_argument("--k-major", action="store_true",
+                   help="store the packed codes K-major (each column's words contiguous)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile the decode steps once: device time per kernel family")
     args = p.parse_args(argv)

@@ -237,8 +237,8 @@ def test_bench_generate_k_major_model_computes_the_same(tmp_path):
         torch.manual_seed(0)
         models.append(bench.build_model(bench.TINY, bench.SETTINGS["w4g128"], torch.device("cpu"), True, k_major))
     packed = [[m for m in model.modules() if isinstance(m, PackedLinear)] for model in models]
-    assert packed[0] and all(a.qweight.is_contiguous() and b.qweight.stride(0) == 1 and torch.equal(a.qweight, b.qweight)
-                             for a, b in zip(*packed))
+    assert packed[0] and all(a.qweight.is_contiguous() and b.qweight.stride(0) == 1
+                             and torch.equal(a.qweight, b.qweight) for a, b in zip(*packed))
     ids = torch.randint(0, bench.TINY["vocab_size"], (2, 9))
     with torch.no_grad():
         assert torch.equal(models[0](ids).logits, models[1](ids).logits)
