@@ -54,11 +54,12 @@ case $stage in
     for case in ${2:-"8192,8192:w4g128:16 8192,8192:w2g64:1 4096,4096:w4g128:1"}; do
       IFS=: read -r shape quant m <<< "$case"
       base="$out/ncu_${quant}_m${m}_${shape/,/x}"
-      for metrics in "--metrics $stalls" ""; do
+      for with_metrics in 1 0; do
+        metrics=(); [ "$with_metrics" = 1 ] && metrics=(--metrics "$stalls")  # an array: the regexes stay unglobbed
         timeout 200 ncu --clock-control none --profile-from-start off --kernel-name regex:_dq_ --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
           --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
-          --section SourceCounters --import-source no $metrics -f -o "$base" \
+          --section SourceCounters --import-source no "${metrics[@]}" -f -o "$base" \
           python3 pipelines/profile_kernel.py --shape "$shape" --quant "$quant" --m "$m" > "$base.log" 2>&1 && break
       done
       ncu -i "$base.ncu-rep" > "$base.txt" 2>&1
