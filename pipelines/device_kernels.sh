@@ -46,7 +46,7 @@ case $stage in
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
   profile)
-    # hardware counters of the tuned kernel (session 7: M = 16 at 12.5% occupancy, 202 registers, 0.21 IPC,
+    # hardware counters of the tuned kernel (session 7: M = 16 at 12.5% occupancy, 221 registers, 0.23 IPC,
     # long-scoreboard stalls first): the sections, the stall and L2-atomic metrics by name (retried without
     # them if this ncu does not know the names), and the per-SASS-instruction stall samples (source page, CSV)
     # that say which load the warps wait on
