@@ -44,7 +44,6 @@ from torch import nn  # noqa: E402
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
-from efficientqat.qlinear import PackedLinear  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -54,13 +53,10 @@ TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_l
 SETTINGS = {"w2g64": QuantSpec(2, 64), "w3g128": QuantSpec(3, 128), "w4g128": QuantSpec(4, 128)}
 
 
-def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool,
-                k_major: bool = False) -> nn.Module:
+def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool) -> nn.Module:
     """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers,
     q/k/v and gate/up fused as ``load_quantized`` does unless ``fuse`` is off (the FP16 model
-    keeps Hugging Face's separate layers: it is what users run unquantized). ``k_major`` stores
-    every packed layer's codes column by column (same tensor, other strides: the layout that made
-    the M = 16 tensor-core kernel 12% faster in session 7's sweep)."""
+    keeps Hugging Face's separate layers: it is what users run unquantized)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -73,10 +69,6 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse:
                 set_submodule(block, name, packed.to(dtype) if dtype != torch.float16 else packed)
         if fuse:
             fuse_projections_(model)
-        if k_major:
-            for module in model.modules():
-                if isinstance(module, PackedLinear):
-                    module.qweight = module.qweight.t().contiguous().t()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model.eval()
@@ -198,8 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
-    p.add_argument("--k-major", action="store_true",
-                   help="store the packed codes K-major (each column's words contiguous)")
+    p.add_argument("--pdl", action="store_true",
+                   help="launch every decode matmul (M <= 16) with programmatic dependent launch, whatever the tuner chose")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile the decode steps once: device time per kernel family")
     args = p.parse_args(argv)
@@ -208,8 +200,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def force_decode_pdl(device: torch.device) -> None:
+    """``--pdl``: the tuner times each launch after an L2 flush, where programmatic dependent
+    launch has no previous matmul's tail to overlap; in a decode step it has. This launches every
+    tuned decode tile (M <= 16) with it, to time that end to end (where the device supports it)."""
+    from dataclasses import replace
+
+    if not tuning.pdl_supported(device):
+        print(f"  --pdl: programmatic dependent launch is not available on {device}; launching as tuned")
+        return
+
+    choose = tuning.choose
+
+    def choose_with_pdl(key, cands, run):
+        cfg = choose(key, cands, run)
+        if "|gemv" in key and not cfg.pdl:
+            cfg = tuning._MEMO[key] = replace(cfg, pdl=True)
+        return cfg
+
+    tuning.choose = choose_with_pdl
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.pdl:
+        force_decode_pdl(torch.device(args.device))
     device = torch.device(args.device)
     shape = TINY if args.tiny else LLAMA2_7B
     args.out.mkdir(parents=True, exist_ok=True)
@@ -217,13 +232,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for label in ["FP16", *args.settings.split(",")]:
         spec = None if label == "FP16" else SETTINGS[label]
         torch.manual_seed(0)
-        model = build_model(shape, spec, device, not args.no_fuse, args.k_major)
+        model = build_model(shape, spec, device, not args.no_fuse)
         rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "k_major": args.k_major,
+             "shape": shape, "fused": not args.no_fuse, "pdl": args.pdl,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

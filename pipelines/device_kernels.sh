@@ -5,7 +5,7 @@
 #   bash pipelines/device_kernels.sh tests              # GPU-only kernel tests (paired fp16, tensor-core, graphs)
 #   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
 #                                                     # with a fresh cache one batch size per call; further
-#                                                     # arguments go to bench_generate, e.g. --k-major)
+#                                                     # arguments go to bench_generate, e.g. --pdl)
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16

@@ -222,26 +222,28 @@ def test_bench_generate_smoke(tmp_path):
         assert prof["top_kernels"] and prof["top_kernels"][0]["us"] >= prof["top_kernels"][-1]["us"]
 
 
-def test_bench_generate_k_major_model_computes_the_same(tmp_path):
-    """``--k-major`` only restrides the codes: same packed values, column-major storage, same logits."""
+def test_bench_generate_pdl_launches_only_decode_tiles_with_it(monkeypatch):
+    """``--pdl`` turns programmatic dependent launch on for the tuned decode tiles (M <= 16) where
+    the device supports it, records it among the chosen configs, and leaves other kernels (and
+    devices without it) as tuned."""
     import importlib.util
 
-    from efficientqat.qlinear import PackedLinear
+    from efficientqat.kernels import tuning
 
     path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_generate.py"
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    models = []
-    for k_major in (False, True):
-        torch.manual_seed(0)
-        models.append(bench.build_model(bench.TINY, bench.SETTINGS["w4g128"], torch.device("cpu"), True, k_major))
-    packed = [[m for m in model.modules() if isinstance(m, PackedLinear)] for model in models]
-    assert packed[0] and all(a.qweight.is_contiguous() and b.qweight.stride(0) == 1
-                             and torch.equal(a.qweight, b.qweight) for a, b in zip(*packed))
-    ids = torch.randint(0, bench.TINY["vocab_size"], (2, 9))
-    with torch.no_grad():
-        assert torch.equal(models[0](ids).logits, models[1](ids).logits)
+    tuned = tuning.Config(1, 512, 4, 8, 4, 1)
+    monkeypatch.setattr(tuning, "choose", lambda key, cands, run: tuning._MEMO.setdefault(key, tuned))
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    bench.force_decode_pdl(torch.device("cpu"))  # no PDL on the CPU: nothing changes
+    assert not tuning.choose("cpu|gemv1|m=1", None, None).pdl
+    monkeypatch.setattr(tuning, "pdl_supported", lambda device: True)
+    bench.force_decode_pdl(torch.device("cpu"))
+    for key, pdl in (("dev|gemv1|m=1|n=64", True), ("dev|gemv_tc|m=16|n=64", True), ("dev|gemm|m=128|n=64", False)):
+        assert tuning.choose(key, None, None).pdl is pdl
+        assert tuning.chosen_configs()[key]["pdl"] is pdl and tuning.choose(key, None, None).pdl is pdl
 
 
 def test_step_profile_sorts_kernel_names_into_families():
