@@ -19,10 +19,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import statistics
 import tempfile
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -31,6 +33,8 @@ import torch
 import triton
 
 from .tiling import PDL_IN_TRITON, zero_workspaces
+
+log = logging.getLogger(__name__)
 
 
 def sources_digest(folder: Path) -> str:
@@ -248,9 +252,14 @@ def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[
         return cfg
     cfg = CACHE.get(key)
     if cfg is None:
+        # a first start on a GPU tunes every layer shape for a minute or more: say why it waits
+        log.info("tuning %s: timing %d tiles (once per GPU, kernel version and shape; kept in %s)",
+                 key, len(cands), cache_path())
+        start = time.perf_counter()
         cfg = _fastest(cands, run)
         zero_workspaces()  # a rejected configuration may have left partial sums behind
         CACHE.put(key, cfg)
+        log.info("tuned %s in %.1f s: %s", key, time.perf_counter() - start, cfg)
     _MEMO[key] = cfg
     return cfg
 

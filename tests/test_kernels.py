@@ -9,6 +9,7 @@ Every launch writes into NaN-poisoned buffers, so any output element the kernel 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 from pathlib import Path
@@ -253,7 +254,7 @@ def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
     assert first == again == tuning.Config(1, 32, 1, 1, 4, 1) and len(built) == 1
 
 
-def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch):
+def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch, caplog):
     """One noisy first timing must not decide: A (truly 10) first reads 12 and B (truly 11) 11;
     the three leaders are re-timed and ranked by their median, the rest timed once. A tile that
     fails or computes something else never wins, however fast."""
@@ -277,8 +278,16 @@ def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch):
         return samples[current[0]].pop(0)
 
     monkeypatch.setattr(tuning, "_time_ms", fake_time)
-    assert tuning.choose("cpu|test|m=1", lambda: [b, bad, d, c, wrong, a], run) == a
+    with caplog.at_level(logging.INFO, logger=tuning.__name__):
+        assert tuning.choose("cpu|test|m=1", lambda: [b, bad, d, c, wrong, a], run) == a
     assert [len(samples[x]) for x in (a, b, c, d, wrong)] == [0, 0, 0, 2, 3]
+    # the wait is announced with what is timed and where it is kept, and the choice is reported
+    started, done = (r.getMessage() for r in caplog.records)
+    assert "cpu|test|m=1" in started and "6 tiles" in started and str(tmp_path) in started
+    assert done.startswith("tuned cpu|test|m=1 in ") and "block_n=32" in done
+    caplog.clear()
+    tuning._MEMO.clear()
+    assert tuning.choose("cpu|test|m=1", lambda: [b, a], run) == a and not caplog.records  # from the cache: silent
 
 
 def test_candidates_respect_groups():
