@@ -12,7 +12,8 @@ model it measures
   the kernels' gain; falls back to the eager step, recorded as ``mode``, if capture fails);
   with ``--compile`` the step is first compiled by ``torch.compile`` (every model alike: the
   norms, rotary and residual work fuse into few kernels, our matmuls stay one operator each);
-* prefill tokens/s: one forward over ``--prefill`` tokens at batch 1;
+* prefill tokens/s: one forward over ``--prefill`` tokens at batch 1, replayed as a CUDA graph
+  (eager with ``--eager`` or if capture fails; recorded as ``prefill_mode``);
 * model memory: bytes of parameters and buffers (packed weights + scales + zeros + the rest).
 
 With ``--profile`` the timed decode steps are profiled once more: device time per kernel family
@@ -92,6 +93,25 @@ def elapsed_s(fn: Callable[[], None], device: torch.device, iters: int) -> float
     return statistics.median(times)
 
 
+def capture_graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph | None:
+    """``fn`` recorded as a CUDA graph after three warm-up calls on a side stream (they also run
+    Triton autotuning), or None if capture fails (said, and the caller times ``fn`` eagerly)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as err:  # noqa: BLE001 - any capture failure means: measure eagerly
+        print(f"  CUDA graph capture failed ({type(err).__name__}: {err}); timing eagerly")
+        return None
+    return graph
+
+
 class DecodeStep:
     """One greedy decode step over a static cache, with fixed buffers so it can be graph-captured."""
 
@@ -113,21 +133,8 @@ class DecodeStep:
 
     def capture(self) -> bool:
         """Record the step as a CUDA graph (after warm-up, which also runs Triton autotuning)."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.step()
-        except Exception as err:  # noqa: BLE001 - any capture failure means: measure eagerly
-            print(f"  CUDA graph capture failed ({type(err).__name__}: {err}); timing the eager step")
-            return False
-        self.graph = graph
-        return True
+        self.graph = capture_graph(self.step)
+        return self.graph is not None
 
     def run(self, steps: int) -> None:
         # transformers >= 5 keeps its own write position in the static cache: rewind it too
@@ -158,10 +165,19 @@ def bench_model(label: str, model: nn.Module, args: argparse.Namespace, device: 
             print(format_profile(f"{label} decode b{batch}", row["decode"][batch]["profile"]), flush=True)
         del step
     prompt = torch.randint(0, model.config.vocab_size, (1, args.prefill), device=device)
-    with torch.no_grad():
-        model(prompt)  # warm-up (kernel autotuning for this M)
-        seconds = elapsed_s(lambda: model(prompt), device, args.iters)
+
+    @torch.no_grad()
+    def prefill() -> None:
+        model(prompt, use_cache=False)
+
+    # replayed as a CUDA graph like the decode step: an eager 128-token forward is bound by the
+    # host's launches (FP16 timed 2284-4512 tok/s across runs of one session), not by the GPU
+    graph = capture_graph(prefill) if device.type == "cuda" and not args.eager else None
+    if graph is None:
+        prefill()  # warm-up (kernel autotuning for this M)
+    seconds = elapsed_s(graph.replay if graph is not None else prefill, device, args.iters)
     row["prefill_tokens_per_s"] = args.prefill / seconds
+    row["prefill_mode"] = "cuda_graph" if graph is not None else "eager"
     return row
 
 

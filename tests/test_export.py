@@ -213,6 +213,7 @@ def test_bench_generate_smoke(tmp_path):
                        "--profile"])
     assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
     assert all(r["decode"][b]["tokens_per_s"] > 0 for r in rows for b in (1, 2))
+    assert all(r["prefill_tokens_per_s"] > 0 and r["prefill_mode"] == "eager" for r in rows)  # no graphs on a CPU
     data = json.loads((tmp_path / "bench_generate.json").read_text())
     assert data["rows"][1]["model"] == "w2g64" and data["fused"] and isinstance(data["kernel_configs"], dict)
     for row in rows:
