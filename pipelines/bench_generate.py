@@ -239,9 +239,9 @@ def force_decode_pdl(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    if args.pdl:
-        force_decode_pdl(torch.device(args.device))
     device = torch.device(args.device)
+    if args.pdl:
+        force_decode_pdl(device)
     shape = TINY if args.tiny else LLAMA2_7B
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
