@@ -211,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile the decode steps once: device time per kernel family")
     args = p.parse_args(argv)
+    unknown = [label for label in args.settings.split(",") if label not in SETTINGS]
+    if unknown:
+        p.error(f"unknown --settings {','.join(unknown)}: choose from {','.join(SETTINGS)}")
     if args.tiny:
         args.decode_tokens, args.prefill, args.iters = min(args.decode_tokens, 4), min(args.prefill, 16), 1
     return args

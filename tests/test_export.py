@@ -201,14 +201,20 @@ def test_export_of_a_blockap_run(tmp_path, tiny_overrides):
     assert result["layers_checked"] == 14
 
 
-def test_bench_generate_smoke(tmp_path):
-    """The generation benchmark's CPU-side logic on a tiny model (the real run needs a GPU)."""
+def load_bench_generate():
+    """``pipelines/bench_generate.py`` as a module (pipelines are scripts, not a package)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_generate.py"
     spec = importlib.util.spec_from_file_location("bench_generate", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_generate_smoke(tmp_path):
+    """The generation benchmark's CPU-side logic on a tiny model (the real run needs a GPU)."""
+    bench = load_bench_generate()
     rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64",
                        "--profile"])
     assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
@@ -223,18 +229,20 @@ def test_bench_generate_smoke(tmp_path):
         assert prof["top_kernels"] and prof["top_kernels"][0]["us"] >= prof["top_kernels"][-1]["us"]
 
 
+def test_bench_generate_names_an_unknown_setting(capsys):
+    bench = load_bench_generate()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--out", "x", "--settings", "w4g128,w5g128"])
+    assert "unknown --settings w5g128: choose from w2g64,w3g128,w4g128" in capsys.readouterr().err
+
+
 def test_bench_generate_pdl_launches_only_decode_tiles_with_it(monkeypatch):
     """``--pdl`` turns programmatic dependent launch on for the tuned decode tiles (M <= 16) where
     the device supports it, records it among the chosen configs, and leaves other kernels (and
     devices without it) as tuned."""
-    import importlib.util
-
     from efficientqat.kernels import tuning
 
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench_generate()
     tuned = tuning.Config(1, 512, 4, 8, 4, 1)
     monkeypatch.setattr(tuning, "choose", lambda key, cands, run: tuning._MEMO.setdefault(key, tuned))
     monkeypatch.setattr(tuning, "_MEMO", {})
