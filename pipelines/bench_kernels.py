@@ -14,7 +14,10 @@ for all three alike); M >= 2048 also times forward+backward with fp32 trainable 
 as back-to-back steps (what a training loop sees, host launch cost included) and as CUDA-graph
 replays (device time alone), and records peak memory. Achieved bandwidth counts packed weights + scales + zeros + x + y
 and is compared with a device-to-device copy measured in the same run. Raw rows go to
-``<out>/bench_kernels.json``; the table is printed last.
+``<out>/bench_kernels.json``; the table is printed last, then, per quantization setting and M
+timed on three or more shapes, the fit ``time = fixed cost + bytes / marginal rate``
+(``cost_model``). ``--fit FILE...`` prints that fit from stored runs (no GPU; a later file's
+row replaces an earlier one of the same shape, setting and M).
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
             set_kernels(True)
         moved = packed_bytes + m * k * 2 + m * n * 2
         row = dict(n=n, k=k, quant=spec.name, m=m, dtype=str(dt).replace("torch.", ""), rel_err=rel,
-                   triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch,
+                   triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch, bytes=moved,
                    bw_frac=moved / (t_tri * 1e-3) / copy_bw,
                    speedup_cublas=t_cub / t_tri, speedup_torch=t_torch / t_tri)
         if train and m >= TRAIN_M:
@@ -226,6 +229,65 @@ def table(rows: list, copy_bw: float, device: str) -> str:
     return "\n".join(lines)
 
 
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """Least-squares ``y = a + b x``: ``(a, b, largest |residual|)``."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    b = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    a = my - b * mx
+    return a, b, max(abs(y - a - b * x) for x, y in points)
+
+
+def moved_bytes(row: dict) -> float:
+    """Bytes our kernel moves for a row (packed W, scales, zeros, x, y); rows written before the
+    field existed carry it as ``bw_frac`` x time x ``copy_bw``."""
+    return row["bytes"] if "bytes" in row else row["bw_frac"] * row["triton_ms"] * 1e-3 * row["copy_bw"]
+
+
+def stored_rows(paths: list[Path]) -> tuple[list[dict], float]:
+    """Rows of stored ``bench_kernels.json`` runs (later files win per shape, setting, M and
+    dtype) and the last run's copy rate."""
+    rows: dict[tuple, dict] = {}
+    copy_bw = float("nan")
+    for path in paths:
+        run = json.loads(path.read_text())
+        copy_bw = run["copy_bw"]
+        for r in run["rows"]:
+            rows[(r["n"], r["k"], r["quant"], r["m"], r["dtype"])] = dict(r, copy_bw=run["copy_bw"])
+    return list(rows.values()), copy_bw
+
+
+def cost_model(rows: list) -> list[dict]:
+    """Per (quant, M, dtype) timed on at least three shapes: time = fixed + bytes / marginal rate,
+    fitted for our kernels (packed bytes) and for cuBLAS (fp16/bf16 weights). A speed-up lost on
+    small layers is then told apart: a fixed cost per call (launch, one wave's latency, the split-K
+    reduction) or a streaming rate below the copy rate (instructions or latency per byte)."""
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        groups.setdefault((r["quant"], r["m"], r["dtype"]), []).append(r)
+    fits = []
+    for (quant, m, dtype), rs in groups.items():
+        if len({(r["n"], r["k"]) for r in rs}) < 3:
+            continue
+        fixed, slope, resid = line_fit([(moved_bytes(r), r["triton_ms"] * 1e3) for r in rs])
+        dense_bytes = [(r["n"] * r["k"] + r["m"] * (r["n"] + r["k"])) * 2 for r in rs]  # W, x and y in 16 bits
+        c_fixed, c_slope, c_resid = line_fit([(b, r["cublas_ms"] * 1e3) for b, r in zip(dense_bytes, rs)])
+        fits.append(dict(quant=quant, m=m, dtype=dtype, shapes=len(rs), fixed_us=fixed, rate=1e6 / slope,
+                         residual_us=resid, cublas_fixed_us=c_fixed, cublas_rate=1e6 / c_slope,
+                         cublas_residual_us=c_resid))
+    return fits
+
+
+def cost_table(fits: list[dict], copy_bw: float) -> str:
+    lines = ["| quant | M | dtype | shapes | fixed µs a call | marginal TB/s (x copy) | max residual µs | "
+             "cuBLAS fixed µs | cuBLAS marginal TB/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for f in fits:
+        lines.append(f"| {f['quant']} | {f['m']} | {f['dtype']} | {f['shapes']} | {f['fixed_us']:.2f} | "
+                     f"{f['rate'] / 1e12:.2f} ({f['rate'] / copy_bw:.2f}) | {f['residual_us']:.2f} | "
+                     f"{f['cublas_fixed_us']:.2f} | {f['cublas_rate'] / 1e12:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -235,7 +297,12 @@ def main() -> None:
     ap.add_argument("--small-quants-ms", default="1,4,16",
                     help="M values for quant settings other than the first (the first gets all --ms)")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--fit", nargs="+", type=Path, metavar="FILE", help="print the cost model of stored runs and stop")
     args = ap.parse_args()
+    if args.fit:
+        rows, copy_bw = stored_rows(args.fit)
+        print(cost_table(cost_model(rows), copy_bw))
+        return
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     copy_bw = copy_bandwidth()
@@ -250,8 +317,12 @@ def main() -> None:
         for n, k in shapes:
             bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train,
                         out / "bench_kernels.partial.json")
-    (out / "bench_kernels.json").write_text(json.dumps({"device": device, "copy_bw": copy_bw, "rows": rows}, indent=1))
+    fits = cost_model(rows)
+    (out / "bench_kernels.json").write_text(json.dumps(
+        {"device": device, "copy_bw": copy_bw, "rows": rows, "cost_model": fits}, indent=1))
     print(table(rows, copy_bw, device))
+    if fits:
+        print(cost_table(fits, copy_bw))
 
 
 if __name__ == "__main__":
