@@ -9,6 +9,8 @@
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
+#   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
+#                                                     # layer shapes, with the fixed-cost / streaming-rate fit
 #   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M ..."]  # ncu counters and per-instruction stalls
 #                                                     # (default: M = 16 tensor cores, M = 1 w2g64 and 4096^2)
 #
@@ -45,6 +47,10 @@ case $stage in
   table)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
+  layers)
+    timeout 560 python3 pipelines/bench_kernels.py --out "$out/layers" --no-train --ms 1 --small-quants-ms 1 \
+      --quants "${2:-w4g128,w3g128,w2g64}" --shapes "4096,4096;12288,4096;22016,4096;4096,11008" 2>&1 \
+      | grep -E "^\||^device" | tail -20 ;;
   profile)
     # hardware counters of the tuned kernel (session 7: M = 16 at 12.5% occupancy, 221 registers, 0.23 IPC,
     # long-scoreboard stalls first): the sections, the stall and L2-atomic metrics by name (retried without
@@ -69,7 +75,7 @@ case $stage in
         "$base.txt" | head -20
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, sweep, kmajor, table QUANTS or profile [CASES]" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, sweep, kmajor, table QUANTS, layers QUANTS or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"
