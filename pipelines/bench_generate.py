@@ -52,6 +52,7 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 SETTINGS = {"w2g64": QuantSpec(2, 64), "w3g128": QuantSpec(3, 128), "w4g128": QuantSpec(4, 128)}
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
 
 
 def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool) -> nn.Module:
@@ -208,6 +209,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
     p.add_argument("--pdl", action="store_true",
                    help="launch every decode matmul (M <= 16) with programmatic dependent launch, whatever the tuner chose")
+    p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
+                   help="restrict torch's attention kernels, for every model alike (auto: torch chooses)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile the decode steps once: device time per kernel family")
     args = p.parse_args(argv)
@@ -240,6 +243,17 @@ def force_decode_pdl(device: torch.device) -> None:
     tuning.choose = choose_with_pdl
 
 
+def attention_kernels(name: str):
+    """``--sdpa``: the attention kernels torch may pick for every model alike (``auto``: its own
+    choice, cuDNN's on the H200 in session 8, 6.9 us a layer for one query over 136 cached keys:
+    13% of a w4g128 decode step that FP16 pays as well)."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return nullcontext() if name == "auto" else sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -252,12 +266,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spec = None if label == "FP16" else SETTINGS[label]
         torch.manual_seed(0)
         model = build_model(shape, spec, device, not args.no_fuse)
-        rows.append(bench_model(label, model, args, device))
+        with attention_kernels(args.sdpa):  # held through compilation and capture, where the kernel is chosen
+            rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "pdl": args.pdl,
+             "shape": shape, "fused": not args.no_fuse, "pdl": args.pdl, "sdpa": args.sdpa,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

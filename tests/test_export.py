@@ -216,12 +216,17 @@ def test_bench_generate_smoke(tmp_path):
     """The generation benchmark's CPU-side logic on a tiny model (the real run needs a GPU)."""
     bench = load_bench_generate()
     rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64",
-                       "--profile"])
+                       "--profile", "--sdpa", "math"])
     assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
     assert all(r["decode"][b]["tokens_per_s"] > 0 for r in rows for b in (1, 2))
     assert all(r["prefill_tokens_per_s"] > 0 and r["prefill_mode"] == "eager" for r in rows)  # no graphs on a CPU
     data = json.loads((tmp_path / "bench_generate.json").read_text())
     assert data["rows"][1]["model"] == "w2g64" and data["fused"] and isinstance(data["kernel_configs"], dict)
+    assert data["sdpa"] == "math"
+    with bench.attention_kernels("efficient"):  # what --sdpa leaves torch to choose from, restored after
+        assert torch.backends.cuda.mem_efficient_sdp_enabled() and not torch.backends.cuda.cudnn_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.math_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
     for row in rows:
         prof = row["decode"][1]["profile"]
         assert 0 < prof["kernel_us_per_step"] <= 1.05 * prof["wall_us_per_step"] and prof["launches_per_step"] >= 1
