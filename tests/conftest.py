@@ -106,6 +106,17 @@ def model_factory(tmp_path_factory, text_files):
 
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def load_pipeline(name: str):
+    """``pipelines/<name>.py`` as a module (pipelines are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, PIPELINES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def compose(config_name: str, overrides: list[str]):

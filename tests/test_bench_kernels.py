@@ -3,23 +3,20 @@ a GPU: per setting and M, time = fixed cost per call + bytes / marginal rate ove
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "bench_kernels.py"
+from conftest import PIPELINES, load_pipeline
+
+SCRIPT = PIPELINES / "bench_kernels.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_kernels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_pipeline("bench_kernels")
 
 
 def row(n: int, k: int, quant: str, m: int, fixed_us: float, rate: float, cublas_fixed_us: float) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_pipeline
 from efficientqat import load_quantized
 from efficientqat.errors import ConfigError, RunFolderError
 from efficientqat.export import export
@@ -201,20 +202,9 @@ def test_export_of_a_blockap_run(tmp_path, tiny_overrides):
     assert result["layers_checked"] == 14
 
 
-def load_bench_generate():
-    """``pipelines/bench_generate.py`` as a module (pipelines are scripts, not a package)."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "pipelines" / "bench_generate.py"
-    spec = importlib.util.spec_from_file_location("bench_generate", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_bench_generate_smoke(tmp_path):
     """The generation benchmark's CPU-side logic on a tiny model (the real run needs a GPU)."""
-    bench = load_bench_generate()
+    bench = load_pipeline("bench_generate")
     rows = bench.main(["--out", str(tmp_path), "--device", "cpu", "--tiny", "--batches", "1,2", "--settings", "w2g64",
                        "--profile", "--sdpa", "math"])
     assert [r["model"] for r in rows] == ["FP16", "w2g64"] and rows[1]["bytes"] < rows[0]["bytes"]
@@ -235,7 +225,7 @@ def test_bench_generate_smoke(tmp_path):
 
 
 def test_bench_generate_names_an_unknown_setting(capsys):
-    bench = load_bench_generate()
+    bench = load_pipeline("bench_generate")
     with pytest.raises(SystemExit):
         bench.parse_args(["--out", "x", "--settings", "w4g128,w5g128"])
     assert "unknown --settings w5g128: choose from w2g64,w3g128,w4g128" in capsys.readouterr().err
@@ -247,7 +237,7 @@ def test_bench_generate_pdl_launches_only_decode_tiles_with_it(monkeypatch):
     devices without it) as tuned."""
     from efficientqat.kernels import tuning
 
-    bench = load_bench_generate()
+    bench = load_pipeline("bench_generate")
     tuned = tuning.Config(1, 512, 4, 8, 4, 1)
     monkeypatch.setattr(tuning, "choose", lambda key, cands, run: tuning._MEMO.setdefault(key, tuned))
     monkeypatch.setattr(tuning, "_MEMO", {})
@@ -261,10 +251,7 @@ def test_bench_generate_pdl_launches_only_decode_tiles_with_it(monkeypatch):
 
 
 def test_step_profile_sorts_kernel_names_into_families():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipelines"))
-    from step_profile import family
+    family = load_pipeline("step_profile").family
 
     assert family("_dq_gemv_half2_kernel") == "packed matmul (ours)"
     assert family("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused elementwise (inductor)"
