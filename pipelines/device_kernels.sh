@@ -29,7 +29,7 @@ case $stage in
     timeout 400 python3 -m pytest -q tests/test_kernels.py -k "gpu_half2 or gpu_tc or chained or capture" 2>&1 | tail -15 ;;
   generate)
     timeout 560 python3 pipelines/bench_generate.py --out "$out/generate" --settings "${2:-w4g128}" --batches "${3:-1}" \
-      --compile --profile --prefill 128 --iters 5 "${@:4}" 2>&1 | grep -v -i warn | tail -30 ;;
+      --compile --profile --prefill 128 --iters 5 "${@:4}" 2>&1 | grep -v -i warn | tail -110 ;;
   sweep)
     timeout 270 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w3g128,w2g64,w4g128 --m 1 \
       --kernels half2 --variants fixup,pdl --budget-s 60 --out "$out/sweep_m1" 2>&1 | grep "^|" | head -12

@@ -222,6 +222,8 @@ def test_bench_generate_smoke(tmp_path):
         assert 0 < prof["kernel_us_per_step"] <= 1.05 * prof["wall_us_per_step"] and prof["launches_per_step"] >= 1
         assert abs(sum(prof["us_per_step"].values()) - prof["kernel_us_per_step"]) < 1e-6 * prof["kernel_us_per_step"] + 1e-9
         assert prof["top_kernels"] and prof["top_kernels"][0]["us"] >= prof["top_kernels"][-1]["us"]
+        assert sum(k["launches"] for k in prof["top_kernels"]) <= prof["launches_per_step"] + 1e-9
+        assert all(k["launches"] > 0 for k in prof["top_kernels"])
 
 
 def test_bench_generate_names_an_unknown_setting(capsys):
