@@ -40,7 +40,7 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
-from .l2_prefetch import prefetch_args, prefetch_next
+from .l2_prefetch import LINES, prefetch_args, prefetch_next
 from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
 from .unpack import load_group_row
@@ -304,14 +304,15 @@ def _dq_gemv_half2_kernel(
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     tile = offs_m * stride_ym + offs_n
     store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
-    if PREFETCH:
+    if PREFETCH > 0:
         prefetch_next(pf0, n0, pf1, n1, pf2, n2, pid_k * tl.num_programs(0) + pid_n, tl.num_programs(0) * SPLIT_K,
-                      PF_BLOCK)
+                      PF_BLOCK, PREFETCH)
 
 
 def gemv_half2_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config, prefetch: list[torch.Tensor] | None = None,
+    prefetch_mode: int = LINES,
 ) -> torch.Tensor:
     """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/3/4-bit
     codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group). ``prefetch``:
@@ -337,7 +338,7 @@ def gemv_half2_forward(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
         ONE_STEP=K // (cfg.block_k * chunk_values(bits)) == cfg.split_k, X_PAIRED=paired,
-        PREFETCH=prefetching and not interpreting(), PF_BLOCK=32 * cfg.num_warps,
+        PREFETCH=prefetch_mode if prefetching and not interpreting() else 0, PF_BLOCK=32 * cfg.num_warps,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

@@ -49,11 +49,41 @@ def prefetch_l2(ptr, nbytes, pid, nprog, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def prefetch_next(pf0, n0, pf1, n1, pf2, n2, pid, nprog, BLOCK: tl.constexpr):
-    """:func:`prefetch_l2` over the three slots of :func:`prefetch_args` (empty slots have 0 bytes)."""
-    prefetch_l2(pf0, n0, pid, nprog, BLOCK)
-    prefetch_l2(pf1, n1, pid, nprog, BLOCK)
-    prefetch_l2(pf2, n2, pid, nprog, BLOCK)
+def prefetch_l2_bulk(ptr, nbytes, pid, nprog, BLOCK: tl.constexpr):
+    """:func:`prefetch_l2` through Hopper's bulk copy engine (``cp.async.bulk.prefetch.L2``),
+    one 4 KB piece per thread and instruction; ``nbytes`` and ``ptr`` 16-byte aligned."""
+    base = ptr.to(tl.pointer_type(tl.int8))
+    pieces = tl.cdiv(nbytes, 4096)
+    per_program = tl.cdiv(pieces, nprog)
+    lo = pid * per_program
+    hi = tl.minimum(lo + per_program, pieces)
+    for start in range(lo, hi, BLOCK):
+        piece = start + tl.arange(0, BLOCK)
+        size = tl.where(piece < hi, tl.minimum(nbytes - piece * 4096, 4096), 0)
+        tl.inline_asm_elementwise(
+            "{\n\t.reg .pred p;\n\tsetp.gt.s32 p, $2, 0;\n\t@p cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;\n\t}",
+            "=r,l,r", [base + tl.minimum(piece, hi - 1).to(tl.int64) * 4096, size], dtype=tl.int32, is_pure=False,
+            pack=1)
+
+
+LINES = 1
+"""``prefetch.global.L2``, a 128-byte line per instruction (any CUDA GPU)."""
+BULK = 2
+"""``cp.async.bulk.prefetch.L2``, 4 KB per instruction (Hopper and later)."""
+
+
+@triton.jit
+def prefetch_next(pf0, n0, pf1, n1, pf2, n2, pid, nprog, BLOCK: tl.constexpr, MODE: tl.constexpr):
+    """Prefetch the three slots of :func:`prefetch_args` (empty slots have 0 bytes) by
+    :data:`LINES` or :data:`BULK`."""
+    if MODE == 2:
+        prefetch_l2_bulk(pf0, n0, pid, nprog, BLOCK)
+        prefetch_l2_bulk(pf1, n1, pid, nprog, BLOCK)
+        prefetch_l2_bulk(pf2, n2, pid, nprog, BLOCK)
+    else:
+        prefetch_l2(pf0, n0, pid, nprog, BLOCK)
+        prefetch_l2(pf1, n1, pid, nprog, BLOCK)
+        prefetch_l2(pf2, n2, pid, nprog, BLOCK)
 
 
 def prefetch_args(tensors: Sequence[torch.Tensor] | None, fallback: torch.Tensor,

@@ -49,8 +49,9 @@ def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, s
 
 
 def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int, split: int, K: int,
-                  prefetch: bool = False):
-    """The paired-fp16 decode kernel (M = 1, fixup) compiled for sm_90, with or without the L2 prefetch."""
+                  prefetch: int = 0):
+    """The paired-fp16 decode kernel (M = 1, fixup) compiled for sm_90, with the L2 prefetch of
+    ``prefetch`` mode (``l2_prefetch.LINES`` / ``BULK``) or none (0)."""
     types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
              "y_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32", "pf0": "*fp16", "pf1": "*u8", "pf2": "*i32",
              **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym", "magic",
