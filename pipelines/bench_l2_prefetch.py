@@ -63,9 +63,9 @@ class Layer:
         self.qweight, self.scales, self.zeros = layer.qweight, layer.scales.data, layer.kernel_zeros()
         self.x = torch.randn(1, k, device="cuda", dtype=torch.float16)
         forward_2d(self.x, self.qweight, self.scales, self.zeros, None, self.bits, self.group)  # tunes
-        key = next(k for k in tuning.chosen_configs() if f"n={n}|k={k}|bits={self.bits}|group={self.group}|" in k
-                   and "|m=1|" in k)
-        self.cfg = tuning.Config(**tuning.chosen_configs()[key])
+        chosen = tuning.chosen_configs()
+        want = f"|m=1|n={n}|k={k}|bits={self.bits}|group={self.group}|"
+        self.cfg = tuning.Config(**next(cfg for key, cfg in chosen.items() if want in key))
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.scales, self.zeros, self.qweight]
