@@ -19,7 +19,6 @@ from torch import nn
 
 from efficientqat.errors import ModelLoadError, RunFolderError
 from efficientqat.fused_projections import fuse_projections_
-from efficientqat.prefetch_chain import chain_prefetch_
 from efficientqat.packed_model import QUANT_METHOD, load_packed_model, quantization_config
 from efficientqat.quantizer import QuantSpec
 from efficientqat.run_folder import STATE_FILE
@@ -72,7 +71,7 @@ def gptq_v2_spec(qc: dict[str, Any]) -> QuantSpec:
 
 def load_quantized(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-    fuse: bool = True, prefetch: bool = True,
+    fuse: bool = True,
 ) -> nn.Module:
     """A Hugging Face causal LM with our packed layers, ready for ``generate()``.
 
@@ -81,14 +80,10 @@ def load_quantized(
     layer's q/k/v and gate/up into one packed matmul apiece (fewer, larger launches per decode
     step; see :mod:`efficientqat.fused_projections`); ``state_dict()`` still reads unfused. Pass
     ``fuse=False`` for tools that wrap single projections (LoRA adapters on ``q_proj``, say).
-    ``prefetch`` chains the packed matmuls in call order so that each small-M launch requests
-    the next one's weights into L2 as it finishes (:mod:`efficientqat.prefetch_chain`).
     """
     model = _load_unfused(path, device, dtype)
     if fuse:
         fuse_projections_(model)
-    if prefetch:
-        chain_prefetch_(model)
     return model
 
 

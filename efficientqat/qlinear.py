@@ -184,20 +184,12 @@ class PackedLinear(nn.Module):
         g = self.spec.group_len(self.in_features)
         return is_supported(self.in_features, self.out_features, self.spec.bits, g)
 
-    def prefetch_tensors(self) -> list[torch.Tensor]:
-        """What the matmul before this one requests into L2 for it (``kernels.l2_prefetch``): the
-        scales, the kernels' zero points once built, then the codes (the cap cuts the last)."""
-        cached = getattr(self, "_kernel_zeros_cache", None)
-        return [self.scales, *([cached[1]] if cached is not None else []), self.qweight]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._use_kernel(x):
             from efficientqat.kernels import dequant_linear
 
             g = self.spec.group_len(self.in_features)
-            after = self.__dict__.get("prefetch_next")  # set by efficientqat.prefetch_chain
-            return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g,
-                                  after.prefetch_tensors() if after is not None else None)
+            return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g)
         w = self.dequantize_weight(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 

@@ -12,8 +12,6 @@ or bias.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
 from . import candidates, tuning
@@ -84,11 +82,8 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bias: torch.Tensor | None, bits: int, group: int,
-               prefetch: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-    """``x [M, K]`` contiguous -> ``[M, N]``; no autograd. ``prefetch``: the next matmul's
-    tensors, which a paired-fp16 decode launch requests into L2 as it finishes
-    (``l2_prefetch``); the tuner times the tiles without it."""
+               bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
     M, K = x.shape
     N = qweight.shape[1]
     if M <= SMALL_M:
@@ -100,8 +95,6 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"
     args = (x, qweight, scales, zeros, bias, bits, group)
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
-    if prefetch and M <= SMALL_M and cfg.variant == tuning.HALF2:
-        return gemv_half2_forward(*args, cfg=cfg, prefetch=prefetch)
     return fn(*args, cfg=cfg)
 
 
@@ -149,15 +142,13 @@ class DequantMatmulFn(torch.autograd.Function):
 
 
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, group: int,
-                   prefetch: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` = ``x @ W^T + bias`` with W decoded from packed codes.
 
     ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout; any strides: every kernel takes both, so the
     codes may be stored K-major, ``qweight.t().contiguous().t()``); ``scales``: ``[G, N]`` (any float dtype,
     may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`; ``group``: the
-    group length in columns (K for per-channel); ``prefetch``: up to three contiguous tensors
-    of the matmul that runs next (scales, zero points, codes), for inference at small M.
+    group length in columns (K for per-channel).
     """
     K = x.shape[-1]
     N = qweight.shape[1]
@@ -178,25 +169,22 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     elif torch.is_grad_enabled() and (x2d.requires_grad or scales.requires_grad):
         y = DequantMatmulFn.apply(x2d, scales, qweight, zeros, bias, bits, group)
     elif torch.compiler.is_compiling():
-        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group, *(prefetch or ()))
+        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group)
     else:
-        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group, prefetch)
+        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
     return y.reshape(*lead, N)
 
 
 @torch.library.custom_op("efficientqat::dequant_matmul", mutates_args=())
 def dequant_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, group: int, pf0: torch.Tensor | None = None,
-                   pf1: torch.Tensor | None = None, pf2: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     """:func:`forward_2d` as an opaque operator for ``torch.compile``: the compiler fuses the
     elementwise work around it (norms, rotary, residuals: most of a decode step's kernels) and
-    leaves the launch, with its tuned config, to us. Inference only (no autograd formula).
-    ``pf0..2``: the tensors to prefetch (the operator schema takes no list of optional tensors)."""
-    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group, [t for t in (pf0, pf1, pf2) if t is not None])
+    leaves the launch, with its tuned config, to us. Inference only (no autograd formula)."""
+    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
 
 
 @dequant_matmul.register_fake
 def _dequant_matmul_shape(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          bias: torch.Tensor | None, bits: int, group: int, pf0: torch.Tensor | None = None,
-                          pf1: torch.Tensor | None = None, pf2: torch.Tensor | None = None) -> torch.Tensor:
+                          bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
     return x2d.new_empty((x2d.shape[0], qweight.shape[1]))

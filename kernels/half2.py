@@ -40,7 +40,6 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
-from .l2_prefetch import LINES, prefetch_args, prefetch_next
 from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
 from .unpack import load_group_row
@@ -264,19 +263,18 @@ def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
 
 @triton.jit
 def _dq_gemv_half2_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, pf0, n0, pf1, n1, pf2, n2,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
-    X_PAIRED: tl.constexpr, PREFETCH: tl.constexpr, PF_BLOCK: tl.constexpr,
+    X_PAIRED: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
     decoded pair of weights meets the x pairs of all rows. ``ONE_STEP``: split-K equals the
     step count. ``x_ptr`` is fp16 x or, with ``X_PAIRED``, :func:`pair_x` of it; ``stride_xw``
-    is its row stride in 32-bit words. ``PREFETCH``: once done, the program requests its share
-    of the next matmul's weights into L2 (``pf*``, ``n*``: :func:`l2_prefetch.prefetch_args`)."""
+    is its row stride in 32-bit words."""
     BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -304,20 +302,14 @@ def _dq_gemv_half2_kernel(
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     tile = offs_m * stride_ym + offs_n
     store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
-    if PREFETCH > 0:
-        prefetch_next(pf0, n0, pf1, n1, pf2, n2, pid_k * tl.num_programs(0) + pid_n, tl.num_programs(0) * SPLIT_K,
-                      PF_BLOCK, PREFETCH)
 
 
 def gemv_half2_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, group: int, cfg: Config, prefetch: list[torch.Tensor] | None = None,
-    prefetch_mode: int = LINES,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
     """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/3/4-bit
-    codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group). ``prefetch``:
-    the next matmul's tensors, requested into L2 as the programs finish (not under the CPU
-    interpreter, which cannot run the prefetch instruction)."""
+    codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group)."""
     M, K = x.shape
     N = qweight.shape[1]
     if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
@@ -329,16 +321,14 @@ def gemv_half2_forward(
     paired = M > 4
     xs = pair_x(x, bits) if paired else x
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    pf, prefetching = prefetch_args(prefetch, x)
     _dq_gemv_half2_kernel[grid](
-        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *pf,
+        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0),
         y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
         ONE_STEP=K // (cfg.block_k * chunk_values(bits)) == cfg.split_k, X_PAIRED=paired,
-        PREFETCH=prefetch_mode if prefetching and not interpreting() else 0, PF_BLOCK=32 * cfg.num_warps,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

@@ -43,7 +43,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
-from efficientqat.prefetch_chain import chain_prefetch_  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
@@ -56,12 +55,10 @@ SETTINGS = {"w2g64": QuantSpec(2, 64), "w3g128": QuantSpec(3, 128), "w4g128": Qu
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
 
 
-def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool,
-                prefetch: bool = False) -> nn.Module:
+def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool) -> nn.Module:
     """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers,
     q/k/v and gate/up fused as ``load_quantized`` does unless ``fuse`` is off (the FP16 model
-    keeps Hugging Face's separate layers: it is what users run unquantized), and with
-    ``prefetch`` chained for the L2 prefetch as ``load_quantized`` chains them."""
+    keeps Hugging Face's separate layers: it is what users run unquantized)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -74,8 +71,6 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse:
                 set_submodule(block, name, packed.to(dtype) if dtype != torch.float16 else packed)
         if fuse:
             fuse_projections_(model)
-        if prefetch:
-            chain_prefetch_(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model.eval()
@@ -216,9 +211,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="launch every decode matmul (M <= 16) with programmatic dependent launch, whatever the tuner chose")
     p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
                    help="restrict torch's attention kernels, for every model alike (auto: torch chooses)")
-    p.add_argument("--l2-prefetch", default="on", choices=["on", "off", "both"],
-                   help="quantized models: each decode matmul prefetches the next one's weights into L2 (as "
-                        "load_quantized sets up); both: every setting without it, then with it (labelled +L2)")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile the decode steps once: device time per kernel family")
     args = p.parse_args(argv)
@@ -262,18 +254,6 @@ def attention_kernels(name: str):
     return nullcontext() if name == "auto" else sdpa_kernel([getattr(SDPBackend, SDPA_BACKENDS[name])])
 
 
-def models_to_run(args: argparse.Namespace) -> list[tuple[str, QuantSpec | None, bool]]:
-    """``(label, spec, prefetch)`` of each model to time: FP16 first, then each setting as
-    ``--l2-prefetch`` asks (with the prefetch labelled ``SETTING+L2`` when both are timed)."""
-    runs: list[tuple[str, QuantSpec | None, bool]] = [("FP16", None, False)]
-    for label in args.settings.split(","):
-        if args.l2_prefetch in ("off", "both"):
-            runs.append((label, SETTINGS[label], False))
-        if args.l2_prefetch in ("on", "both"):
-            runs.append((label + ("+L2" if args.l2_prefetch == "both" else ""), SETTINGS[label], True))
-    return runs
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -282,9 +262,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = TINY if args.tiny else LLAMA2_7B
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, spec, prefetch in models_to_run(args):
+    for label in ["FP16", *args.settings.split(",")]:
+        spec = None if label == "FP16" else SETTINGS[label]
         torch.manual_seed(0)
-        model = build_model(shape, spec, device, not args.no_fuse, prefetch)
+        model = build_model(shape, spec, device, not args.no_fuse)
         with attention_kernels(args.sdpa):  # held through compilation and capture, where the kernel is chosen
             rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
@@ -292,7 +273,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "shape": shape, "fused": not args.no_fuse, "pdl": args.pdl, "sdpa": args.sdpa,
-             "l2_prefetch": args.l2_prefetch,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

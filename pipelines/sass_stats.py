@@ -26,7 +26,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from efficientqat.kernels import gemv, half2
+from efficientqat.kernels import gemv
 from efficientqat.kernels.unpack import unit_constants
 from efficientqat.packing import chunk_values
 
@@ -34,33 +34,6 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 OPCODE = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
 BACK_BRANCH = re.compile(r"BRA .*`\((\.L_x_\d+)\)")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, stages: int):
-    """``triton.compile`` of ``fn`` for sm_90 with argument ``types`` and ``constants`` (pointers,
-    non-constant strides, N and K marked 16-divisible, as Triton specialises them at run time)."""
-    signature = {**types, **{name: "constexpr" for name in constants}}
-    signature = {name: signature[name] for name in fn.arg_names}
-    names = list(signature)
-    aligned = [n for n in names if n.endswith("ptr") or (n.startswith("stride") and n not in constants) or n in ("N", "K")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-
-
-def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int, split: int, K: int,
-                  prefetch: int = 0):
-    """The paired-fp16 decode kernel (M = 1, fixup) compiled for sm_90, with the L2 prefetch of
-    ``prefetch`` mode (``l2_prefetch.LINES`` / ``BULK``) or none (0)."""
-    types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16",
-             "y_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32", "pf0": "*fp16", "pf1": "*u8", "pf2": "*i32",
-             **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym", "magic",
-                                   "n0", "n1", "n2")}}
-    steps = K // (block_c * chunk_values(bits))
-    constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
-                     SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False, ONE_STEP=steps == split,
-                     X_PAIRED=False, PREFETCH=prefetch, PF_BLOCK=32 * warps)
-    return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
@@ -80,7 +53,13 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma)
-    kernel = compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
+    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
+    signature = {name: signature[name] for name in gemv._dq_gemv_tc_kernel.arg_names}
+    names = list(signature)
+    aligned = [n for n in names if n.endswith("ptr") or (n.startswith("stride") and n not in constants) or n in ("N", "K")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn=gemv._dq_gemv_tc_kernel, signature=signature, constexprs=constants, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     cubin = kernel.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"

@@ -647,43 +647,8 @@ def test_gpu_half2_matches_float64(bits, group, m):
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
     pdl = tuning.pdl_supported(x.device)
-    nxt = rand_layer(4096, 11008, bits, group, gen, scale_dtype=torch.float16)  # a next matmul to prefetch
     for cfg in candidates.with_launch_variants(candidates.half2_candidates(m, 4096, 4096, bits, gl), pdl, lead=4):
         assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
-        y = gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg, prefetch=[nxt[5], nxt[4], nxt[3]])
-        assert rel(y, ref) < 3e-3, cfg
-
-
-def test_prefetch_args_cap_the_bytes_and_fill_empty_slots():
-    from efficientqat.kernels.l2_prefetch import SLOTS, prefetch_args
-
-    a, b, c = torch.zeros(100, dtype=torch.float16), torch.zeros(50, dtype=torch.uint8), torch.zeros(1000, dtype=torch.int32)
-    fallback = torch.zeros(1)
-    args, on = prefetch_args([a, b, c], fallback, cap=1000)
-    assert on and args[0] is a and args[1] == 200 and args[2] is b and args[3] == 50 and args[4] is c and args[5] == 750
-    args, on = prefetch_args([a], fallback)
-    assert on and args == [a, 200, fallback, 0, fallback, 0]
-    args, on = prefetch_args(None, fallback)
-    assert not on and args == [fallback, 0] * SLOTS
-    with pytest.raises(ValueError, match="contiguous"):
-        prefetch_args([c.view(100, 10).t()], fallback)
-    with pytest.raises(ValueError, match="at most 3"):
-        prefetch_args([a, a, a, a], fallback)
-
-
-def test_half2_kernel_with_a_prefetch_computes_the_same():
-    """Under the interpreter the prefetch is left out; the launch with its extra arguments must still
-    compute what the launch without does (the arguments shift every pointer after them)."""
-    from efficientqat.kernels.half2 import gemv_half2_forward
-
-    gen = torch.Generator().manual_seed(3)
-    q, z, s, qw, zeros, scales, gl = rand_layer(64, 256, 4, 128, gen, scale_dtype=torch.float16)
-    nxt = rand_layer(64, 128, 4, 128, gen, scale_dtype=torch.float16)
-    x = torch.randn(1, 256, generator=gen).to(DEV, torch.float16)
-    cfg = tuning.Config(1, 32, 4, 2, 4, 1, tuning.HALF2, fixup=True)
-    plain = gemv_half2_forward(x, qw, scales, zeros, None, 4, gl, cfg)
-    prefetching = gemv_half2_forward(x, qw, scales, zeros, None, 4, gl, cfg, prefetch=[nxt[5], nxt[4], nxt[3]])
-    assert torch.equal(plain, prefetching) and rel(plain, reference(x, q, z, scales, gl)[0]) < 3e-3
 
 
 @pytest.mark.skipif(not GPU, reason="the compiled tensor-core kernel's 64-bit x loads need a GPU")
