@@ -119,7 +119,12 @@ HALF2_TABLE = [
     # thread's fp16 sums (rows x columns registers) stay at 16. Last, untimed: 512 columns, so
     # that 4096-row layers (o_proj) get 4 programs per SM, where the float32 kernel's 512-column
     # tile with fp32 atomics and an output fill won (6.5 + 1.8 us a call in session 6's profile).
+    # Then, untimed, the 8-columns-a-thread tiles between 2048 and 512 columns: each thread pays
+    # ~250 instructions of set-up and reduction whatever its share, so the 4096^2 winner (512
+    # columns, 4 weights rows x 4 columns a thread) issues 3.9 SASS instructions per weight
+    # (sm_90, static count) against 3.2 for these (session 9).
     (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2), (512, 4, 4, 4),
+    (1024, 4, 4, 4), (1024, 4, 8, 2),
 ]
 
 

@@ -42,7 +42,6 @@ from efficientqat.packing import chunk_values
 
 from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
-from .unpack import load_group_row
 
 MAGIC = 0x64006400
 """The fp16 pair (1024, 1024). Kernels take it as a run-time argument: as a compile-time constant
@@ -91,13 +90,6 @@ def prmt(a, b, SEL: tl.constexpr, EMULATE: tl.constexpr):
     else:
         return tl.inline_asm_elementwise(f"prmt.b32 $0, $1, $2, {SEL};", "=r,r,r", [a, b],
                                          dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _splat_h2(v):
-    """float32 tensor -> int32 tensor of fp16 pairs ``(v, v)``."""
-    h = v.to(tl.float16)
-    return _pack(h, h)
 
 
 @triton.jit
@@ -151,10 +143,20 @@ def _step_words(qw_ptr, row0, offs_n, mask_n, stride_qk, BLOCK_C: tl.constexpr, 
 
 
 @triton.jit
+def _group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n):
+    """Group ``g``'s scales (float32) and zero points (int32, as stored: the fp16 offsets are
+    built from the integer, :func:`_step_dot`) for the ``[1, BLOCK_N]`` columns ``offs_n``."""
+    s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.int32)
+    return s, z
+
+
+@triton.jit
 def _step_dot(words, xw_rows, mask_m, z, row0, magic,
               BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, X_PAIRED: tl.constexpr):
     """``sum_k x[m, k] (q[k, n] - z[n])`` (float32 ``[BLOCK_M, BLOCK_N]``) over the ``BLOCK_C``
-    word rows ``words`` (:func:`_step_words` from ``row0``); ``magic`` is :data:`MAGIC`. Column
+    word rows ``words`` (:func:`_step_words` from ``row0``); ``z``: int32 zero points (:func:`_group_row`);
+    ``magic`` is :data:`MAGIC`. Column
     tensors come in as ``[1, BLOCK_N]`` and x rows as ``[BLOCK_M, 1]``: every tensor then shares
     the words' blocked layout (all rows in each thread), where 1-D operands broadcast to 2-D took
     a shared-memory round trip per pair."""
@@ -165,11 +167,16 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
     ODD_MASK: tl.constexpr = EVEN_MASK << BITS
     # scale 2^-8 / m as fp16 pairs: 2^-8 for even fields, 2^-12 (4-bit) / 2^-10 (2-bit) for odd ones
     ODD_SCALE: tl.constexpr = 0x0C000C00 if BITS == 4 else 0x14001400
-    ODD_BASE: tl.constexpr = 0.25 if BITS == 4 else 1.0  # 1024 * 2^-8 / m
+    ODD_SHIFT: tl.constexpr = 0x43804380 if BITS == 4 else 0x42004200  # 4 - 1024 * 2^-8 / m: 3.75 / 3.0
     ce = tl.full(z.shape, 0x1C001C00, tl.int32)
     co = tl.full(z.shape, ODD_SCALE, tl.int32)
-    ze = _splat_h2(-(z * (1.0 / 256) + 4.0))
-    zo = _splat_h2(-(z * (1.0 / 256) + ODD_BASE))
+    # offsets -(z / 256 + 4) and -(z / 256 + ODD_BASE) from the pair (1024 + z, 1024 + z) by one fma
+    # each: (1024 + z) * -2^-8 = -(4 + z / 256), exact in fp16 (the float route took ~12
+    # instructions a column: conversions, negation, packing)
+    z_pair = z * 0x10001 | magic
+    ze = fma_h2(z_pair, tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32), tl.zeros(z.shape, tl.int32), EMULATE)
+    zo = fma_h2(z_pair, tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32), tl.full(z.shape, ODD_SHIFT, tl.int32),
+                EMULATE)
     shape: tl.constexpr = (xw_rows.shape[0], z.shape[1])
     part = tl.zeros(shape, dtype=tl.float32)
     for c0 in tl.static_range(0, BLOCK_C, FLUSH):
@@ -248,7 +255,7 @@ def _step_dot3(words, xw_rows, mask_m, z, row0, magic,
         part += lo.to(tl.float32) + hi.to(tl.float32)
         lo, hi = _unpack(hx)
         x_sum += lo.to(tl.float32) + hi.to(tl.float32)
-    return (part - x_sum * z) * 256.0
+    return (part - x_sum * z.to(tl.float32)) * 256.0
 
 
 @triton.jit
@@ -290,14 +297,14 @@ def _dq_gemv_half2_kernel(
     if ONE_STEP:  # one step per program: its codes stream while the previous grid ends
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
-        s, z = load_group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
+        s, z = _group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
-            s, z = load_group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
+            s, z = _group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     tile = offs_m * stride_ym + offs_n

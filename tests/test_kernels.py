@@ -321,6 +321,17 @@ def test_m1_tiles_come_with_split_k_balanced_per_step():
     assert twin.split_k == 32
 
 
+def test_m1_paired_tiles_include_eight_columns_a_thread_on_every_7b_layer():
+    """Each thread of the paired-fp16 kernel pays its set-up and split-K reduction whatever its
+    share of the tile, so every 7B layer shape (w4g128, w2g64) must be offered a tile between the
+    4-column one (3.9 SASS instructions a weight at 4096^2) and the 16-column ones that leave
+    4096-row layers under one program per SM."""
+    for bits, group in ((4, 128), (2, 64)):
+        for N, K in ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008)):
+            eight = [c for c in candidates.half2_candidates(1, N, K, bits, group) if c.block_n == 8 * 32 * c.num_warps]
+            assert any(-(-N // c.block_n) * c.split_k >= 132 for c in eight), (N, K, bits)
+
+
 def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
     """Triton 3.6 aborts compiling the codes as wgmma's register operand: its tuner must not be
     offered those tiles (the sweep and the GPU test stopped on them), while 3.9 gets both kinds."""
