@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from efficientqat.fused_mlp import fuse_gated_mlps_
 from efficientqat.qlinear import PackedLinear
 
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -123,8 +124,10 @@ def _fusable(layers: list[nn.Module]) -> bool:
 
 def fuse_projections_(model: nn.Module) -> int:
     """Fuse every group of :data:`SIBLINGS` that one parent module holds as packed layers of one
-    format; returns how many groups were fused. Originals are released as each group is built."""
-    fused = 0
+    format; returns how many groups were fused. Originals are released as each group is built.
+    A known gated SiLU MLP gets its gate/up group as :class:`~efficientqat.fused_mlp.FusedGatedMLP`,
+    whose matmul also applies the activation."""
+    fused = fuse_gated_mlps_(model)
     for parent in list(model.modules()):
         for names in SIBLINGS:
             layers = [getattr(parent, name, None) for name in names]

@@ -184,14 +184,22 @@ class PackedLinear(nn.Module):
         g = self.spec.group_len(self.in_features)
         return is_supported(self.in_features, self.out_features, self.spec.bits, g)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+        """``x @ W^T + bias``; with ``silu_mul`` (a gate/up layer of :mod:`efficientqat.fused_mlp`)
+        ``silu(gate) * up`` of it, half as many features."""
         if self._use_kernel(x):
             from efficientqat.kernels import dequant_linear
 
             g = self.spec.group_len(self.in_features)
-            return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g)
+            return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g,
+                                  silu_mul=silu_mul)
         w = self.dequantize_weight(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        if silu_mul:
+            from efficientqat.fused_mlp import silu_mul_interleaved
+
+            return silu_mul_interleaved(y)
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from efficientqat.fused_mlp import silu_mul_interleaved
+
 from . import candidates, tuning
 from .backward import grad_input, grad_scales
 from .dequant import dense_forward, dense_grad_input, dense_grad_scales
@@ -82,10 +84,14 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    """``x [M, K]`` contiguous -> ``[M, N]``; no autograd."""
+               bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
+    """``x [M, K]`` contiguous -> ``[M, N]``; no autograd. ``silu_mul``: ``silu(gate) * up`` of an
+    interleaved gate/up layer (``efficientqat.fused_mlp``), ``[M, N / 2]``: in the paired-fp16
+    kernel's epilogue where it applies, else after the matmul in PyTorch."""
     M, K = x.shape
     N = qweight.shape[1]
+    if silu_mul:
+        return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group)
     if M <= SMALL_M:
         cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group), \
             _pick(gemv1_forward if M == 1 else gemv_tc_forward, tuning.HALF2, gemv_half2_forward), \
@@ -96,6 +102,24 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     args = (x, qweight, scales, zeros, bias, bits, group)
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
+
+
+def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+    """:func:`forward_2d` with ``silu_mul``: the paired-fp16 tiles that sum in one program (the
+    epilogue needs whole sums: in-kernel split-K reduction, or none), tuned under their own key."""
+    M, K = x.shape
+    N = qweight.shape[1]
+    if M <= 8 and x.dtype == torch.float16 and bits in tuning.HALF2_BITS:
+        def cands() -> list[tuning.Config]:
+            return [c for c in decode_candidates(x, M, N, K, bits, group)
+                    if c.variant == tuning.HALF2 and (c.fixup or c.split_k == 1)]
+
+        args = (x, qweight, scales, zeros, bias, bits, group)
+        cfg = tuning.choose(_key("half2_silu_mul", x, M, N, K, bits, group), cands,
+                            lambda c: gemv_half2_forward(*args, cfg=c, silu_mul=True))
+        return gemv_half2_forward(*args, cfg=cfg, silu_mul=True)
+    return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group))
 
 
 def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -142,13 +166,14 @@ class DequantMatmulFn(torch.autograd.Function):
 
 
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+                   bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` = ``x @ W^T + bias`` with W decoded from packed codes.
 
     ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout; any strides: every kernel takes both, so the
     codes may be stored K-major, ``qweight.t().contiguous().t()``); ``scales``: ``[G, N]`` (any float dtype,
     may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`; ``group``: the
-    group length in columns (K for per-channel).
+    group length in columns (K for per-channel); ``silu_mul``: return ``silu(gate) * up``,
+    ``[..., N / 2]``, of a gate/up layer in ``efficientqat.fused_mlp``'s interleaved order.
     """
     K = x.shape[-1]
     N = qweight.shape[1]
@@ -162,29 +187,32 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     scales = scales.contiguous()
     if bias is not None:
         bias = bias.contiguous()
-    if x2d.shape[0] == 0:
-        y = x2d.new_zeros((0, N))
-        if bias is not None:
-            y = y + bias.to(x.dtype)
-    elif torch.is_grad_enabled() and (x2d.requires_grad or scales.requires_grad):
-        y = DequantMatmulFn.apply(x2d, scales, qweight, zeros, bias, bits, group)
+    if x2d.shape[0] == 0 or torch.is_grad_enabled() and (x2d.requires_grad or scales.requires_grad):
+        if x2d.shape[0] == 0:
+            y = x2d.new_zeros((0, N))
+            if bias is not None:
+                y = y + bias.to(x.dtype)
+        else:
+            y = DequantMatmulFn.apply(x2d, scales, qweight, zeros, bias, bits, group)
+        if silu_mul:
+            y = silu_mul_interleaved(y)
     elif torch.compiler.is_compiling():
-        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group)
+        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group, silu_mul)
     else:
-        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
-    return y.reshape(*lead, N)
+        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul)
+    return y.reshape(*lead, y.shape[-1])
 
 
 @torch.library.custom_op("efficientqat::dequant_matmul", mutates_args=())
 def dequant_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+                   bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
     """:func:`forward_2d` as an opaque operator for ``torch.compile``: the compiler fuses the
     elementwise work around it (norms, rotary, residuals: most of a decode step's kernels) and
     leaves the launch, with its tuned config, to us. Inference only (no autograd formula)."""
-    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group)
+    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul)
 
 
 @dequant_matmul.register_fake
 def _dequant_matmul_shape(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    return x2d.new_empty((x2d.shape[0], qweight.shape[1]))
+                          bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
+    return x2d.new_empty((x2d.shape[0], qweight.shape[1] // 2 if silu_mul else qweight.shape[1]))

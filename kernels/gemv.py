@@ -106,7 +106,7 @@ def _dq_gemv1_kernel(
                            field_mask, one_bits, BITS, GROUP, BLOCK_C)
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    store_decode(y_ptr + offs_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP)
+    store_decode(y_ptr + offs_n, mask_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP, False)
 
 
 @triton.jit
@@ -279,7 +279,7 @@ def _dq_gemv_tc_kernel(
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
     tile = offs_m[:, None] * stride_ym + offs_n[None, :]
-    store_decode(y_ptr + tile, acc, mask, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
+    store_decode(y_ptr + tile, mask, acc, mask, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP, False)
 
 
 PAIRED_CODES = 1

@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
 from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
@@ -275,13 +276,14 @@ def _dq_gemv_half2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
-    X_PAIRED: tl.constexpr,
+    X_PAIRED: tl.constexpr, ACT: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
     decoded pair of weights meets the x pairs of all rows. ``ONE_STEP``: split-K equals the
     step count. ``x_ptr`` is fp16 x or, with ``X_PAIRED``, :func:`pair_x` of it; ``stride_xw``
-    is its row stride in 32-bit words."""
+    is its row stride in 32-bit words. ``ACT``: the output is ``silu(gate) * up`` of the tile's
+    interleaved columns (``tiling.silu_mul_interleaved``), ``N / 2`` wide."""
     BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -307,22 +309,32 @@ def _dq_gemv_half2_kernel(
             s, z = _group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    tile = offs_m * stride_ym + offs_n
-    store_decode(y_ptr + tile, acc, mask_m & mask_n, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP)
+    if ACT:
+        offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
+        y_mask = mask_m & (offs_y < N // 2)
+    else:
+        offs_y = offs_n
+        y_mask = mask_m & mask_n
+    store_decode(y_ptr + offs_m * stride_ym + offs_y, y_mask, acc, mask_m & mask_n, ws_ptr + offs_m * N + offs_n,
+                 count_ptr + pid_n, SPLIT_K, FIXUP, ACT)
 
 
 def gemv_half2_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config, silu_mul: bool = False,
 ) -> torch.Tensor:
     """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/3/4-bit
-    codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group)."""
+    codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group). With
+    ``silu_mul``, of a gate/up layer in the interleaved column order (``ACT_BLOCK``):
+    ``silu(gate) * up``, ``[M, N / 2]``."""
     M, K = x.shape
     N = qweight.shape[1]
     if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
         raise ValueError(f"the paired-fp16 kernel takes fp16 x of at most {cfg.block_m} rows and {HALF2_BITS}-bit "
                          f"codes, not {x.dtype}, {M} rows, {bits}-bit")
-    y, ws, count, fixup = decode_output(x, N, cfg)
+    y, ws, count, fixup = decode_output(x, N, cfg, N // 2 if silu_mul else None)
+    if silu_mul and cfg.split_k > 1 and not fixup:  # no workspace inside a capture: the epilogue in torch
+        return silu_mul_interleaved(gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg))
     # sm_90 SASS, per weight and row: 2.16 -> 1.65 at 8 rows, 1.75 -> 1.52 at 4, where the
     # permute launch (~2 us) would cost about what it saves
     paired = M > 4
@@ -335,7 +347,7 @@ def gemv_half2_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
-        ONE_STEP=K // (cfg.block_k * chunk_values(bits)) == cfg.split_k, X_PAIRED=paired,
+        ONE_STEP=K // (cfg.block_k * chunk_values(bits)) == cfg.split_k, X_PAIRED=paired, ACT=silu_mul,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

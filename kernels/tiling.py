@@ -49,13 +49,41 @@ def store_split(y_ptrs, acc, mask, SPLIT_K: tl.constexpr):
         tl.atomic_add(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
 
 
+ACT_BLOCK = 16
+"""A gate/up layer fused for the SiLU epilogue (``silu_mul``) stores its columns as alternating
+blocks of this many gate and this many up columns, so that every tile holds matching pairs."""
+
+
 @triton.jit
-def store_decode(y_ptrs, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr):
+def silu_mul_interleaved(v):
+    """``[BM, BN]`` with columns alternating :data:`ACT_BLOCK` gate and up values (BN a multiple
+    of 32) -> ``silu(gate) * up``, ``[BM, BN / 2]`` in the order of the gate columns."""
+    BM: tl.constexpr = v.shape[0]
+    BN: tl.constexpr = v.shape[1]
+    gate, up = tl.split(tl.permute(tl.reshape(v, (BM, BN // 32, 2, 16)), (0, 1, 3, 2)))
+    return tl.reshape(gate / (1.0 + tl.exp(-gate)) * up, (BM, BN // 2))
+
+
+@triton.jit
+def finish_tile(y_ptrs, v, mask, ACT: tl.constexpr):
+    """Store a summed tile, or with ``ACT`` :func:`silu_mul_interleaved` of it (``y_ptrs`` and
+    ``mask`` then cover the half-width output tile)."""
+    if ACT:
+        v = silu_mul_interleaved(v)
+    tl.store(y_ptrs, v.to(y_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_decode(y_ptrs, y_mask, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.constexpr, FIXUP: tl.constexpr,
+                 ACT: tl.constexpr):
     """Decode kernels' write-back: :func:`store_split`, or with ``FIXUP`` (split-K only) the
     partials go to a persistent float32 workspace and the last program of the column tile to
     arrive writes their sum: the output needs no zeroing, so a launch is one kernel instead of
     memset + kernel, and bf16 needs no cast launch. That program also zeroes the workspace and
-    its tile counter again, the invariant every launch relies on (``split_k_workspace``)."""
+    its tile counter again, the invariant every launch relies on (``split_k_workspace``).
+    ``acc``, ``mask`` and ``ws_ptrs`` span the tile; ``y_ptrs`` and ``y_mask`` the output tile,
+    half as wide with ``ACT`` (:func:`finish_tile`), which needs the whole sum: ``FIXUP`` or no split."""
+    tl.static_assert(not ACT or FIXUP or SPLIT_K == 1, "the SiLU epilogue needs the whole sum in one program")
     if FIXUP:
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
         tl.debug_barrier()  # every thread's adds happen before the arrival that releases them
@@ -64,8 +92,10 @@ def store_decode(y_ptrs, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.constexpr, F
             # read and zero in one atomic (on the words: the interpreter exchanges no floats)
             words = ws_ptrs.to(tl.pointer_type(tl.int32))
             total = tl.atomic_xchg(words, tl.zeros(acc.shape, tl.int32), mask=mask, sem="relaxed")
-            tl.store(y_ptrs, total.to(tl.float32, bitcast=True).to(y_ptrs.dtype.element_ty), mask=mask)
+            finish_tile(y_ptrs, total.to(tl.float32, bitcast=True), y_mask, ACT)
             tl.atomic_xchg(count_ptr, 0, sem="relaxed")
+    elif ACT:
+        finish_tile(y_ptrs, acc, y_mask, ACT)
     else:
         store_split(y_ptrs, acc, mask, SPLIT_K)
 
@@ -125,16 +155,17 @@ def zero_workspaces() -> None:
         entry.counts.zero_()
 
 
-def decode_output(x: torch.Tensor, N: int, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """``(y, sums, counts, fixup)`` of a decode launch with config ``cfg`` (``x [M, K]``): with
-    ``cfg.fixup`` and split-K, an uninitialised output in x's dtype and the device workspace;
-    otherwise (or with no workspace to be had) :func:`split_k_buffer`, and the kernel ignores
-    the other two."""
+def decode_output(x: torch.Tensor, N: int, cfg: Config, cols: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``(y, sums, counts, fixup)`` of a decode launch with config ``cfg`` (``x [M, K]``, ``N``
+    columns summed, ``cols`` written: N unless an epilogue narrows them): with ``cfg.fixup`` and
+    split-K, an uninitialised output in x's dtype and the device workspace; otherwise (or with
+    no workspace to be had) :func:`split_k_buffer`, and the kernel ignores the other two."""
     if cfg.fixup and cfg.split_k > 1:
         entry = split_k_workspace(x.device, x.shape[0] * N, triton.cdiv(N, cfg.block_n))
         if entry is not None:
-            return torch.empty((x.shape[0], N), device=x.device, dtype=x.dtype), entry.sums, entry.counts, True
-    y = split_k_buffer(x, N, cfg.split_k)
+            return torch.empty((x.shape[0], cols or N), device=x.device, dtype=x.dtype), entry.sums, entry.counts, True
+    y = split_k_buffer(x, cols or N if cfg.split_k == 1 else N, cfg.split_k)
     return y, y, y, False
 
 

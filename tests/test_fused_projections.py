@@ -8,6 +8,7 @@ from test_export import random_packed_model
 
 from efficientqat import load_quantized
 from efficientqat.exporters.common import packed_layers
+from efficientqat.fused_mlp import ACT_BLOCK, FusedGatedMLP, is_gated_silu_mlp
 from efficientqat.fused_projections import FusedProjection, ProjectionSlice, fuse_projections_
 from efficientqat.packed_model import save_packed_model
 from efficientqat.qlinear import PackedLinear
@@ -79,4 +80,35 @@ def test_only_groups_of_one_format_are_fused():
         assert fuse_projections_(model) == 3
         torch.testing.assert_close(model(ids()).logits, reference, rtol=1e-5, atol=1e-5)
     assert mlp.up_proj is other and not hasattr(mlp, "fused_gate_up")
-    assert isinstance(model.model.layers[1].mlp.up_proj, ProjectionSlice)
+    assert isinstance(model.model.layers[1].mlp, FusedGatedMLP)
+
+
+def test_gated_mlp_interleaves_gate_and_up_and_computes_the_activation_in_the_matmul():
+    """The fused MLP's gate/up layer alternates blocks of 16 gate and 16 up columns, and its
+    ``silu_mul`` output equals silu(gate) * up of the original layers (PyTorch path here)."""
+    model = random_packed_model(VOCAB, QuantSpec(4, 64), seed=11)
+    mlp = model.model.layers[0].mlp
+    gate, up = mlp.gate_proj, mlp.up_proj
+    x = torch.randn(3, 5, gate.in_features)
+    with torch.no_grad():
+        expected = torch.nn.functional.silu(gate(x)) * up(x)
+        fuse_projections_(model)
+        fused = model.model.layers[0].mlp
+        assert isinstance(fused, FusedGatedMLP) and fused.gate_up.out_features == 2 * gate.out_features
+        codes = fused.gate_up.int_codes()
+        assert torch.equal(codes[:ACT_BLOCK], gate.int_codes()[:ACT_BLOCK])
+        assert torch.equal(codes[ACT_BLOCK:2 * ACT_BLOCK], up.int_codes()[:ACT_BLOCK])
+        assert torch.equal(codes[2 * ACT_BLOCK:3 * ACT_BLOCK], gate.int_codes()[ACT_BLOCK:2 * ACT_BLOCK])
+        torch.testing.assert_close(fused.gate_up(x, silu_mul=True), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mlps_that_are_not_known_gated_silu_stay_as_they_are():
+    model = random_packed_model(VOCAB, QuantSpec(4, 64), seed=12)
+    model.model.layers[0].mlp.act_fn = torch.nn.GELU()
+    assert not is_gated_silu_mlp(model.model.layers[0].mlp) and is_gated_silu_mlp(model.model.layers[1].mlp)
+    with torch.no_grad():
+        reference = model(ids()).logits
+        fuse_projections_(model)
+        torch.testing.assert_close(model(ids()).logits, reference, rtol=1e-5, atol=1e-5)
+    assert isinstance(model.model.layers[0].mlp.up_proj, ProjectionSlice)  # gate/up fused, activation outside
+    assert isinstance(model.model.layers[1].mlp, FusedGatedMLP)

@@ -601,6 +601,46 @@ def test_half2_kernel(bits, group):
             assert rel(y, ref) < 3e-3, (m, block_n, bc, split)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (3, 128)])
+def test_half2_silu_mul_epilogue(bits, group):
+    """With ``silu_mul`` the paired-fp16 kernel writes silu(gate) * up of a layer whose columns
+    alternate 16 gate and 16 up columns: against float64 through the PyTorch de-interleave, at
+    M = 1 and 3, one summing program or split-K reduced in the kernel, a column tile that leaves
+    a partial tile (N = 96 over 64-column tiles: 32 live columns, one gate/up pair), with bias."""
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.kernels.half2 import gemv_half2_forward
+
+    gen = torch.Generator().manual_seed(bits)
+    n, k = 96, 256
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    for m, block_m in ((1, 1), (3, 4)):
+        x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+        ref = silu_mul_interleaved(reference(x, q, z, scales, gl, bias)[0])
+        for block_n, split, fixup in ((64, 1, False), (64, 2, True), (32, 4, True)):
+            cfg = tuning.Config(block_m, block_n, 1, split, 4, 1, tuning.HALF2, fixup=fixup)
+            y = gemv_half2_forward(x, qw, scales, zeros, bias, bits, gl, cfg, silu_mul=True)
+            assert y.shape == (m, n // 2) and rel(y, ref) < 3e-3, (m, block_n, split)
+
+
+def test_silu_mul_dispatch_uses_the_epilogue_for_fp16_decode_and_pytorch_elsewhere(monkeypatch):
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.kernels import autograd, half2
+
+    gen = torch.Generator().manual_seed(5)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 128, 4, 64, gen, scale_dtype=torch.float16)
+    epilogues = []
+    real = half2.gemv_half2_forward
+    monkeypatch.setattr(autograd, "gemv_half2_forward",
+                        lambda *a, **kw: epilogues.append(kw.get("silu_mul")) or real(*a, **kw))
+    for dtype, m, fused in ((torch.float16, 1, True), (torch.float16, 12, False), (torch.bfloat16, 1, False)):
+        x = torch.randn(m, 128, generator=gen).to(DEV, dtype)
+        epilogues.clear()
+        y = dequant_linear(x, qw, scales.to(dtype), zeros, None, 4, gl, silu_mul=True)
+        assert y.shape == (m, 32) and rel(y, silu_mul_interleaved(reference(x, q, z, scales, gl)[0])) < 1e-2
+        assert (True in epilogues) == fused, (dtype, m)
+
+
 def test_half2_takes_only_fp16_and_2_to_4_bits():
     """Other inputs get an error naming the requirement; the decode candidates hold paired-fp16
     tiles only where they apply, after the measured ones, and the dispatcher runs them."""
