@@ -94,21 +94,19 @@ def prmt(a, b, SEL: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr, X_PAIRED: tl.constexpr):
+def _x_pair(xw_rows, mask_m, row, i: tl.constexpr, HV: tl.constexpr, X_PAIRED: tl.constexpr, EMULATE: tl.constexpr):
     """Per x row, the fp16 pair ``(x[k + i], x[k + i + HV])`` of word row ``row``
     (``k = row * 2 HV``); ``xw_rows`` points at each row's first 32-bit word, rows past M read
     zeros. ``X_PAIRED``: x comes as :func:`pair_x` made it, the pair is word ``row * HV + i``.
     Otherwise from the int32 view of x: value j sits in word ``j // 2``, low half for even j (two
-    loads and two operations a pair, which every thread repeats for every x row)."""
+    loads and one byte permute a pair, which every thread repeats for every x row; the masks and
+    shift they replace took two instructions a pair in the sm_90 SASS)."""
     if X_PAIRED:
         return tl.load(xw_rows + (row * HV + i), mask=mask_m, other=0)
     else:
         a = tl.load(xw_rows + (row * HV + i // 2), mask=mask_m, other=0)
         b = tl.load(xw_rows + (row * HV + HV // 2 + i // 2), mask=mask_m, other=0)
-        if i % 2 == 0:
-            return (a & 0xFFFF) | (b << 16)
-        else:
-            return ((a >> 16) & 0xFFFF) | (b & -65536)
+        return prmt(a, b, 0x5410 if i % 2 == 0 else 0x7632, EMULATE)  # (a.lo, b.lo) or (a.hi, b.hi)
 
 
 def half_values(bits: int) -> int:
@@ -189,8 +187,8 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
                 s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
                 even = fma_h2((s & EVEN_MASK) | magic, ce, ze, EMULATE)  # codes shift/b (+ HV)
                 odd = fma_h2((s & ODD_MASK) | magic, co, zo, EMULATE)  # codes shift/b + 1 (+ HV)
-                x_even = _x_pair(xw_rows, mask_m, row, shift // BITS, HV, X_PAIRED)
-                x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV, X_PAIRED)
+                x_even = _x_pair(xw_rows, mask_m, row, shift // BITS, HV, X_PAIRED, EMULATE)
+                x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV, X_PAIRED, EMULATE)
                 h = fma_h2(tl.broadcast_to(even, shape), tl.broadcast_to(x_even, shape), h, EMULATE)
                 h = fma_h2(tl.broadcast_to(odd, shape), tl.broadcast_to(x_odd, shape), h, EMULATE)
         lo, hi = _unpack(h)
@@ -249,7 +247,7 @@ def _step_dot3(words, xw_rows, mask_m, z, row0, magic,
                 hi_word = words[3 * c + half + 1]
                 for a in tl.static_range(8):
                     w = _unit3(lo_word, hi_word, a, half, magic, z.shape, EMULATE)
-                    xp = _x_pair(xw_rows, mask_m, 2 * (row0 + c) + half, a, 8, X_PAIRED)
+                    xp = _x_pair(xw_rows, mask_m, 2 * (row0 + c) + half, a, 8, X_PAIRED, EMULATE)
                     h = fma_h2(tl.broadcast_to(w, shape), tl.broadcast_to(xp, shape), h, EMULATE)
                     hx = fma_h2(xp, inv256, hx, EMULATE)
         lo, hi = _unpack(h)
