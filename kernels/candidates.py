@@ -158,7 +158,34 @@ def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 1
         cfg = gemv1_config(N, K, bits, group, sms, block_n, warps, block_c, per_sm, HALF2, 1)
         if cfg is not None:
             out.append(replace(cfg, block_m=block_m))
-    return with_balanced_twins(out, K, bits)
+    return with_balanced_twins(out, K, bits) + (lane_candidates(N, K, bits, group) if M == 1 else [])
+
+
+LANE_TABLE = [
+    # (BLOCK_N, warps, BLOCK_C, K lanes), untimed (session 9): K split inside the program, so
+    # split-K across programs shrinks or goes. sm_90 SASS at 4096^2: 2.3-2.6 lane-instructions a
+    # weight (w4g128, 72-80 registers; w2g64 2.5) against 3.8 for the w4g128 winner there (512
+    # columns x split 128, every program also paying the fence and atomics of the reduction).
+    # With 4 warps two lanes share a thread, with 8 one each.
+    (32, 4, 16, 32), (64, 4, 16, 16), (32, 8, 16, 32), (64, 8, 16, 16), (128, 8, 16, 8), (64, 4, 8, 8),
+]
+
+
+def lane_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
+    """M = 1 paired-fp16 tiles with K lanes (``half2`` ``LANES``): BLOCK_C fitted to the group as
+    in :func:`gemv1_config`, lanes halved until they divide the step count, split-K the steps
+    left over (one step a lane); none where a step fits no group or two lanes do not divide."""
+    vpc = chunk_values(bits)
+    out = []
+    for block_n, warps, block_c, lanes in LANE_TABLE:
+        while block_c > 1 and (group % (block_c * vpc) or bits == 3 and block_c > 4):
+            block_c //= 2
+        steps = K // (block_c * vpc)
+        while lanes > 2 and steps % lanes:
+            lanes //= 2
+        if group % (block_c * vpc) == 0 and steps % lanes == 0:
+            out.append(Config(1, block_n, block_c, steps // lanes, warps, 1, HALF2, lanes=lanes))
+    return list(dict.fromkeys(out))
 
 
 def balanced_split(cfg: Config, K: int, bits: int) -> Config:

@@ -274,14 +274,20 @@ def _dq_gemv_half2_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
-    X_PAIRED: tl.constexpr, ACT: tl.constexpr,
+    X_PAIRED: tl.constexpr, ACT: tl.constexpr, LANES: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
     decoded pair of weights meets the x pairs of all rows. ``ONE_STEP``: split-K equals the
     step count. ``x_ptr`` is fp16 x or, with ``X_PAIRED``, :func:`pair_x` of it; ``stride_xw``
     is its row stride in 32-bit words. ``ACT``: the output is ``silu(gate) * up`` of the tile's
-    interleaved columns (``tiling.silu_mul_interleaved``), ``N / 2`` wide."""
+    interleaved columns (``tiling.silu_mul_interleaved``), ``N / 2`` wide.
+
+    ``LANES`` > 1 (M = 1 only): a program sums ``LANES`` K steps side by side, lane ``l`` taking
+    steps ``l, l + LANES, ...`` of its range, the lanes standing where the x rows do (each lane's
+    x pointer and codes offset by its step), and adds the lanes up at the end in the program
+    (``tl.sum``): K is split inside the program, so split-K across programs, with its atomics and
+    the fence before the last program's reduction, can be small or gone."""
     BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -292,20 +298,30 @@ def _dq_gemv_half2_kernel(
     n_steps = K // BK
     s_lo = pid_k * n_steps // SPLIT_K
     s_hi = (pid_k + 1) * n_steps // SPLIT_K
-    xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
     cols = offs_n * stride_qn  # word offsets of the columns (1: the standard N-major codes)
-    if ONE_STEP:  # one step per program: its codes stream while the previous grid ends
+    if LANES > 1:  # x rows stand for K lanes: lane l reads x and codes one step (BLOCK_C chunks) on
+        lane = tl.arange(0, LANES)[:, None]
+        xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + lane * (BLOCK_C * (16 if BITS == 3 else 16 // BITS))
+        cols = cols + lane * (BLOCK_C * (3 if BITS == 3 else 1) * stride_qk)
+        mask_x = lane < LANES
+    else:
+        lane = tl.zeros((1, 1), tl.int32)
+        xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
+        mask_x = mask_m
+    if ONE_STEP:  # one step per program (lane): its codes stream while the previous grid ends
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
-        s, z = _group_row(s_ptr, z_ptr, (s_lo * BK) // GROUP, offs_n, stride_g, mask_n)
-        acc = s * _chunk_dot(words, xw_rows, mask_m, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+        s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
+        acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for step in range(s_lo, s_hi):
+        acc = tl.zeros((xw_rows.shape[0], BLOCK_N), dtype=tl.float32)
+        for step in range(s_lo, s_hi, LANES):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
-            s, z = _group_row(s_ptr, z_ptr, (step * BK) // GROUP, offs_n, stride_g, mask_n)
-            acc += s * _chunk_dot(words, xw_rows, mask_m, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+            s, z = _group_row(s_ptr, z_ptr, ((step + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
+            acc += s * _chunk_dot(words, xw_rows, mask_x, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+    if LANES > 1:
+        acc = tl.sum(acc, axis=0)[None, :]
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     if ACT:
         offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
@@ -337,6 +353,10 @@ def gemv_half2_forward(
     # permute launch (~2 us) would cost about what it saves
     paired = M > 4
     xs = pair_x(x, bits) if paired else x
+    steps = K // (cfg.block_k * chunk_values(bits))
+    if cfg.lanes > 1 and (M > 1 or cfg.block_m != 1 or steps % (cfg.split_k * cfg.lanes)):
+        raise ValueError(f"K lanes take one x row and split-K x lanes dividing the {steps} steps, not M = {M}, "
+                         f"split-K {cfg.split_k} x {cfg.lanes} lanes")
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     _dq_gemv_half2_kernel[grid](
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
@@ -345,7 +365,7 @@ def gemv_half2_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
-        ONE_STEP=K // (cfg.block_k * chunk_values(bits)) == cfg.split_k, X_PAIRED=paired, ACT=silu_mul,
+        ONE_STEP=steps == cfg.split_k * cfg.lanes, X_PAIRED=paired, ACT=silu_mul, LANES=cfg.lanes,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

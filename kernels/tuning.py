@@ -64,6 +64,7 @@ class Config:
     variant: int = 0  # kernel-specific alternative (gemm: 1 = load words once and expand; DENSE)
     fixup: bool = False  # decode split-K: the last program reduces through a workspace (no memset)
     pdl: bool = False  # decode: programmatic dependent launch (overlaps the previous kernel's tail)
+    lanes: int = 1  # paired-fp16 decode at M = 1: K steps summed side by side in one program
 
 
 DENSE = 9

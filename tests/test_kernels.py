@@ -332,6 +332,34 @@ def test_m1_paired_tiles_include_eight_columns_a_thread_on_every_7b_layer():
             assert any(-(-N // c.block_n) * c.split_k >= 132 for c in eight), (N, K, bits)
 
 
+def test_m1_lane_tiles_divide_the_steps_and_drop_split_k_where_they_can():
+    for bits, group in ((4, 128), (2, 64), (3, 128)):
+        for N, K in ((4096, 4096), (12288, 4096), (22016, 4096), (4096, 11008), (8192, 8192)):
+            lanes = [c for c in candidates.half2_candidates(1, N, K, bits, group) if c.lanes > 1]
+            assert lanes and all(c not in candidates.half2_candidates(2, N, K, bits, group) for c in lanes)
+            for c in lanes:
+                steps = K // (c.block_k * chunk_values(bits))
+                assert steps % (c.split_k * c.lanes) == 0 and c.lanes & (c.lanes - 1) == 0 and c.block_m == 1
+                assert group % (c.block_k * chunk_values(bits)) == 0
+    # a 7B o_proj at w4g128 and w3g128: whole K in one program, no split-K reduction at all
+    assert any(c.split_k == 1 for c in candidates.lane_candidates(4096, 4096, 4, 128))
+    assert any(c.split_k == 1 for c in candidates.lane_candidates(4096, 4096, 3, 128))
+
+
+def test_m1_lane_tiles_run(monkeypatch):
+    """Every lane tile offered for a small layer launches and matches float64 (interpreter)."""
+    from efficientqat.kernels.half2 import gemv_half2_forward
+
+    gen = torch.Generator().manual_seed(9)
+    q, z, s, qw, zeros, scales, gl = rand_layer(128, 512, 4, 128, gen, scale_dtype=torch.float16)
+    x = torch.randn(1, 512, generator=gen).to(DEV, torch.float16)
+    ref = reference(x, q, z, scales, gl)[0]
+    tiles = candidates.lane_candidates(128, 512, 4, 128)
+    assert tiles
+    for cfg in tiles[:3]:  # interpreter time: the three leading tiles
+        assert rel(gemv_half2_forward(x, qw, scales, zeros, None, 4, gl, replace(cfg, fixup=cfg.split_k > 1)), ref) < 3e-3
+
+
 def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
     """Triton 3.6 aborts compiling the codes as wgmma's register operand: its tuner must not be
     offered those tiles (the sweep and the GPU test stopped on them), while 3.9 gets both kinds."""
@@ -639,6 +667,32 @@ def test_silu_mul_dispatch_uses_the_epilogue_for_fp16_decode_and_pytorch_elsewhe
         y = dequant_linear(x, qw, scales.to(dtype), zeros, None, 4, gl, silu_mul=True)
         assert y.shape == (m, 32) and rel(y, silu_mul_interleaved(reference(x, q, z, scales, gl)[0])) < 1e-2
         assert (True in epilogues) == fused, (dtype, m)
+
+
+@pytest.mark.parametrize("bits,group", [(4, 128), (4, 32), (2, 64), (3, 128), (3, 32)])
+def test_half2_k_lanes(bits, group):
+    """K lanes (M = 1): a program sums several K steps side by side and adds the lanes up itself.
+    Against float64: one step a lane or several (lane l takes every LANES-th step), a lane's steps
+    in different groups, no split-K or split-K reduced in the kernel, a partial column tile, bias,
+    and with the SiLU epilogue."""
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.kernels.half2 import gemv_half2_forward
+
+    gen = torch.Generator().manual_seed(bits * 7 + group)
+    n, k = 96, 512
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    x = torch.randn(1, k, generator=gen).to(DEV, torch.float16)
+    ref = reference(x, q, z, scales, gl, bias)[0]
+    steps = k // chunk_values(bits)  # BLOCK_C = 1
+    for block_n, lanes, split in ((64, 4, steps // 4), (32, 8, 2), (64, 2, 1), (32, 16, steps // 16)):
+        cfg = tuning.Config(1, block_n, 1, split, 4, 1, tuning.HALF2, fixup=split > 1, lanes=lanes)
+        y = gemv_half2_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
+        assert y.shape == (1, n) and rel(y, ref) < 3e-3, (block_n, lanes, split)
+        y = gemv_half2_forward(x, qw, scales, zeros, bias, bits, gl, cfg, silu_mul=True)
+        assert rel(y, silu_mul_interleaved(ref)) < 3e-3, (block_n, lanes, split)
+    with pytest.raises(ValueError, match="K lanes"):
+        gemv_half2_forward(x, qw, scales, zeros, bias, bits, gl, tuning.Config(1, 32, 1, 3, 4, 1, tuning.HALF2, lanes=4))
 
 
 def test_half2_takes_only_fp16_and_2_to_4_bits():
