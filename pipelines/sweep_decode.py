@@ -132,7 +132,7 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
         rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel_name(cfg) + ("/K-major" if k_major else ""),
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
-                         variant=cfg.variant, stages=cfg.num_stages, fixup=cfg.fixup, pdl=cfg.pdl,
+                         variant=cfg.variant, stages=cfg.num_stages, fixup=cfg.fixup, pdl=cfg.pdl, lanes=cfg.lanes,
                          us=t * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
         print(json.dumps(rows[-1]), flush=True)
@@ -168,12 +168,12 @@ def main() -> None:
     rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels, variants, args.k_major)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | variant | stages | fixup | pdl | us | x cuBLAS | BW/copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | lanes | variant | stages | fixup | pdl | us | x cuBLAS | BW/copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for q, m in cases:
         for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:5]:
             print(f"| {q} | {m} | {r['kernel']} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | "
-                  f"{r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+                  f"{r['lanes']} | {r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
 
 
 if __name__ == "__main__":
