@@ -12,6 +12,8 @@ or bias.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from efficientqat.fused_mlp import silu_mul_interleaved
@@ -22,6 +24,8 @@ from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
 from .gemv import gemv1_forward, gemv_tc_forward
 from .half2 import gemv_half2_forward
+
+log = logging.getLogger(__name__)
 
 SMALL_M = 16
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -110,16 +114,26 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     epilogue needs whole sums: in-kernel split-K reduction, or none), tuned under their own key."""
     M, K = x.shape
     N = qweight.shape[1]
-    if M <= 8 and x.dtype == torch.float16 and bits in tuning.HALF2_BITS:
+    key = _key("half2_silu_mul", x, M, N, K, bits, group)
+    if M <= 8 and x.dtype == torch.float16 and bits in tuning.HALF2_BITS and key not in _EPILOGUE_FAILED:
         def cands() -> list[tuning.Config]:
             return [c for c in decode_candidates(x, M, N, K, bits, group)
                     if c.variant == tuning.HALF2 and (c.fixup or c.split_k == 1)]
 
         args = (x, qweight, scales, zeros, bias, bits, group)
-        cfg = tuning.choose(_key("half2_silu_mul", x, M, N, K, bits, group), cands,
-                            lambda c: gemv_half2_forward(*args, cfg=c, silu_mul=True))
-        return gemv_half2_forward(*args, cfg=cfg, silu_mul=True)
+        try:
+            cfg = tuning.choose(key, cands, lambda c: gemv_half2_forward(*args, cfg=c, silu_mul=True))
+            return gemv_half2_forward(*args, cfg=cfg, silu_mul=True)
+        except Exception as err:  # an optional fusion: a compiler that cannot build it costs speed, not the run
+            log.warning("the SiLU epilogue does not run here (%s: %s); silu(gate) * up runs after the matmul",
+                        type(err).__name__, str(err).splitlines()[-1] if str(err) else "")
+            _EPILOGUE_FAILED.add(key)
     return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group))
+
+
+_EPILOGUE_FAILED: set[str] = set()
+"""Keys whose SiLU-epilogue launch raised (a Triton that cannot compile it): they take the
+unfused path from then on, so the failure is paid and logged once."""
 
 
 def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

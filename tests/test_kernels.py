@@ -695,6 +695,32 @@ def test_half2_k_lanes(bits, group):
         gemv_half2_forward(x, qw, scales, zeros, bias, bits, gl, tuning.Config(1, 32, 1, 3, 4, 1, tuning.HALF2, lanes=4))
 
 
+def test_a_silu_epilogue_that_cannot_run_falls_back_once_with_a_warning(monkeypatch, caplog):
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.kernels import autograd
+
+    real = autograd.gemv_half2_forward
+    calls = []
+
+    def broken(*args, silu_mul=False, **kwargs):
+        calls.append(silu_mul)
+        if silu_mul:
+            raise RuntimeError("PassManager::run failed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "gemv_half2_forward", broken)
+    monkeypatch.setattr(autograd, "_EPILOGUE_FAILED", set())
+    gen = torch.Generator().manual_seed(6)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 128, 4, 64, gen, scale_dtype=torch.float16)
+    x = torch.randn(1, 128, generator=gen).to(DEV, torch.float16)
+    expected = silu_mul_interleaved(reference(x, q, z, scales, gl)[0])
+    with caplog.at_level(logging.WARNING, logger="efficientqat.kernels.autograd"):
+        for _ in range(2):
+            assert rel(dequant_linear(x, qw, scales, zeros, None, 4, gl, silu_mul=True), expected) < 3e-3
+    assert calls.count(True) == 1  # tried once, then the unfused path
+    assert "SiLU epilogue does not run here (RuntimeError: PassManager::run failed)" in caplog.text
+
+
 def test_half2_takes_only_fp16_and_2_to_4_bits():
     """Other inputs get an error naming the requirement; the decode candidates hold paired-fp16
     tiles only where they apply, after the measured ones, and the dispatcher runs them."""
