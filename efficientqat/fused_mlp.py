@@ -44,7 +44,8 @@ def silu_mul_interleaved(y: torch.Tensor) -> torch.Tensor:
 def is_gated_silu_mlp(module: nn.Module) -> bool:
     """A known gated MLP with SiLU whose three projections are packed in one format and whose
     intermediate size is whole blocks: what :class:`FusedGatedMLP` can stand in for."""
-    if type(module).__name__ not in GATED_MLPS or type(getattr(module, "act_fn", None)).__name__ not in ("SiLU", "SiLUActivation"):
+    activation = type(getattr(module, "act_fn", None)).__name__
+    if type(module).__name__ not in GATED_MLPS or activation not in ("SiLU", "SiLUActivation"):
         return False
     gate, up, down = (getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     if not all(isinstance(layer, PackedLinear) for layer in (gate, up, down)):
