@@ -49,15 +49,11 @@ def store_split(y_ptrs, acc, mask, SPLIT_K: tl.constexpr):
         tl.atomic_add(y_ptrs, acc.to(y_ptrs.dtype.element_ty), mask=mask)
 
 
-ACT_BLOCK = 16
-"""A gate/up layer fused for the SiLU epilogue (``silu_mul``) stores its columns as alternating
-blocks of this many gate and this many up columns, so that every tile holds matching pairs."""
-
-
 @triton.jit
 def silu_mul_interleaved(v):
-    """``[BM, BN]`` with columns alternating :data:`ACT_BLOCK` gate and up values (BN a multiple
-    of 32) -> ``silu(gate) * up``, ``[BM, BN / 2]`` in the order of the gate columns."""
+    """``[BM, BN]`` with columns alternating 16 gate and 16 up values (``efficientqat.fused_mlp``'s
+    ``ACT_BLOCK``; BN a multiple of 32) -> ``silu(gate) * up``, ``[BM, BN / 2]`` in the order of
+    the gate columns."""
     BM: tl.constexpr = v.shape[0]
     BN: tl.constexpr = v.shape[1]
     gate, up = tl.split(tl.permute(tl.reshape(v, (BM, BN // 32, 2, 16)), (0, 1, 3, 2)))
