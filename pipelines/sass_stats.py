@@ -1,8 +1,10 @@
-"""Compile the tensor-core decode kernel for Hopper (sm_90) on any machine, GPU or not, and print
-what its machine code costs: registers per thread, instructions in the K loop, the loop's
-instruction mix and lane-instructions per weight.
+"""Compile the tensor-core decode kernel (or, with ``--half2``, the paired-fp16 M = 1 kernel) for
+Hopper (sm_90) on any machine, GPU or not, and print what its machine code costs: registers per
+thread, instructions in the K loop (``--half2``: in a program), the instruction mix and
+lane-instructions per weight.
 
     python3 pipelines/sass_stats.py --bits 4 --block-n 256 --block-c 16 --warps 4 --stages 3 --paired
+    python3 pipelines/sass_stats.py --half2 --bits 4 --block-n 512 --block-c 4 --warps 4 --split 128
 
 Timings need the GPU; these counts do not, and they bound what a tile can reach: instructions
 per weight against the schedulers' issue rate, registers against occupancy, barriers and
@@ -26,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from efficientqat.kernels import gemv
+from efficientqat.kernels import gemv, half2
 from efficientqat.kernels.unpack import unit_constants
 from efficientqat.packing import chunk_values
 
@@ -36,9 +38,29 @@ BACK_BRANCH = re.compile(r"BRA .*`\((\.L_x_\d+)\)")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, stages: int) -> tuple[str, str]:
+    """Resource usage (``cuobjdump``) and SASS text of ``fn`` compiled for sm_90, with argument
+    ``types`` and ``constants``; pointers, N, K and the strides that are not constants are marked
+    16-divisible, as Triton specialises them at run time."""
+    signature = {**types, **{name: "constexpr" for name in constants}}
+    signature = {name: signature[name] for name in fn.arg_names}
+    names = list(signature)
+    aligned = [n for n in names if n.endswith("ptr") or (n.startswith("stride") and n not in constants) or n in ("N", "K")]
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        sass = subprocess.run([str(TOOLS / "nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([str(TOOLS / "cuobjdump"), "--dump-resource-usage", str(path)],
+                               capture_output=True, text=True, check=True).stdout
+    return usage, sass
+
+
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
                paired: bool, wgmma: bool = False, k_major: bool = False) -> tuple[str, str]:
-    """Resource usage (``cuobjdump``) and SASS text of ``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
+    """``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
     # the unit stride of the codes (along N, or along K for the K-major repack) is specialised as
@@ -53,21 +75,20 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma)
-    signature = {**pointers, **scalars, **{name: "constexpr" for name in constants}}
-    signature = {name: signature[name] for name in gemv._dq_gemv_tc_kernel.arg_names}
-    names = list(signature)
-    aligned = [n for n in names if n.endswith("ptr") or (n.startswith("stride") and n not in constants) or n in ("N", "K")]
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    source = ASTSource(fn=gemv._dq_gemv_tc_kernel, signature=signature, constexprs=constants, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
-    cubin = kernel.asm["cubin"]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.cubin"
-        path.write_bytes(cubin)
-        sass = subprocess.run([str(TOOLS / "nvdisasm"), "-c", str(path)], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([str(TOOLS / "cuobjdump"), "--dump-resource-usage", str(path)],
-                               capture_output=True, text=True, check=True).stdout
-    return usage, sass
+    return compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
+
+
+def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int, split: int, K: int,
+                  lanes: int = 1, silu_mul: bool = False) -> tuple[str, str]:
+    """``_dq_gemv_half2_kernel`` at M = 1 (x unpaired, split-K reduced in the kernel where split > 1)."""
+    types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
+             "ws_ptr": "*fp32", "count_ptr": "*i32",
+             **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym", "magic")}}
+    steps = K // (block_c * chunk_values(bits))
+    constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
+                     SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False,
+                     ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes)
+    return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 
 def opcodes(lines: list[str]) -> collections.Counter:
@@ -104,10 +125,20 @@ def main() -> None:
     p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
     p.add_argument("--wgmma", action="store_true", help="with --paired: codes as wgmma's register operand (PAIRED_WGMMA)")
     p.add_argument("--k-major", action="store_true", help="codes repacked K-major (qweight.t().contiguous().t())")
+    p.add_argument("--half2", action="store_true",
+                   help="the paired-fp16 M = 1 kernel instead (takes --split, --k, --lanes, --silu-mul; counts "
+                        "every instruction of a program, which streams its whole K range in one pass)")
+    p.add_argument("--split", type=int, default=1, help="--half2: split-K")
+    p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
+    p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
+    p.add_argument("--silu-mul", action="store_true", help="--half2: with the SiLU epilogue")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
+    if args.half2:
+        half2_stats(args)
+        return
     if args.paired and not gemv.pairs_codes(args.bits, args.group, DTYPES[args.dtype], args.block_c):
         raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
     if args.wgmma and not args.paired:
@@ -128,6 +159,30 @@ def main() -> None:
     print(f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}, barriers {stats['barriers']}")
     print(f"K loop: {stats['loop_instructions']} instructions per warp-step, {stats['per_weight']:.2f} lane-instructions per weight")
     print("mix:", ", ".join(f"{op} {n}" for op, n in loop.most_common(16)))
+
+
+def half2_stats(args: argparse.Namespace) -> None:
+    """``--half2``: registers and every SASS instruction of one program of the paired-fp16
+    kernel, per weight it streams (its steps in one pass, so the straight-line count is the
+    count each thread issues, but for the split-K reduction's branch that only the last
+    program takes)."""
+    steps = args.k // (args.block_c * chunk_values(args.bits))
+    if steps % (args.split * args.lanes) or args.group % (args.block_c * chunk_values(args.bits)):
+        raise SystemExit(f"--split x --lanes must divide the {steps} steps, and a step of --block-c {args.block_c} "
+                         f"chunks must fit inside --group {args.group}")
+    usage, sass = compile_half2(args.bits, args.group, args.block_n, args.block_c, args.warps, args.split, args.k,
+                                args.lanes, args.silu_mul)
+    whole = opcodes(sass.splitlines())
+    weights = args.block_n * args.k // args.split / (32 * args.warps)  # per thread, one program
+    total = sum(n for op, n in whole.items() if op != "NOP")
+    stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "local_stores": whole["STL"],
+             "instructions": total, "per_weight": total / weights}
+    if args.json:
+        print(json.dumps(stats))
+        return
+    print(f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}")
+    print(f"{total} instructions per thread, {stats['per_weight']:.2f} lane-instructions per weight")
+    print("mix:", ", ".join(f"{op} {n}" for op, n in whole.most_common(16)))
 
 
 if __name__ == "__main__":

@@ -65,3 +65,17 @@ def test_k_major_codes_reach_shared_memory_in_16_byte_copies():
     n_major, k_major = sass(*tile), sass(*tile, "--k-major")
     assert k_major["local_stores"] == 0 and k_major["loop_async_copies"] > 0
     assert 3 * k_major["loop_async_copies"] <= n_major["loop_async_copies"]
+
+
+def test_k_lanes_issue_fewer_instructions_per_weight_than_the_split_k_tile_they_replace():
+    """sm_90, 4096^2 at w4g128: the split-K tile the tuner picked on an H200 (512 columns, split
+    128) against the K-lane tile that needs no split-K (32 lanes); both without spills."""
+    split = sass("--half2", "--bits", "4", "--block-n", "512", "--block-c", "4", "--warps", "4", "--split", "128")
+    lanes = sass("--half2", "--bits", "4", "--block-n", "32", "--block-c", "16", "--warps", "4", "--lanes", "32")
+    assert split["local_stores"] == 0 and lanes["local_stores"] == 0
+    assert lanes["per_weight"] < 0.7 * split["per_weight"]
+
+
+def test_half2_stats_refuse_lanes_that_do_not_divide_the_steps():
+    done = run_script("--half2", "--bits", "4", "--block-c", "16", "--split", "3", "--lanes", "4")
+    assert done.returncode != 0 and "must divide the 32 steps" in done.stderr
