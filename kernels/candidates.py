@@ -172,18 +172,18 @@ LANE_TABLE = [
 
 
 def lane_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
-    """M = 1 paired-fp16 tiles with K lanes (``half2`` ``LANES``): BLOCK_C fitted to the group as
-    in :func:`gemv1_config`, lanes halved until they divide the step count, split-K the steps
+    """M = 1 paired-fp16 tiles with K lanes (``half2`` ``LANES``): BLOCK_C fitted to the group
+    (:func:`fit_block_c`), lanes halved until they divide the step count, split-K the steps
     left over (one step a lane); none where a step fits no group or two lanes do not divide."""
-    vpc = chunk_values(bits)
     out = []
     for block_n, warps, block_c, lanes in LANE_TABLE:
-        while block_c > 1 and (group % (block_c * vpc) or bits == 3 and block_c > 4):
-            block_c //= 2
-        steps = K // (block_c * vpc)
+        block_c = fit_block_c(block_c, bits, group)
+        if block_c is None:
+            continue
+        steps = K // (block_c * chunk_values(bits))
         while lanes > 2 and steps % lanes:
             lanes //= 2
-        if group % (block_c * vpc) == 0 and steps % lanes == 0:
+        if steps % lanes == 0:
             out.append(Config(1, block_n, block_c, steps // lanes, warps, 1, HALF2, lanes=lanes))
     return list(dict.fromkeys(out))
 
@@ -209,13 +209,20 @@ def gemv1_config(N: int, K: int, bits: int, group: int, sms: int, block_n: int, 
     for 3 bits, whose chunks are three words), split-K sized for ``per_sm`` programs per SM,
     ``stages`` > 1 software-pipelines the step loop (cp.async ring in shared memory).
     None where no step fits a group."""
+    block_c = fit_block_c(block_c, bits, group)
+    if block_c is None:
+        return None
+    split = max(1, min(K // (block_c * chunk_values(bits)), round(per_sm * sms / -(-N // block_n))))
+    return Config(1, block_n, block_c, split, warps, stages, variant)
+
+
+def fit_block_c(block_c: int, bits: int, group: int) -> int | None:
+    """M = 1 chunks per step: ``block_c`` halved until a step fits inside a group (and to 4 for
+    3 bits, whose chunks are three words); None where not even one chunk does."""
     vpc = chunk_values(bits)
     while block_c > 1 and (group % (block_c * vpc) or bits == 3 and block_c > 4):
         block_c //= 2
-    if group % (block_c * vpc):
-        return None
-    split = max(1, min(K // (block_c * vpc), round(per_sm * sms / -(-N // block_n))))
-    return Config(1, block_n, block_c, split, warps, stages, variant)
+    return None if group % (block_c * vpc) else block_c
 
 
 GEMV_TC_TABLE = [

@@ -153,12 +153,15 @@ def main() -> None:
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
              "tensor_ops": sorted(op for op in loop if "MMA" in op),
              "loop_async_copies": sum(n for op, n in loop.items() if op.startswith("LDGSTS"))}
-    if args.json:
-        print(json.dumps(stats))
-        return
-    print(f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}, barriers {stats['barriers']}")
-    print(f"K loop: {stats['loop_instructions']} instructions per warp-step, {stats['per_weight']:.2f} lane-instructions per weight")
-    print("mix:", ", ".join(f"{op} {n}" for op, n in loop.most_common(16)))
+    report(stats, args.json, [
+        f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}, barriers {stats['barriers']}",
+        f"K loop: {stats['loop_instructions']} instructions per warp-step, {stats['per_weight']:.2f} lane-instructions per weight",
+        "mix: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(16))])
+
+
+def report(stats: dict, as_json: bool, lines: list[str]) -> None:
+    """Print ``stats`` as one JSON line, or ``lines`` for a reader."""
+    print(json.dumps(stats) if as_json else "\n".join(lines))
 
 
 def half2_stats(args: argparse.Namespace) -> None:
@@ -177,12 +180,10 @@ def half2_stats(args: argparse.Namespace) -> None:
     total = sum(n for op, n in whole.items() if op != "NOP")
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "local_stores": whole["STL"],
              "instructions": total, "per_weight": total / weights}
-    if args.json:
-        print(json.dumps(stats))
-        return
-    print(f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}")
-    print(f"{total} instructions per thread, {stats['per_weight']:.2f} lane-instructions per weight")
-    print("mix:", ", ".join(f"{op} {n}" for op, n in whole.most_common(16)))
+    report(stats, args.json, [
+        f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
+        f"{total} instructions per thread, {stats['per_weight']:.2f} lane-instructions per weight",
+        "mix: " + ", ".join(f"{op} {n}" for op, n in whole.most_common(16))])
 
 
 if __name__ == "__main__":
