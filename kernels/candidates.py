@@ -121,8 +121,8 @@ HALF2_TABLE = [
     # tile with fp32 atomics and an output fill won (6.5 + 1.8 us a call in session 6's profile).
     # Then, untimed, the 8-columns-a-thread tiles between 2048 and 512 columns: each thread pays
     # ~250 instructions of set-up and reduction whatever its share, so the 4096^2 winner (512
-    # columns, 4 weights rows x 4 columns a thread) issues 3.9 SASS instructions per weight
-    # (sm_90, static count) against 3.2 for these (session 9).
+    # columns, 4 weights rows x 4 columns a thread) issues 3.7 SASS lane-instructions per weight
+    # against 3.1 / 2.6 for these (sm_90, ``pipelines/sass_stats.py --half2``, session 9).
     (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2), (512, 4, 4, 4),
     (1024, 4, 4, 4), (1024, 4, 8, 2),
 ]
@@ -163,9 +163,10 @@ def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 1
 
 LANE_TABLE = [
     # (BLOCK_N, warps, BLOCK_C, K lanes), untimed (session 9): K split inside the program, so
-    # split-K across programs shrinks or goes. sm_90 SASS at 4096^2: 2.3-2.6 lane-instructions a
-    # weight (w4g128, 72-80 registers; w2g64 2.5) against 3.8 for the w4g128 winner there (512
-    # columns x split 128, every program also paying the fence and atomics of the reduction).
+    # split-K across programs shrinks or goes. sm_90 SASS at 4096^2 (``sass_stats.py --half2``):
+    # 2.25 lane-instructions a weight for the first tile (w4g128, 80 registers; w2g64 2.5) against
+    # 3.7 for the w4g128 winner there (512 columns x split 128, every program also paying the fence
+    # and atomics of the reduction).
     # With 4 warps two lanes share a thread, with 8 one each.
     (32, 4, 16, 32), (64, 4, 16, 16), (32, 8, 16, 32), (64, 8, 16, 16), (128, 8, 16, 8), (64, 4, 8, 8),
 ]
