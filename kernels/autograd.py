@@ -79,11 +79,17 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     """M <= 16: the CUDA-core kernel's tiles at M = 1, else the tensor-core kernel's; for fp16 x
     the paired-fp16 kernel's after them. Every split-K tile also comes as its twin that reduces
     split-K in the kernel, and each family's leading tiles, on Hopper, with programmatic
-    dependent launch (:func:`candidates.with_launch_variants`)."""
+    dependent launch (:func:`candidates.with_launch_variants`).
+
+    At M = 1 with paired-fp16 tiles on offer, only the float32 kernel's first tile stays: it never
+    won an fp16 key on the H200 (sessions 6-10, every tuned cache), and its 16 tiles with their
+    twins were 40% of a first start's tuning, which had pushed a 7B model's setup past 9 minutes.
+    That one tile is the tuner's reference output and the fallback should the paired kernel's
+    inline PTX not build."""
     sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
-    own = candidates.gemv1_candidates(N, K, bits, group, sms) if M == 1 else \
-        candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
+    own = candidates.gemv1_candidates(N, K, bits, group, sms)[:1 if paired else None] if M == 1 else \
+        candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
     return candidates.with_launch_variants(own, pdl) + candidates.with_launch_variants(paired, pdl)
 
 

@@ -385,6 +385,19 @@ def test_paired_tiles_reach_the_tuner_with_both_write_backs():
     assert split and all(replace(c, fixup=f) in paired for c in split for f in (False, True))
 
 
+def test_fp16_m1_tuning_keeps_one_float32_tile_before_the_paired_ones():
+    """fp16 at M = 1: the float32 kernel's tiles never won there, so one stays (reference and
+    fallback, first); bf16, which the paired kernel cannot take, keeps them all."""
+    from efficientqat.kernels.autograd import decode_candidates
+
+    fp16 = decode_candidates(torch.zeros(1, 4096, dtype=torch.float16), 1, 4096, 4096, 2, 64)
+    bf16 = decode_candidates(torch.zeros(1, 4096, dtype=torch.bfloat16), 1, 4096, 4096, 2, 64)
+    float32_tiles = [c for c in fp16 if c.variant != tuning.HALF2]
+    assert float32_tiles == [fp16[0]] == [bf16[0]]
+    assert len(bf16) > 1 and all(c.variant != tuning.HALF2 for c in bf16)
+    assert {c.variant for c in fp16[1:]} == {tuning.HALF2}
+
+
 @pytest.mark.skipif(not GPU, reason="bf16 tl.dot and autotuning need a GPU")
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
 @pytest.mark.parametrize("m", [1, 16, 300])
