@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .gemm import dot_precision
-from .tiling import grouped_tile
+from .tiling import grouped_tile, launcher
 from .tuning import Config
 from .unpack import dequant_tile, load_codes, load_group_row
 
@@ -108,7 +108,7 @@ def grad_input(
     M, N = dy.shape
     dx = torch.empty((M, K), device=dy.device, dtype=dy.dtype)
     grid = (triton.cdiv(M, cfg.block_m) * (K // cfg.block_k),)
-    _dq_grad_input_kernel[grid](
+    launcher(_dq_grad_input_kernel, grid)(
         dy, qweight, scales, zeros, dx,
         M, N, K,
         dy.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), dx.stride(0),
@@ -131,7 +131,7 @@ def grad_scales(
     atomic = cfg.block_k < group
     ds = (torch.zeros if atomic else torch.empty)((G, N), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(N, cfg.block_n), K // cfg.block_k)
-    _dq_grad_scales_kernel[grid](
+    launcher(_dq_grad_scales_kernel, grid)(
         x, dy, qweight, zeros, ds,
         M, N, K,
         x.stride(0), dy.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0),

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
+from .tiling import launcher
 from .tuning import Config
 from .unpack import load_chunk_words, slot_code
 
@@ -64,7 +65,7 @@ def decode_weight_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     block_n = 128
     w_t = torch.empty((K, N), device=qweight.device, dtype=dtype)
     grid = (chunks // block_c, triton.cdiv(N, block_n))
-    _decode_kernel[grid](
+    launcher(_decode_kernel, grid)(
         qweight, scales, zeros, w_t,
         N, qweight.stride(0), qweight.stride(1), scales.stride(0), w_t.stride(0),
         BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_C=block_c,
@@ -151,7 +152,7 @@ def dense_grad_scales(
         ns = min(slab, N - n0)
         p = _mm_float32(x_t, dy[:, n0:n0 + ns])
         grid = (K // group, triton.cdiv(ns, 128))
-        _fold_scale_grad_kernel[grid](
+        launcher(_fold_scale_grad_kernel, grid)(
             p, qweight, zeros, ds,
             ns, n0, p.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0),
             BITS=bits, GROUP=group, BLOCK_N=128, BLOCK_C=block_c, num_warps=4,

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import add_bias, grouped_tile, store_split
+from .tiling import add_bias, grouped_tile, launcher, store_split
 from .tuning import Config
 from .unpack import dequant_tile, load_codes, load_group_row
 
@@ -133,7 +133,7 @@ def gemm_forward(
         torch.zeros((M, N), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
     if cfg.variant == 2:
-        _dq_gemm_wa_kernel[grid](
+        launcher(_dq_gemm_wa_kernel, grid)(
             x, qweight, scales, zeros, bias if bias is not None else x, y,
             M, N, K,
             x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
@@ -143,7 +143,7 @@ def gemm_forward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return y if split == 1 else y.to(x.dtype)
-    _dq_gemm_kernel[grid](
+    launcher(_dq_gemm_kernel, grid)(
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,
         x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),

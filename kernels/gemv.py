@@ -24,7 +24,7 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
-from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
+from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
 from .tuning import Config
 from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
@@ -317,7 +317,7 @@ def gemv1_forward(
     N = qweight.shape[1]
     y, ws, count, fixup = decode_output(x, N, cfg)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    _dq_gemv1_kernel[grid](
+    launcher(_dq_gemv1_kernel, grid)(
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         N, K, qweight.stride(0), qweight.stride(1), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
@@ -349,7 +349,7 @@ def gemv_tc_forward(
     if x.data_ptr() % 8 or x.stride(0) * x.element_size() % 8:  # the kernel reads x in 64-bit words
         x = x.clone()
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    _dq_gemv_tc_kernel[grid](
+    launcher(_dq_gemv_tc_kernel, grid)(
         x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K,
         x.stride(0) * x.element_size() // 8, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),

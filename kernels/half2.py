@@ -41,7 +41,7 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
-from .tiling import add_bias, decode_output, launch_options, store_decode, wait_for_previous_grid
+from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
 
 MAGIC = 0x64006400
@@ -358,7 +358,7 @@ def gemv_half2_forward(
         raise ValueError(f"K lanes take one x row and split-K x lanes dividing the {steps} steps, not M = {M}, "
                          f"split-K {cfg.split_k} x {cfg.lanes} lanes")
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    _dq_gemv_half2_kernel[grid](
+    launcher(_dq_gemv_half2_kernel, grid)(
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
         M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0),
         y.stride(0), MAGIC,

@@ -1,9 +1,12 @@
-"""Program-to-tile mapping, tile write-back and launch chaining shared by the kernels in this package."""
+"""Program-to-tile mapping, tile write-back, launching (or compiling only) and launch chaining shared by the kernels in this package."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import torch
 import triton
@@ -163,6 +166,31 @@ def decode_output(x: torch.Tensor, N: int, cfg: Config, cols: int | None = None,
             return torch.empty((x.shape[0], cols or N), device=x.device, dtype=x.dtype), entry.sums, entry.counts, True
     y = split_k_buffer(x, cols or N if cfg.split_k == 1 else N, cfg.split_k)
     return y, y, y, False
+
+
+_COMPILE_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def compile_only() -> Iterator[None]:
+    """Within this block (in this thread), :func:`launcher` compiles kernels for their arguments
+    and launches nothing: how the tuner builds all its candidate tiles side by side before timing
+    them one by one (Triton's compiler releases the GIL for most of its work)."""
+    previous = getattr(_COMPILE_ONLY, "active", False)
+    _COMPILE_ONLY.active = True
+    try:
+        yield
+    finally:
+        _COMPILE_ONLY.active = previous
+
+
+def launcher(kernel, grid) -> Callable[..., object]:
+    """``kernel[grid]``; inside :func:`compile_only`, ``kernel.warmup`` for that grid (compile and
+    cache, no launch), or nothing where the kernel cannot be compiled ahead (the CPU interpreter)."""
+    if getattr(_COMPILE_ONLY, "active", False):
+        warmup = getattr(kernel, "warmup", None)
+        return functools.partial(warmup, grid=grid) if warmup is not None else (lambda *args, **kwargs: None)
+    return kernel[grid]
 
 
 def launch_options(cfg: Config) -> dict:

@@ -6,7 +6,8 @@ constexprs and this module picks them:
 
 * on the CPU interpreter, or when ``EFFICIENTQAT_AUTOTUNE=0``, the first valid candidate (a
   sound default) is used without timing;
-* on a GPU every valid candidate is timed once per key (CUDA-graph replays with the L2
+* on a GPU every valid candidate is compiled first, several at once in worker threads
+  (``_precompile``, ``$EFFICIENTQAT_COMPILE_THREADS``), then timed once per key (CUDA-graph replays with the L2
   flushed before each call, see ``_time_ms``), the leaders twice more (``_fastest``), and the
   winner is stored in
   ``<dir>/kernel_configs-triton<version>-<source hash>.json`` (:data:`CACHE_FILE`), where ``<dir>`` is ``$EFFICIENTQAT_CACHE_DIR`` or
@@ -25,6 +26,7 @@ import statistics
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -32,7 +34,7 @@ from typing import Callable, Iterable
 import torch
 import triton
 
-from .tiling import PDL_IN_TRITON, zero_workspaces
+from .tiling import PDL_IN_TRITON, compile_only, zero_workspaces
 
 log = logging.getLogger(__name__)
 
@@ -271,10 +273,49 @@ FINALISTS = 3
 sweep), so the leaders of the first pass are timed twice more and ranked by their median."""
 
 
+def compile_threads() -> int:
+    """Threads that compile candidate tiles before the tuner times them:
+    ``$EFFICIENTQAT_COMPILE_THREADS``, else one per CPU core up to 8 (0 or 1: compile each tile
+    when it is first timed)."""
+    raw = os.environ.get("EFFICIENTQAT_COMPILE_THREADS", "")
+    try:
+        return max(0, int(raw)) if raw.strip() else min(8, os.cpu_count() or 1)
+    except ValueError:
+        raise ValueError(f"EFFICIENTQAT_COMPILE_THREADS must be a whole number of threads, not {raw!r}") from None
+
+
+def _precompile(cands: list[Config], run: Callable[[Config], object]) -> None:
+    """Compile every candidate's kernels side by side (``run`` under :func:`tiling.compile_only`,
+    which launches nothing), so the timing loop finds them built. A first start tunes each
+    layer shape of a model, and compiling dozens of tiles one after the other was most of it
+    (session 10: a 3-bit key took over two minutes on an H200 host). Errors are left to the
+    timing loop, which meets them again and skips the tile; nothing runs during a CUDA-graph
+    capture, which another thread's allocations would break."""
+    workers = min(compile_threads(), len(cands))
+    cuda = torch.cuda.is_available()
+    if workers < 2 or (cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    device = torch.cuda.current_device() if cuda else None
+
+    def build(cfg: Config) -> None:
+        if device is not None:
+            torch.cuda.set_device(device)  # a new thread starts on device 0
+        with compile_only():
+            try:
+                run(cfg)
+            except Exception:  # e.g. out of shared memory for this tile: the timing loop skips it
+                pass
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="efficientqat-compile") as pool:
+        list(pool.map(build, cands))
+
+
 def _fastest(cands: list[Config], run: Callable[[Config], object]) -> Config:
     """The candidate with the least device time among those that run and agree with the first
     that ran (a variant that compiles but computes something else, under a compiler version the
-    tests never saw, must not win on speed); the first candidate if none runs."""
+    tests never saw, must not win on speed); the first candidate if none runs. All candidates
+    are compiled first, in parallel (:func:`_precompile`)."""
+    _precompile(cands, run)
     times: dict[Config, list[float]] = {}
     ref, flush_ms = None, []
     for c in cands:

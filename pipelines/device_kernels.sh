@@ -26,7 +26,7 @@ start=$(date +%s)
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 case $stage in
   tests)
-    timeout 400 python3 -m pytest -q tests/test_kernels.py -k "gpu_half2 or gpu_tc or chained or capture or silu or lane" 2>&1 | tail -15 ;;
+    timeout 560 python3 -m pytest -q tests/test_kernels.py -k "gpu_half2 or gpu_tc or chained or capture or silu or lane" 2>&1 | tail -15 ;;
   generate)
     timeout 560 python3 pipelines/bench_generate.py --out "$out/generate" --settings "${2:-w4g128}" --batches "${3:-1}" \
       --compile --profile --prefill 128 --iters 5 "${@:4}" 2>&1 | grep -v -i warn | tail -110 ;;

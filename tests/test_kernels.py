@@ -290,6 +290,64 @@ def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch, ca
     assert tuning.choose("cpu|test|m=1", lambda: [b, a], run) == a and not caplog.records  # from the cache: silent
 
 
+def test_tuner_compiles_every_tile_in_worker_threads_before_timing_any(monkeypatch):
+    """Each candidate is first run under ``compile_only`` in a compile thread (one that fails is
+    left to the timing loop, which skips it), and only then timed, launching for real; with
+    ``EFFICIENTQAT_COMPILE_THREADS=0`` nothing is built ahead; a bad value is named."""
+    import threading
+
+    from efficientqat.kernels import tiling
+
+    tiles = [tuning.Config(1, n, 1, 1, 4, 1) for n in (32, 64, 128, 256)]
+    events = []
+
+    def run(cfg):
+        ahead = getattr(tiling._COMPILE_ONLY, "active", False)
+        events.append((cfg, ahead, threading.current_thread().name))
+        if cfg == tiles[1]:
+            raise RuntimeError("out of shared memory")
+        return torch.ones(2)
+
+    def fake_time(fn, flush_ms):
+        fn()
+        return float(events[-1][0].block_n)
+
+    monkeypatch.setattr(tuning, "_time_ms", fake_time)
+    monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "3")
+    assert tuning._fastest(tiles, run) == tiles[0]
+    built = [e for e in events if e[1]]
+    assert sorted(e[0].block_n for e in built) == [32, 64, 128, 256]
+    assert all(name.startswith("efficientqat-compile") for _, _, name in built)
+    first_timed = next(i for i, e in enumerate(events) if not e[1])
+    assert first_timed == len(built) and not any(e[1] for e in events[first_timed:])
+    assert threading.current_thread().name not in {name for _, _, name in built}
+
+    events.clear()
+    monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "0")
+    assert tuning._fastest(tiles, run) == tiles[0] and not any(e[1] for e in events)
+    monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="EFFICIENTQAT_COMPILE_THREADS"):
+        tuning._fastest(tiles, run)
+
+
+def test_compile_only_launches_nothing():
+    """Under ``compile_only`` a launcher builds its kernel (here the interpreter's no-op warm-up)
+    but runs none: the zeroed split-K output stays zero, while the same call outside computes."""
+    from efficientqat.kernels import tiling
+    from efficientqat.kernels.half2 import gemv_half2_forward
+
+    gen = torch.Generator().manual_seed(5)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 256, 4, 64, gen)
+    x = torch.randn(1, 256, generator=gen).half()
+    cfg = tuning.Config(1, 64, 1, 2, 4, 1, tuning.HALF2)  # split-K by atomics into a zeroed output
+    with tiling.compile_only():
+        assert getattr(tiling._COMPILE_ONLY, "active", False)
+        idle = gemv_half2_forward(x, qw, scales.half(), zeros, None, 4, 64, cfg)
+    assert not getattr(tiling._COMPILE_ONLY, "active", False)
+    assert idle.abs().max() == 0
+    assert gemv_half2_forward(x, qw, scales.half(), zeros, None, 4, 64, cfg).abs().max() > 0
+
+
 def test_candidates_respect_groups():
     for group in (32, 64, 128, 4096):
         for cands in (candidates.gemm_candidates(64, 4096, 4096, group),
