@@ -82,8 +82,9 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     dependent launch (:func:`candidates.with_launch_variants`).
 
     At M = 1 with paired-fp16 tiles on offer, only the float32 kernel's first tile stays: it never
-    won an fp16 key on the H200 (sessions 6-10, every tuned cache), and its 16 tiles with their
-    twins were 40% of a first start's tuning, which had pushed a 7B model's setup past 9 minutes.
+    won an fp16 key on the H200 (sessions 6-10, every tuned cache), and its tiles with their twins
+    were a third to nearly half of what a key timed (35 of 78 on a 7B gate/up layer); a 3-bit 7B
+    model's first start did not fit in 9 minutes.
     That one tile is the tuner's reference output and the fallback should the paired kernel's
     inline PTX not build."""
     sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
