@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="4096,4096", help="N,K of the layer")
