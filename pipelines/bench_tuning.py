@@ -7,6 +7,12 @@ candidate tile is compiled and timed. For each ``--threads`` value (``EFFICIENTQ
 this runs a fresh process with empty Triton and tile caches, so no mode reuses what another
 compiled, and times the layer's first forward (tuning included) and a second one (tuned). The
 table compares the modes of one run; raw rows go to ``<out>/bench_tuning.json``. Needs a GPU.
+
+    python3 pipelines/bench_tuning.py --sm90 --shape 4096,4096 --quant w3g128 --threads 0,2
+
+``--sm90`` times only what the threads are for, on any machine, GPU or not: compiling the layer's
+M = 1 paired-fp16 tiles for Hopper (``sass_stats.compile_half2``), one by one or by that many
+threads, each mode again in a fresh process with an empty Triton cache.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--m", type=int, default=1, help="rows of x (1: batch-1 decode)")
     p.add_argument("--threads", default="0,8", help="compile threads to compare, comma-separated")
     p.add_argument("--out", default=None, help="folder for bench_tuning.json")
+    p.add_argument("--sm90", action="store_true", help="time compiling the M = 1 tiles for sm_90 only (no GPU needed)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -60,12 +67,36 @@ def measure(args: argparse.Namespace) -> dict:
     return {"first_s": seconds[0], "tuned_s": seconds[1], "configs": tuning.chosen_configs()}
 
 
+def measure_sm90(args: argparse.Namespace) -> dict:
+    """In this process: the wall time of compiling the layer's M = 1 paired-fp16 tiles for sm_90,
+    in ``$EFFICIENTQAT_COMPILE_THREADS`` threads (0 or 1: one after the other)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sass_stats import compile_half2
+
+    from efficientqat.kernels import candidates, tuning
+    from efficientqat.quantizer import QuantSpec
+
+    spec = QuantSpec.from_name(args.quant)
+    tiles = candidates.half2_candidates(1, args.n, args.k, spec.bits, spec.group_len(args.k))
+
+    def build(cfg: tuning.Config) -> None:
+        compile_half2(spec.bits, spec.group_len(args.k), cfg.block_n, cfg.block_k, cfg.num_warps, cfg.split_k,
+                      args.k, cfg.lanes)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max(1, tuning.compile_threads())) as pool:
+        list(pool.map(build, tiles))
+    return {"first_s": time.perf_counter() - start, "tuned_s": 0.0, "configs": {}, "tiles": len(tiles)}
+
+
 def run_mode(args: argparse.Namespace, threads: int) -> dict:
     """:func:`measure` in a fresh process with ``threads`` compile threads and empty caches."""
     with tempfile.TemporaryDirectory() as triton_cache, tempfile.TemporaryDirectory() as tile_cache:
         env = {**os.environ, "TRITON_CACHE_DIR": triton_cache, "EFFICIENTQAT_CACHE_DIR": tile_cache,
                "EFFICIENTQAT_COMPILE_THREADS": str(threads), "EFFICIENTQAT_AUTOTUNE": "1"}
         cmd = [sys.executable, __file__, "--child", "--shape", args.shape, "--quant", args.quant, "--m", str(args.m)]
+        cmd += ["--sm90"] if args.sm90 else []
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"the {threads}-thread run failed:\n{done.stderr[-2000:]}")
@@ -74,6 +105,10 @@ def run_mode(args: argparse.Namespace, threads: int) -> dict:
 
 def table(rows: list[dict], args: argparse.Namespace) -> str:
     base = rows[0]["first_s"]
+    if args.sm90:
+        lines = [f"{args.n} x {args.k}, {args.quant}: compiling its {rows[0]['tiles']} M = 1 paired-fp16 tiles for sm_90",
+                 "| compile threads | wall s (x first mode) |", "|---|---|"]
+        return "\n".join(lines + [f"| {r['threads']} | {r['first_s']:.1f} ({base / r['first_s']:.2f}x) |" for r in rows])
     lines = [f"{args.n} x {args.k}, {args.quant}, M = {args.m}",
              "| compile threads | first call s (x first mode) | tuned call ms | chosen tile |", "|---|---|---|---|"]
     for r in rows:
@@ -87,10 +122,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_tuning.py times the GPU tuner: it needs a CUDA device")
+    if not args.sm90 and not torch.cuda.is_available():
+        raise SystemExit("bench_tuning.py times the GPU tuner: it needs a CUDA device (--sm90 does not)")
     if args.child:
-        print(json.dumps(measure(args)))
+        print(json.dumps(measure_sm90(args) if args.sm90 else measure(args)))
         return []
     rows = [run_mode(args, threads) for threads in args.thread_counts]
     if args.out:

@@ -26,6 +26,15 @@ def test_table_compares_each_mode_with_the_first(bench):
     assert "gemv1: {'block_n': 512, 'split_k': 86}" in text
 
 
+def test_sm90_table_reports_compile_time_per_thread_count(bench):
+    args = bench.parse_args(["--sm90", "--quant", "w3g128", "--threads", "0,2"])
+    rows = [{"threads": 0, "first_s": 21.6, "tuned_s": 0.0, "configs": {}, "tiles": 10},
+            {"threads": 2, "first_s": 10.8, "tuned_s": 0.0, "configs": {}, "tiles": 10}]
+    text = bench.table(rows, args)
+    assert "compiling its 10 M = 1 paired-fp16 tiles for sm_90" in text
+    assert "| 0 | 21.6 (1.00x) |" in text and "| 2 | 10.8 (2.00x) |" in text
+
+
 def test_bad_arguments_are_named(bench):
     with pytest.raises(SystemExit):
         bench.parse_args(["--threads", "eight"])
