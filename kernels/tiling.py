@@ -186,10 +186,9 @@ def compile_only() -> Iterator[None]:
 
 def launcher(kernel, grid) -> Callable[..., object]:
     """``kernel[grid]``; inside :func:`compile_only`, ``kernel.warmup`` for that grid (compile and
-    cache, no launch), or nothing where the kernel cannot be compiled ahead (the CPU interpreter)."""
+    cache, no launch; under the CPU interpreter it does nothing)."""
     if getattr(_COMPILE_ONLY, "active", False):
-        warmup = getattr(kernel, "warmup", None)
-        return functools.partial(warmup, grid=grid) if warmup is not None else (lambda *args, **kwargs: None)
+        return functools.partial(kernel.warmup, grid=grid)
     return kernel[grid]
 
 

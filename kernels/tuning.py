@@ -277,11 +277,12 @@ def compile_threads() -> int:
     """Threads that compile candidate tiles before the tuner times them:
     ``$EFFICIENTQAT_COMPILE_THREADS``, else one per CPU core up to 8 (0 or 1: compile each tile
     when it is first timed)."""
-    raw = os.environ.get("EFFICIENTQAT_COMPILE_THREADS", "")
-    try:
-        return max(0, int(raw)) if raw.strip() else min(8, os.cpu_count() or 1)
-    except ValueError:
-        raise ValueError(f"EFFICIENTQAT_COMPILE_THREADS must be a whole number of threads, not {raw!r}") from None
+    raw = os.environ.get("EFFICIENTQAT_COMPILE_THREADS", "").strip()
+    if not raw:
+        return min(8, os.cpu_count() or 1)
+    if not raw.isdigit():
+        raise ValueError(f"EFFICIENTQAT_COMPILE_THREADS must be a whole number of threads (0: off), not {raw!r}")
+    return int(raw)
 
 
 def _precompile(cands: list[Config], run: Callable[[Config], object]) -> None:

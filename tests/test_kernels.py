@@ -325,9 +325,10 @@ def test_tuner_compiles_every_tile_in_worker_threads_before_timing_any(monkeypat
     events.clear()
     monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "0")
     assert tuning._fastest(tiles, run) == tiles[0] and not any(e[1] for e in events)
-    monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "many")
-    with pytest.raises(ValueError, match="EFFICIENTQAT_COMPILE_THREADS"):
-        tuning._fastest(tiles, run)
+    for bad in ("many", "-3"):
+        monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", bad)
+        with pytest.raises(ValueError, match="EFFICIENTQAT_COMPILE_THREADS"):
+            tuning._fastest(tiles, run)
 
 
 def test_compile_only_launches_nothing():
