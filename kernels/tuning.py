@@ -74,7 +74,12 @@ DENSE = 9
 HALF2 = 8
 """``Config.variant`` of the paired-fp16 kernel for M <= 8 (``half2.py``)."""
 HALF2_BITS = (2, 3, 4)
+UNFUSED = 10
+"""``Config.variant`` of an epilogue's challenger: the plain tuned matmul, then the epilogue in
+PyTorch (the SiLU epilogue only runs in the paired-fp16 kernel, which at M = 8 can be slower
+than the tensor-core kernel plus one elementwise launch)."""
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
+UNFUSED_CONFIG = Config(0, 0, 0, 1, 4, 1, UNFUSED)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)
 
 

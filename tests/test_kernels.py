@@ -741,6 +741,38 @@ def test_silu_mul_dispatch_uses_the_epilogue_for_fp16_decode_and_pytorch_elsewhe
         assert (True in epilogues) == fused, (dtype, m)
 
 
+def test_silu_mul_tunes_the_epilogue_against_the_unfused_matmul(monkeypatch):
+    """The SiLU key's candidates end with the unfused path, whose plain matmul key is tuned
+    before the list is offered; when the unfused path wins, the plain matmul and PyTorch's
+    silu * up give the result and no epilogue launch runs."""
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.kernels import autograd, half2
+
+    gen = torch.Generator().manual_seed(8)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 128, 4, 64, gen, scale_dtype=torch.float16)
+    x = torch.randn(2, 128, generator=gen).to(DEV, torch.float16)
+    expected = silu_mul_interleaved(reference(x, q, z, scales, gl)[0])
+    chosen, offered, epilogues = [], {}, []
+    real_choose, real_half2 = tuning.choose, half2.gemv_half2_forward
+
+    def choose_unfused(key, cands, run):
+        if "half2_silu_mul" not in key:
+            chosen.append(key)
+            return real_choose(key, cands, run)
+        offered[key] = list(cands())
+        assert chosen, "the plain matmul is tuned before the epilogue's candidates are offered"
+        return offered[key][-1]
+
+    monkeypatch.setattr(tuning, "choose", choose_unfused)
+    monkeypatch.setattr(autograd, "gemv_half2_forward",
+                        lambda *a, **kw: epilogues.append(kw.get("silu_mul")) or real_half2(*a, **kw))
+    y = dequant_linear(x, qw, scales, zeros, None, 4, gl, silu_mul=True)
+    (cands,) = offered.values()
+    assert cands[-1] == tuning.UNFUSED_CONFIG and all(c.variant == tuning.HALF2 for c in cands[:-1]) and len(cands) > 1
+    assert True not in epilogues
+    assert y.shape == (2, 32) and rel(y, expected) < 1e-2
+
+
 @pytest.mark.parametrize("bits,group", [(4, 128), (2, 64), (3, 32)])
 def test_half2_k_lanes(bits, group):
     """K lanes (M = 1): a program sums several K steps side by side and adds the lanes up itself.
