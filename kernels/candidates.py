@@ -76,10 +76,17 @@ def grad_input_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
 
 
 def grad_scales_candidates(M: int, N: int, K: int, group: int) -> list[Config]:
+    # (BLOCK_M: the step along M, the GEMM's reduction; BLOCK_N; BLOCK_K: rows of the x^T dy tile;
+    # warps; stages)
     table = [
         (64, 128, 128, 8, 3), (32, 128, 128, 8, 3), (64, 64, 128, 4, 3), (64, 128, 64, 4, 4),
         (32, 256, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 64, 4, 4),
     ]
+    # a 64 x 256 accumulator over two warpgroups, the shape of Triton's fastest Hopper bf16 GEMM
+    # tiles: first at large M, where only three fused tiles face the dense path (CPU tests keep
+    # the small first tile)
+    wide = [(64, 256, 64, 8, 3), (64, 256, 128, 8, 3)]
+    table = wide + table if M >= DENSE_FIRST_M else table + wide
     out = []
     for bm, bn, bk, warps, stages in table:
         ok = K % bk == 0 and ((bk <= group and group % bk == 0) or (bk % group == 0 and (group & (group - 1)) == 0))

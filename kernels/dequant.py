@@ -101,7 +101,7 @@ def _fold_scale_grad_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``ds[g, n0 + n] = sum_{k in g} (q[k, n0 + n] - z[g, n0 + n]) * P[k, n]`` for one group and
-    ``BLOCK_N`` columns of a slab ``P = x^T dy[:, n0:n0+NS]`` (float32, ``[K, NS]``)."""
+    ``BLOCK_N`` columns of a slab ``P = x^T dy[:, n0:n0+NS]`` (``[K, NS]``, float32 or bf16: :func:`_slab`)."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     g = tl.program_id(0)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -114,15 +114,18 @@ def _fold_scale_grad_kernel(
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, cols * stride_qn, stride_qk, mask_n[None, :], BITS)
         rows = p_ptr + (chunks * VPC)[:, None] * stride_pk + offs_n[None, :]
         for j in tl.static_range(VPC):
-            p = tl.load(rows + j * stride_pk, mask=mask_n[None, :], other=0.0)
+            p = tl.load(rows + j * stride_pk, mask=mask_n[None, :], other=0.0).to(tl.float32)
             acc += (slot_code(w0, w1, w2, j, BITS).to(tl.float32) - z[None, :]) * p
     tl.store(ds_ptr + g * stride_g + cols, tl.sum(acc, axis=0), mask=mask_n)
 
 
-def _mm_float32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with float32 output: cuBLAS accumulates 16-bit inputs in float32 and keeps it
-    (``out_dtype``, torch >= 2.8 on CUDA) instead of rounding the sums to 16 bits."""
-    if a.dtype == torch.float32:
+def _slab(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b``, the ``x^T dy`` slab the fold reads. cuBLAS accumulates 16-bit inputs in float32;
+    fp16 inputs keep that float32 sum (``out_dtype``, torch >= 2.8 on CUDA: an fp16 weight
+    gradient can overflow), bf16 inputs round it to bf16, the precision of the weight gradient
+    PyTorch forms for a bf16 layer, at half the slab's bytes written and read again by the fold
+    (256 MB each way for an 8192 x 8192 layer, ~60 us on an H200)."""
+    if a.dtype == torch.float32 or (a.is_cuda and a.dtype == torch.bfloat16):
         return torch.mm(a, b)
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=torch.float32)
@@ -140,7 +143,7 @@ def dense_grad_scales(
     bits: int, group: int, cfg: Config,
 ) -> torch.Tensor:
     """float32 ``[G, N]`` scale gradient: cuBLAS forms ``x^T dy`` for a slab of columns at a time
-    (float32 output, at most ``SLAB_BYTES``), a Triton pass folds it with ``q - z`` per group.
+    (:func:`_slab`, at most ``SLAB_BYTES`` as float32), a Triton pass folds it with ``q - z`` per group.
     The full ``[N, K]`` weight gradient never exists; the slab is the only workspace."""
     K = x.shape[1]
     N = dy.shape[1]
@@ -150,7 +153,7 @@ def dense_grad_scales(
     x_t = x.t()
     for n0 in range(0, N, slab):
         ns = min(slab, N - n0)
-        p = _mm_float32(x_t, dy[:, n0:n0 + ns])
+        p = _slab(x_t, dy[:, n0:n0 + ns])
         grid = (K // group, triton.cdiv(ns, 128))
         launcher(_fold_scale_grad_kernel, grid)(
             p, qweight, zeros, ds,
