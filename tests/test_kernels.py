@@ -478,6 +478,24 @@ def test_gpu_bf16_autotuned(bits, group, m, tmp_path, monkeypatch):
         assert (tmp_path / tuning.CACHE_FILE).exists()
 
 
+@pytest.mark.skipif(not GPU, reason="the bf16 slab is cuBLAS's: CUDA only")
+@pytest.mark.parametrize("bits,group", [(4, 128), (2, 64)])
+def test_gpu_bf16_scale_gradient_from_a_bf16_slab(bits, group, monkeypatch):
+    """bf16 inputs fold a bf16 x^T dy slab (the weight gradient's own precision): the scale
+    gradient stays within 1% of float64, over 512-column slabs and a ragged last one."""
+    from efficientqat.kernels import dequant
+
+    monkeypatch.setattr(dequant, "SLAB_BYTES", 4 * 1024 * 512)
+    gen = torch.Generator().manual_seed(bits + group)
+    n, k, m = 1280, 1024, 2048
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
+    dy = torch.randn(m, n, generator=gen).to(DEV, torch.bfloat16)
+    _, grads = reference(x, q, z, scales, gl)
+    ds = dequant.dense_grad_scales(x, dy, qw, zeros, bits, gl, tuning.DENSE_CONFIG)
+    assert ds.dtype == torch.float32 and rel(ds, grads(dy)[1]) < 1e-2
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m", [1, 3])
 def test_decode_paths_fp16(bits, m):
