@@ -7,7 +7,7 @@ Public entry points:
 * :func:`check_supported` / :func:`is_supported` - the shape rules (K, N, group multiples of 32).
 
 Files: ``unpack`` (in-kernel decode), ``gemv`` (M = 1 on CUDA cores; M <= 16 on tensor cores;
-all split-K), ``half2`` (M <= 8 on paired fp16), ``gemm`` (M > 16), ``dequant`` (decode to a
+all split-K), ``half2`` (M <= 8 on paired fp16, offered to M = 4), ``gemm`` (M > 16), ``dequant`` (decode to a
 workspace + cuBLAS), ``backward`` (input and scale gradients), ``tiling`` (shared write-back and
 launch helpers), ``autograd`` (dispatch by M and the autograd Function), ``candidates`` (the tiles
 each kernel may take), ``tuning`` (timing them, the json config cache).

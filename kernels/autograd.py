@@ -3,7 +3,7 @@
 ``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
 M = 1 goes to the CUDA-core split-K kernel (the tensor-core one measured 30 against 16 us at
 8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, both with the
-paired-fp16 kernel (``half2.py``) as a challenger for fp16 x and M <= 8, larger M to the tiled
+paired-fp16 kernel (``half2.py``) as a challenger for fp16 x and M <= 4, larger M to the tiled
 GEMM or to decode + cuBLAS (``dequant.py``): whichever the tuner measured faster for the shape.
 When ``scales`` (or x) require grad, the call goes through :class:`DequantMatmulFn`, whose
 backward returns the input gradient and the scale gradient and nothing for codes, zero points
@@ -121,7 +121,8 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     epilogue needs whole sums: in-kernel split-K reduction, or none) against the unfused path
     (the plain tuned matmul, then PyTorch: :data:`tuning.UNFUSED_CONFIG`), tuned under their own
     key. On an H200 the paired kernel with the epilogue won the 7B gate/up layer at M = 1, but at
-    M = 8 and 3 bits it took 68 us a call where the tensor-core kernel takes ~30 (session 11)."""
+    M = 8 and 3 bits it took 68 us a call where the tensor-core kernel takes ~30 (session 11), and
+    past ``tuning.HALF2_MAX_M`` the unfused path is the only one."""
     M, K = x.shape
     N = qweight.shape[1]
     key = _key("half2_silu_mul", x, M, N, K, bits, group)
@@ -129,7 +130,7 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     def unfused() -> torch.Tensor:
         return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group))
 
-    if M <= 8 and x.dtype == torch.float16 and bits in tuning.HALF2_BITS and key not in _EPILOGUE_FAILED:
+    if M <= tuning.HALF2_MAX_M and x.dtype == torch.float16 and bits in tuning.HALF2_BITS and key not in _EPILOGUE_FAILED:
         def cands() -> list[tuning.Config]:
             unfused()  # tunes the plain key first (on a miss, as here), so its challenger times a tuned launch
             return [c for c in decode_candidates(x, M, N, K, bits, group)

@@ -12,7 +12,7 @@ import triton
 from efficientqat.packing import chunk_values
 
 from .gemv import PAIRED_CODES, PAIRED_WGMMA, pairs_codes
-from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, Config, m_bucket
+from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, Config, m_bucket
 
 
 def _fits(group: int, block_k: int, K: int) -> bool:
@@ -154,9 +154,9 @@ def with_launch_variants(cands: list[Config], pdl: bool, lead: int = 2) -> list[
 
 
 def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:
-    """Paired-fp16 kernel (fp16 x, 2/4-bit codes, M <= 8; empty otherwise), for the tuner to set
-    after the measured kernels of the same M; ``block_m`` is M rounded up to a power of two."""
-    if bits not in HALF2_BITS or M > 8:
+    """Paired-fp16 kernel (fp16 x, 2/3/4-bit codes, M <= ``HALF2_MAX_M``; empty otherwise), for the
+    tuner to set after the measured kernels of the same M; ``block_m`` is M rounded up to a power of two."""
+    if bits not in HALF2_BITS or M > HALF2_MAX_M:
         return []
     block_m = m_bucket(M)
     out = []

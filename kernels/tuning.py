@@ -72,12 +72,19 @@ class Config:
 DENSE = 9
 """``Config.variant`` of the decode-to-workspace + cuBLAS path (``dequant.py``) for M > 16."""
 HALF2 = 8
-"""``Config.variant`` of the paired-fp16 kernel for M <= 8 (``half2.py``)."""
+"""``Config.variant`` of the paired-fp16 kernel (``half2.py``, M <= 8; offered up to :data:`HALF2_MAX_M`)."""
 HALF2_BITS = (2, 3, 4)
+HALF2_MAX_M = 4
+"""Largest M the tuner offers the paired-fp16 kernel at. Its x fma repeats per row (sm_90 SASS:
+1.5 instructions per weight and row at 4 rows, 1.65 at 8) while the tensor-core kernel's cost
+per weight does not grow with M (4.8): on the H200 it won M = 4 (28.5 against 32.5 us at 8192^2
+w4g128, session 4) and lost every M = 8 key the tuner timed (w4g128 session 7, w3g128 session
+11: 68 against ~30 us on the gate/up layer), where its tiles were 14-26 of a key's 44-56
+candidates."""
 UNFUSED = 10
 """``Config.variant`` of an epilogue's challenger: the plain tuned matmul, then the epilogue in
-PyTorch (the SiLU epilogue only runs in the paired-fp16 kernel, which at M = 8 can be slower
-than the tensor-core kernel plus one elementwise launch)."""
+PyTorch (the SiLU epilogue only runs in the paired-fp16 kernel, which can be slower than
+another kernel plus one elementwise launch)."""
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 UNFUSED_CONFIG = Config(0, 0, 0, 1, 4, 1, UNFUSED)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)
