@@ -11,6 +11,8 @@
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
 #   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
 #                                                     # layer shapes, with the fixed-cost / streaming-rate fit
+#   bash pipelines/device_kernels.sh large [QUANT]    # forward + backward at M = 2048 on the five layer shapes
+#                                                     # (bf16, against cuBLAS and dequantize-then-matmul)
 #   bash pipelines/device_kernels.sh tuning [QUANT]   # first-start tuning time of the 4096^2 layer at M = 1,
 #                                                     # candidate tiles compiled one by one vs by 8 threads
 #   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M ..."]  # ncu counters and per-instruction stalls
@@ -53,6 +55,9 @@ case $stage in
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/layers" --no-train --ms 1 --small-quants-ms 1 \
       --quants "${2:-w4g128,w3g128,w2g64}" --shapes "4096,4096;12288,4096;22016,4096;4096,11008" 2>&1 \
       | grep -E "^\||^device" | tail -20 ;;
+  large)
+    timeout 560 python3 pipelines/bench_kernels.py --out "$out/large" --quants "${2:-w4g128}" --ms 2048 \
+      --shapes "4096,4096;11008,4096;4096,11008;8192,8192;28672,8192" 2>&1 | grep -E "^\||^device" | tail -12 ;;
   tuning)
     timeout 560 python3 pipelines/bench_tuning.py --shape 4096,4096 --quant "${2:-w3g128}" --m 1 --threads 0,8 \
       --out "$out/tuning" 2>&1 | tail -8 ;;
@@ -80,7 +85,7 @@ case $stage in
         "$base.txt" | head -20
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, sweep, kmajor, table QUANTS, layers QUANTS, tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, sweep, kmajor, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"
