@@ -121,8 +121,8 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     epilogue needs whole sums: in-kernel split-K reduction, or none) against the unfused path
     (the plain tuned matmul, then PyTorch: :data:`tuning.UNFUSED_CONFIG`), tuned under their own
     key. On an H200 the paired kernel with the epilogue won the 7B gate/up layer at M = 1, but at
-    M = 8 and 3 bits it took 68 us a call where the tensor-core kernel takes ~30 (session 11), and
-    past ``tuning.HALF2_MAX_M`` the unfused path is the only one."""
+    M = 8 and 3 bits it took 68 us a call, more than twice the tensor-core kernel's 30 us average on
+    the other three layers (session 11); past ``tuning.HALF2_MAX_M`` the unfused path is the only one."""
     M, K = x.shape
     N = qweight.shape[1]
     key = _key("half2_silu_mul", x, M, N, K, bits, group)

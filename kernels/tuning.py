@@ -79,8 +79,8 @@ HALF2_MAX_M = 4
 1.5 instructions per weight and row at 4 rows, 1.65 at 8) while the tensor-core kernel's cost
 per weight does not grow with M (4.8): on the H200 it won M = 4 (28.5 against 32.5 us at 8192^2
 w4g128, session 4) and lost every M = 8 key the tuner timed (w4g128 session 7, w3g128 session
-11: 68 against ~30 us on the gate/up layer), where its tiles were 14-26 of a key's 44-56
-candidates."""
+11: 68 us a gate/up call with the SiLU epilogue, where the tensor-core kernel averaged 30 us over
+the other three layers), and its tiles were 14-26 of an M = 8 key's 44-56 candidates."""
 UNFUSED = 10
 """``Config.variant`` of an epilogue's challenger: the plain tuned matmul, then the epilogue in
 PyTorch (the SiLU epilogue only runs in the paired-fp16 kernel, which can be slower than
