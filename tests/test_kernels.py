@@ -700,8 +700,8 @@ def test_half2_kernel(bits, group):
     M = 1, 3 and 8 (rows past M masked), with column tiles that divide N and one that does not,
     split-K ranges that are uneven and longer than one step or exactly one step (words loaded
     before the rest), steps of 1-4 word rows (several widening flushes), with bias. M = 8 (x
-    pre-paired, beyond what the tuner offers: ``tuning.HALF2_MAX_M``) takes the two split-K
-    tiles only, each interpreted launch costing seconds."""
+    pre-paired, beyond what the tuner offers: ``tuning.HALF2_MAX_M``) takes only the uneven
+    split-K tile and the one-step-a-program tile, each interpreted launch costing seconds."""
     from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(bits * 10 + group)
