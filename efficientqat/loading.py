@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from efficientqat.errors import ModelLoadError, RunFolderError
+from efficientqat.fused_attention import fuse_decode_attention_
 from efficientqat.fused_projections import fuse_projections_
 from efficientqat.packed_model import QUANT_METHOD, load_packed_model, quantization_config
 from efficientqat.quantizer import QuantSpec
@@ -71,7 +72,7 @@ def gptq_v2_spec(qc: dict[str, Any]) -> QuantSpec:
 
 def load_quantized(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-    fuse: bool = True,
+    fuse: bool = True, fused_attention: bool = True,
 ) -> nn.Module:
     """A Hugging Face causal LM with our packed layers, ready for ``generate()``.
 
@@ -80,10 +81,15 @@ def load_quantized(
     layer's q/k/v and gate/up into one packed matmul apiece (fewer, larger launches per decode
     step; see :mod:`efficientqat.fused_projections`); ``state_dict()`` still reads unfused. Pass
     ``fuse=False`` for tools that wrap single projections (LoRA adapters on ``q_proj``, say).
+    ``fused_attention`` gives Llama / Mistral / Qwen2 attention a one-kernel decode step over a
+    static cache (rotary, cache write, attention; :mod:`efficientqat.fused_attention`); every other
+    call keeps Hugging Face's forward.
     """
     model = _load_unfused(path, device, dtype)
     if fuse:
         fuse_projections_(model)
+    if fused_attention:
+        fuse_decode_attention_(model)
     return model
 
 

@@ -42,6 +42,7 @@ from step_profile import format_profile, profile_steps  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from efficientqat.fused_attention import fuse_decode_attention_  # noqa: E402
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
@@ -52,13 +53,15 @@ LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 SETTINGS = {"w2g64": QuantSpec(2, 64), "w3g128": QuantSpec(3, 128), "w4g128": QuantSpec(4, 128)}
+FP16_FUSED_ATTENTION = "FP16+fused-attn"
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
 
 
-def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool) -> nn.Module:
+def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool, attention: bool) -> nn.Module:
     """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers,
     q/k/v and gate/up fused as ``load_quantized`` does unless ``fuse`` is off (the FP16 model
-    keeps Hugging Face's separate layers: it is what users run unquantized)."""
+    keeps Hugging Face's separate layers: it is what users run unquantized). ``attention``: decode
+    steps take the fused rotary + cache + attention kernel (``load_quantized``'s default)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -71,6 +74,8 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse:
                 set_submodule(block, name, packed.to(dtype) if dtype != torch.float16 else packed)
         if fuse:
             fuse_projections_(model)
+    if attention:
+        fuse_decode_attention_(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model.eval()
@@ -207,6 +212,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
+    p.add_argument("--attention", default="fused", choices=["fused", "hf"],
+                   help="quantized models' decode attention: the fused kernel (load_quantized's default) or Hugging Face's")
+    p.add_argument("--fp16-fused-attention", action="store_true",
+                   help="also time the FP16 model with the fused decode attention (row 'FP16+fused-attn')")
     p.add_argument("--pdl", action="store_true",
                    help="launch every decode matmul (M <= 16) with programmatic dependent launch, whatever the tuner chose")
     p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
@@ -262,17 +271,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = TINY if args.tiny else LLAMA2_7B
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label in ["FP16", *args.settings.split(",")]:
-        spec = None if label == "FP16" else SETTINGS[label]
+    labels = ["FP16", *([FP16_FUSED_ATTENTION] if args.fp16_fused_attention else []), *args.settings.split(",")]
+    for label in labels:
+        spec = SETTINGS.get(label)
+        attention = label == FP16_FUSED_ATTENTION or spec is not None and args.attention == "fused"
         torch.manual_seed(0)
-        model = build_model(shape, spec, device, not args.no_fuse)
+        model = build_model(shape, spec, device, not args.no_fuse, attention)
         with attention_kernels(args.sdpa):  # held through compilation and capture, where the kernel is chosen
             rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "pdl": args.pdl, "sdpa": args.sdpa,
+             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "pdl": args.pdl, "sdpa": args.sdpa,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

@@ -1,0 +1,191 @@
+"""Fused decode attention (rotary + cache write + attention in one kernel): against a float64
+reference, against Hugging Face's forward in generation, and its fallbacks.
+
+On a machine without CUDA the kernel runs in Triton's interpreter (``conftest`` sets it)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from efficientqat import fused_attention  # noqa: E402
+from efficientqat.fused_attention import fuse_decode_attention_  # noqa: E402
+from efficientqat.kernels.decode_attention import decode_attention  # noqa: E402
+from efficientqat.kernels.tiling import split_k_workspace  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate-half rotary embedding, ``x [B, heads, D]``, ``cos/sin [B, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+def reference(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scaling):
+    """Float64 attention of the new token over cache positions 0..slot, with its k/v at slot."""
+    B, HKV, L, D = k_cache.shape
+    H = q.shape[1] // D
+    f = torch.float64
+    qr = rotate(q.view(B, H, D).to(f), cos.to(f), sin.to(f)).to(q.dtype).to(f)
+    kr = rotate(k.view(B, HKV, D).to(f), cos.to(f), sin.to(f)).to(k_cache.dtype).to(f)
+    keys, values = k_cache.to(f).clone(), v_cache.to(f).clone()
+    keys[:, :, slot], values[:, :, slot] = kr, v.view(B, HKV, D).to(k_cache.dtype).to(f)
+    keys = keys[:, :, : slot + 1].repeat_interleave(H // HKV, dim=1)
+    values = values[:, :, : slot + 1].repeat_interleave(H // HKV, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", qr, keys) * scaling
+    if mask is not None:
+        cut = mask[:, None, : slot + 1]
+        scores = scores.masked_fill(~cut, float("-inf")) if mask.dtype == torch.bool else scores + cut.to(f)
+    out = torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), values)
+    return out.reshape(B, H * D), kr, values
+
+
+CASES = [  # batch, heads, KV heads, head dim, cache length, write position, mask, dtype
+    (1, 4, 4, 32, 40, 17, None, torch.float32),  # one slice per head
+    (2, 4, 2, 16, 200, 130, "bool", torch.float32),  # grouped queries, 4 slices, some slices empty
+    (2, 6, 2, 64, 600, 0, "add", torch.float32),  # only the new token (15 of 16 slices empty)
+    (3, 2, 1, 32, 2100, 2099, "bool", torch.float32),  # the last slot, 32 slices
+    (2, 4, 2, 64, 300, 211, "add", torch.float16),
+]
+
+
+@pytest.mark.parametrize("B,H,HKV,D,L,slot,mask_kind,dtype", CASES)
+def test_decode_attention_matches_float64_and_writes_only_its_slot(B, H, HKV, D, L, slot, mask_kind, dtype):
+    gen = torch.Generator().manual_seed(slot + D)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    k_cache, v_cache = rand(B, HKV, L, D), rand(B, HKV, L, D)
+    keys_before, values_before = k_cache.clone(), v_cache.clone()
+    angles = torch.rand(B, D // 2, generator=gen) * 6
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(DEVICE, dtype) for f in (torch.cos, torch.sin))
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(B, L, generator=gen) > 0.3).to(DEVICE)
+        mask[:, slot] = True  # the new token itself is always visible
+    elif mask_kind == "add":
+        mask = (-2 * torch.rand(B, L, generator=gen)).to(DEVICE, dtype)
+        mask[:, ::7] = torch.finfo(dtype).min
+        mask[:, slot] = 0
+    length = torch.tensor(slot, device=DEVICE)
+    scaling = D**-0.5
+    # q, k and v as slices of one fused projection's output, as the model hands them over
+    qkv = rand(B, (H + 2 * HKV) * D)
+    q, k, v = qkv.split([H * D, HKV * D, HKV * D], dim=1)
+
+    out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, mask, scaling)
+
+    want, kr, values = reference(q, k, v, cos, sin, keys_before, values_before, slot, mask, scaling)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+    assert out.dtype == dtype and not out.isnan().any()
+    torch.testing.assert_close(k_cache[:, :, slot].double(), kr, rtol=tol, atol=tol)
+    assert torch.equal(v_cache[:, :, slot], v.view(B, HKV, D))
+    others = torch.arange(L, device=DEVICE) != slot
+    assert torch.equal(k_cache[:, :, others], keys_before[:, :, others])
+    assert torch.equal(v_cache[:, :, others], values_before[:, :, others])
+    assert length.item() == slot + 1
+    assert not split_k_workspace(torch.device(DEVICE), 0, B * H + 1).counts.any()  # counters left at zero
+
+
+def test_consecutive_steps_continue_from_the_advanced_position():
+    """Two launches in a row: the second writes at the position the first advanced to and
+    attends over both new tokens (the counters the first left must be back at zero)."""
+    B, H, HKV, D, L = 1, 2, 1, 16, 130
+    gen = torch.Generator().manual_seed(5)
+    k_cache = torch.randn(B, HKV, L, D, generator=gen).to(DEVICE)
+    v_cache = torch.randn(B, HKV, L, D, generator=gen).to(DEVICE)
+    start = k_cache.clone(), v_cache.clone()
+    cos, sin = torch.ones(B, D, device=DEVICE), torch.zeros(B, D, device=DEVICE)
+    length = torch.tensor(100, device=DEVICE)
+    steps = [torch.randn(B, (H + 2 * HKV) * D, generator=gen).to(DEVICE).split([H * D, HKV * D, HKV * D], 1)
+             for _ in range(2)]
+    for q, k, v in steps:
+        out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, None, 0.25)
+    keys, values = start[0].clone(), start[1].clone()
+    keys[:, :, 100] = steps[0][1].view(B, HKV, D)
+    values[:, :, 100] = steps[0][2].view(B, HKV, D)
+    q, k, v = steps[1]
+    want, _, _ = reference(q, k, v, cos, sin, keys, values, 101, None, 0.25)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert length.item() == 102
+
+
+def test_bad_arguments_are_named():
+    cache = torch.zeros(1, 2, 8, 16)
+    q, kv = torch.zeros(1, 64), torch.zeros(1, 32)
+    cos = torch.zeros(1, 16)
+    length = torch.tensor(0)
+    with pytest.raises(ValueError, match="value cache"):
+        decode_attention(q, kv, kv, cos, cos, cache, torch.zeros(1, 2, 9, 16), length, None, 1.0)
+    with pytest.raises(ValueError, match="power of two"):
+        odd = torch.zeros(1, 2, 8, 24)
+        decode_attention(torch.zeros(1, 96), torch.zeros(1, 48), torch.zeros(1, 48), cos, cos, odd, odd, length, None, 1.0)
+    with pytest.raises(ValueError, match="do not match"):
+        decode_attention(q, torch.zeros(1, 16), kv, cos, cos, cache, cache.clone(), length, None, 1.0)
+    with pytest.raises(ValueError, match="mask"):
+        decode_attention(q, kv, kv, cos, cos, cache, cache.clone(), length, torch.ones(1, 7, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="write position"):
+        decode_attention(q, kv, kv, cos, cos, cache, cache.clone(), torch.tensor([0.0]), None, 1.0)
+
+
+def tiny_model(arch: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
+
+
+def count_fused_calls(monkeypatch) -> list[int]:
+    calls = [0]
+    op = fused_attention.decode_attention_op
+
+    def counted(*args):
+        calls[0] += 1
+        return op(*args)
+
+    monkeypatch.setattr(fused_attention, "decode_attention_op", counted)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generation_over_a_static_cache_matches_hugging_face(arch, monkeypatch):
+    """Left-padded batch, greedy: same scores at every step as the unfused model, through the
+    fused kernel on every decode step of every layer (not on the prefill)."""
+    reference_model = tiny_model(arch)
+    model = copy.deepcopy(reference_model)
+    assert fuse_decode_attention_(model) == 2 and fuse_decode_attention_(model) == 0
+    assert type(model.model.layers[0].self_attn).__name__.startswith("Fused")
+    assert model.state_dict().keys() == reference_model.state_dict().keys()
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :2] = 0  # left padding
+    kwargs = dict(attention_mask=attention_mask, max_new_tokens=4, do_sample=False, cache_implementation="static",
+                  output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    calls = count_fused_calls(monkeypatch)
+    want = reference_model.generate(ids, **kwargs)
+    assert calls[0] == 0
+    got = model.generate(ids, **kwargs)
+    assert calls[0] == 3 * 2  # decode steps after the prefill x layers
+    assert torch.equal(got.sequences, want.sequences)
+    for step_got, step_want in zip(got.scores, want.scores):
+        torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_cache_keeps_the_original_forward(monkeypatch):
+    model = tiny_model("llama")
+    fuse_decode_attention_(model)
+    calls = count_fused_calls(monkeypatch)
+    ids = torch.randint(3, 96, (1, 5), device=DEVICE)
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # DynamicCache
+    assert calls[0] == 0
