@@ -24,6 +24,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(2)
 
+try:  # not pip-installed (a bare GPU box, PYTHONPATH=.): map efficientqat.kernels onto ./kernels
+    import efficientqat.kernels  # noqa: F401
+except ImportError:
+    import efficientqat
+
+    efficientqat.__path__.append(str(Path(__file__).resolve().parents[1]))
+
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven bright stars shine above quiet hills and "
     "rivers carry old stories into the sea where sailors sing of distant lands and patient farmers "

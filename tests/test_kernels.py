@@ -19,15 +19,6 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-try:  # not pip-installed (e.g. a bare GPU box): map efficientqat.kernels onto ./kernels
-    import efficientqat.kernels  # noqa: F401
-except ImportError:
-    import pathlib
-
-    import efficientqat
-
-    efficientqat.__path__.append(str(pathlib.Path(__file__).resolve().parents[1]))
-
 from efficientqat.kernels import DequantMatmulFn, check_supported, dequant_linear, unpack_zeros  # noqa: E402
 from efficientqat.kernels import candidates, tuning  # noqa: E402
 from efficientqat.packing import chunk_values, pack_qweight, pack_qzeros  # noqa: E402
