@@ -166,9 +166,10 @@ def _decode_attention_kernel(
             tl.store(out_row + offs_h, (tl.sum(w[:, None] * p1, axis=0) * inv).to(out_ptr.dtype.element_ty))
             tl.store(out_row + HALF + offs_h, (tl.sum(w[:, None] * p2, axis=0) * inv).to(out_ptr.dtype.element_ty))
 
-    # the launch's last program moves the write position on (every program has read it by now)
+    # the launch's last program moves the write position on. Every program has read it by then:
+    # each read it before arriving, and no data is handed over, so the arrival needs no fence
     tl.debug_barrier()
-    done = tl.atomic_add(count_ptr + n_heads_total, 1, sem="acq_rel")
+    done = tl.atomic_add(count_ptr + n_heads_total, 1, sem="relaxed")
     if done == n_heads_total * SPLITS - 1:
         tl.atomic_xchg(count_ptr + n_heads_total, 0, sem="relaxed")
         tl.store(len_ptr, slot + 1)
@@ -204,7 +205,8 @@ def check_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
-                     mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+                     mask: torch.Tensor | None, scaling: float, splits: int | None = None,
+                     block: int = BLOCK_S) -> torch.Tensor:
     """Attention of one new token per batch row; writes its key and value into the caches and
     advances ``length``.
 
@@ -214,11 +216,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     where true) or float (added to the scores), or None. Returns ``[B, H*D]`` in q's dtype.
     Writing past the cache (``length == L``) is the caller's to prevent, as with the cache's own
     update; the kernel reads ``length`` on the GPU and cannot check it without a sync.
+    ``splits`` (a power of two, default :func:`splits_for`) and ``block`` (positions per loop
+    step) are the launch shape, for benchmarks.
     """
     check_decode_attention(q, k, v, k_cache, v_cache, length, mask)
     B, HKV, L, D = k_cache.shape
     H = q.shape[1] // D
-    splits = splits_for(L)
+    splits = splits or splits_for(L)
     out = torch.empty((B, H * D), device=q.device, dtype=q.dtype)
     part = torch.empty((B * H * splits * (D + 2),) if splits > 1 else (1,), device=q.device, dtype=torch.float32)
     entry = split_k_workspace(q.device, 0, B * H + 1)
@@ -234,6 +238,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H,
-        HALF=D // 2, BLOCK=BLOCK_S, SPLITS=splits, MASK=kind, num_warps=4,
+        HALF=D // 2, BLOCK=block, SPLITS=splits, MASK=kind, num_warps=4,
     )
     return out

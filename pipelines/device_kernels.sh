@@ -6,6 +6,8 @@
 #   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
 #                                                     # with a fresh cache one batch size per call; further
 #                                                     # arguments go to bench_generate, e.g. --pdl)
+#   bash pipelines/device_kernels.sh attention          # bench_decode_attention: fused decode attention's launch
+#                                                     # shapes against the unfused rotary + cache update + SDPA
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
@@ -34,6 +36,8 @@ case $stage in
   generate)
     timeout 560 python3 pipelines/bench_generate.py --out "$out/generate" --settings "${2:-w4g128}" --batches "${3:-1}" \
       --compile --profile --prefill 128 --iters 5 "${@:4}" 2>&1 | grep -v -i warn | tail -110 ;;
+  attention)
+    timeout 560 python3 pipelines/bench_decode_attention.py --out "$out/attention" "${@:2}" 2>&1 | grep -v -i warn | tail -70 ;;
   sweep)
     timeout 270 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w3g128,w2g64,w4g128 --m 1 \
       --kernels half2 --variants fixup,pdl --budget-s 60 --out "$out/sweep_m1" 2>&1 | grep "^|" | head -12
@@ -85,7 +89,7 @@ case $stage in
         "$base.txt" | head -20
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, sweep, kmajor, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"
