@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from .tiling import split_k_workspace
+from .tuning import sm_count
 
 MASK_NONE, MASK_BOOL, MASK_ADD = 0, 1, 2
-BLOCK_S = 32  # cached positions per loop step: 32 x 128 fp16 keys and values, 8 KB each
 MAX_SPLITS = 32
 
 
@@ -75,13 +75,35 @@ def _online_update(m, l, a1, a2, scores, v1, v2):
 
 
 @triton.jit
+def _load_block(kc_head, vc_head, pos, valid, stride_kcs, stride_vcs, HALF: tl.constexpr):
+    """Cached key and value halves ``[BLOCK, HALF]`` at positions ``pos`` (0 where not valid)."""
+    offs_h = tl.arange(0, HALF)
+    k_rows = kc_head + pos[:, None] * stride_kcs + offs_h[None, :]
+    v_rows = vc_head + pos[:, None] * stride_vcs + offs_h[None, :]
+    return (tl.load(k_rows, mask=valid[:, None], other=0.0), tl.load(k_rows + HALF, mask=valid[:, None], other=0.0),
+            tl.load(v_rows, mask=valid[:, None], other=0.0), tl.load(v_rows + HALF, mask=valid[:, None], other=0.0))
+
+
+@triton.jit
+def _fold_block(m, l, a1, a2, q1, q2, kb1, kb2, vb1, vb2, pos, valid, mask_row, stride_ms, MASK: tl.constexpr):
+    """:func:`_online_update` with one block of cached keys and values."""
+    scores = tl.sum(kb1.to(tl.float32) * q1[None, :] + kb2.to(tl.float32) * q2[None, :], axis=1)
+    scores = _masked_scores(scores, pos, valid, mask_row, stride_ms, MASK)
+    return _online_update(m, l, a1, a2, scores, vb1.to(tl.float32), vb2.to(tl.float32))
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, part_ptr, count_ptr, out_ptr,
     stride_qb, stride_kb, stride_vb, stride_cb, stride_sb,
     stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
-    stride_mb, stride_ms, stride_ob, scaling, H, GROUP, n_heads_total,
-    HALF: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, MASK: tl.constexpr,
+    stride_mb, stride_ms, stride_ob, scaling, H, GROUP, n_heads_total, L,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, MASK: tl.constexpr, STATIC: tl.constexpr,
 ):
+    """Program ``(b * H + h, split)``; ``STATIC`` (variant): slices cut from the whole cache
+    length, so the first block's loads are issued before the write position arrives (one
+    dependent round trip fewer; a slice past the cached positions reads one block for nothing),
+    otherwise from the positions cached so far (no block read for nothing, even work)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H
@@ -89,8 +111,14 @@ def _decode_attention_kernel(
     kvh = h // GROUP
     D: tl.constexpr = 2 * HALF
     cache_ty = kc_ptr.dtype.element_ty
-    slot = tl.load(len_ptr).to(tl.int32)  # positions cached before this step; the new token goes here
     offs_h = tl.arange(0, HALF)
+    kc_head = kc_ptr + b * stride_kcb + kvh * stride_kch
+    vc_head = vc_ptr + b * stride_vcb + kvh * stride_vch
+    static_chunk = tl.cdiv(L, SPLITS * BLOCK) * BLOCK
+    first_pos = pid_s * static_chunk + tl.arange(0, BLOCK)
+    if STATIC:
+        first = _load_block(kc_head, vc_head, first_pos, first_pos < L, stride_kcs, stride_vcs, HALF)
+    slot = tl.load(len_ptr).to(tl.int32)  # positions cached before this step; the new token goes here
 
     c1 = tl.load(cos_ptr + b * stride_cb + offs_h).to(tl.float32)
     c2 = tl.load(cos_ptr + b * stride_cb + HALF + offs_h).to(tl.float32)
@@ -103,35 +131,37 @@ def _decode_attention_kernel(
     v_row = v_ptr + b * stride_vb + kvh * D
     v1 = tl.load(v_row + offs_h).to(tl.float32)
     v2 = tl.load(v_row + HALF + offs_h).to(tl.float32)
-
-    kc_head = kc_ptr + b * stride_kcb + kvh * stride_kch
-    vc_head = vc_ptr + b * stride_vcb + kvh * stride_vch
     if (h % GROUP == 0) & (pid_s == 0):
         tl.store(kc_head + slot * stride_kcs + offs_h, k1.to(cache_ty))
         tl.store(kc_head + slot * stride_kcs + HALF + offs_h, k2.to(cache_ty))
         tl.store(vc_head + slot * stride_vcs + offs_h, v1.to(cache_ty))
         tl.store(vc_head + slot * stride_vcs + HALF + offs_h, v2.to(cache_ty))
 
-    # this program's slice of positions 0..slot (slot itself: the new token, from registers)
-    chunk = tl.cdiv(slot + 1, SPLITS)
-    lo = pid_s * chunk
-    hi = tl.minimum(lo + chunk, slot + 1)
+    # this program's slice [lo, hi) of positions 0..slot (slot itself: the new token, from registers)
+    if STATIC:
+        lo = pid_s * static_chunk
+        hi = tl.minimum(lo + static_chunk, slot + 1)
+    else:
+        chunk = tl.cdiv(slot + 1, SPLITS)
+        lo = pid_s * chunk
+        hi = tl.minimum(lo + chunk, slot + 1)
     mask_row = mask_ptr + b * stride_mb
     m = tl.max(tl.full((2,), float("-inf"), tl.float32), axis=0)
     l = tl.sum(tl.zeros((2,), tl.float32), axis=0)
     a1 = tl.zeros((HALF,), tl.float32)
     a2 = tl.zeros((HALF,), tl.float32)
     cached_hi = tl.minimum(hi, slot)
-    for start in range(lo, cached_hi, BLOCK):
+    loop_lo = lo
+    if STATIC:
+        kb1, kb2, vb1, vb2 = first
+        m, l, a1, a2 = _fold_block(m, l, a1, a2, q1, q2, kb1, kb2, vb1, vb2, first_pos, first_pos < cached_hi,
+                                   mask_row, stride_ms, MASK)
+        loop_lo = lo + BLOCK
+    for start in range(loop_lo, cached_hi, BLOCK):
         pos = start + tl.arange(0, BLOCK)
         valid = pos < cached_hi
-        kb1 = tl.load(kc_head + pos[:, None] * stride_kcs + offs_h[None, :], mask=valid[:, None], other=0.0)
-        kb2 = tl.load(kc_head + pos[:, None] * stride_kcs + HALF + offs_h[None, :], mask=valid[:, None], other=0.0)
-        scores = tl.sum(kb1.to(tl.float32) * q1[None, :] + kb2.to(tl.float32) * q2[None, :], axis=1)
-        scores = _masked_scores(scores, pos, valid, mask_row, stride_ms, MASK)
-        vb1 = tl.load(vc_head + pos[:, None] * stride_vcs + offs_h[None, :], mask=valid[:, None], other=0.0)
-        vb2 = tl.load(vc_head + pos[:, None] * stride_vcs + HALF + offs_h[None, :], mask=valid[:, None], other=0.0)
-        m, l, a1, a2 = _online_update(m, l, a1, a2, scores, vb1.to(tl.float32), vb2.to(tl.float32))
+        kb1, kb2, vb1, vb2 = _load_block(kc_head, vc_head, pos, valid, stride_kcs, stride_vcs, HALF)
+        m, l, a1, a2 = _fold_block(m, l, a1, a2, q1, q2, kb1, kb2, vb1, vb2, pos, valid, mask_row, stride_ms, MASK)
     if (lo <= slot) & (slot < hi):
         pos = slot + tl.arange(0, 2)  # the new token as a block of two, the second masked off
         one = tl.arange(0, 2) == 0
@@ -141,6 +171,7 @@ def _decode_attention_kernel(
                                       tl.where(one[:, None], v2[None, :], 0.0))
 
     out_row = out_ptr + b * stride_ob + h * D
+    head_done = SPLITS == 1
     if SPLITS == 1:
         inv = 1.0 / l
         tl.store(out_row + offs_h, (a1 * inv).to(out_ptr.dtype.element_ty))
@@ -152,7 +183,8 @@ def _decode_attention_kernel(
         tl.store(part + D + tl.arange(0, 2), tl.where(tl.arange(0, 2) == 0, m, l))
         tl.debug_barrier()  # every thread's partials are written before the arrival that releases them
         arrived = tl.atomic_add(count_ptr + pid_bh, 1, sem="acq_rel")
-        if arrived == SPLITS - 1:
+        head_done = arrived == SPLITS - 1
+        if head_done:
             tl.atomic_xchg(count_ptr + pid_bh, 0, sem="relaxed")
             splits = tl.arange(0, SPLITS)
             parts = part_ptr + (pid_bh * SPLITS + splits) * (D + 2)
@@ -166,21 +198,26 @@ def _decode_attention_kernel(
             tl.store(out_row + offs_h, (tl.sum(w[:, None] * p1, axis=0) * inv).to(out_ptr.dtype.element_ty))
             tl.store(out_row + HALF + offs_h, (tl.sum(w[:, None] * p2, axis=0) * inv).to(out_ptr.dtype.element_ty))
 
-    # the launch's last program moves the write position on. Every program has read it by then:
-    # each read it before arriving, and no data is handed over, so the arrival needs no fence
-    tl.debug_barrier()
-    done = tl.atomic_add(count_ptr + n_heads_total, 1, sem="relaxed")
-    if done == n_heads_total * SPLITS - 1:
-        tl.atomic_xchg(count_ptr + n_heads_total, 0, sem="relaxed")
-        tl.store(len_ptr, slot + 1)
+    # the last head to finish moves the write position on: every program of every head has read it
+    # by then (each read it before its head's arrival), and no data is handed over, so no fence
+    if head_done:
+        done = tl.atomic_add(count_ptr + n_heads_total, 1, sem="relaxed")
+        if done == n_heads_total - 1:
+            tl.atomic_xchg(count_ptr + n_heads_total, 0, sem="relaxed")
+            tl.store(len_ptr, slot + 1)
 
 
-def splits_for(max_len: int) -> int:
-    """Slices per head for a cache of ``max_len`` positions: one per two loop steps of the
-    longest context the cache holds (a power of two, at most :data:`MAX_SPLITS`), so a head's
-    programs each read a few blocks, not the whole history."""
-    want = triton.cdiv(max_len, 2 * BLOCK_S)
-    return min(MAX_SPLITS, triton.next_power_of_2(want))
+def launch_shape(heads: int, max_len: int, device: torch.device) -> tuple[int, int]:
+    """``(splits, block)`` for ``heads`` (batch x query heads) over a cache of ``max_len``: blocks
+    of 64 positions, and as many slices per head (a power of two) as bring the launch to ~4
+    programs an SM, but no more than one per two blocks of the longest context (H200,
+    ``bench_decode_attention.py``: the fastest shapes at 32 and 256 heads, 136 and 4096 slots)."""
+    sms = sm_count(device) if device.type == "cuda" else 132  # the interpreter: an H100/H200's shape
+    block = 64
+    by_occupancy = max(1, 4 * sms // heads)
+    by_length = max(1, triton.cdiv(max_len, 2 * block))
+    splits = min(MAX_SPLITS, by_occupancy, by_length)
+    return 1 << (splits.bit_length() - 1), block
 
 
 def check_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -206,7 +243,7 @@ def check_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, splits: int | None = None,
-                     block: int = BLOCK_S) -> torch.Tensor:
+                     block: int | None = None, static: bool = False) -> torch.Tensor:
     """Attention of one new token per batch row; writes its key and value into the caches and
     advances ``length``.
 
@@ -216,13 +253,14 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     where true) or float (added to the scores), or None. Returns ``[B, H*D]`` in q's dtype.
     Writing past the cache (``length == L``) is the caller's to prevent, as with the cache's own
     update; the kernel reads ``length`` on the GPU and cannot check it without a sync.
-    ``splits`` (a power of two, default :func:`splits_for`) and ``block`` (positions per loop
-    step) are the launch shape, for benchmarks.
+    ``splits`` (a power of two) and ``block`` (positions per loop step) override
+    :func:`launch_shape`, and ``static`` picks the kernel's variant, for benchmarks.
     """
     check_decode_attention(q, k, v, k_cache, v_cache, length, mask)
     B, HKV, L, D = k_cache.shape
     H = q.shape[1] // D
-    splits = splits or splits_for(L)
+    default_splits, default_block = launch_shape(B * H, L, q.device)
+    splits, block = splits or default_splits, block or default_block
     out = torch.empty((B, H * D), device=q.device, dtype=q.dtype)
     part = torch.empty((B * H * splits * (D + 2),) if splits > 1 else (1,), device=q.device, dtype=torch.float32)
     entry = split_k_workspace(q.device, 0, B * H + 1)
@@ -237,7 +275,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         q, k, v, cos, sin, k_cache, v_cache, length, mask_arg, part, counts, out,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H,
-        HALF=D // 2, BLOCK=block, SPLITS=splits, MASK=kind, num_warps=4,
+        stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H, L,
+        HALF=D // 2, BLOCK=block, SPLITS=splits, MASK=kind, STATIC=static, num_warps=4,
     )
     return out
