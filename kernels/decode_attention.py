@@ -16,8 +16,8 @@ kernel, reading only the positions written so far:
   (running max, sum, weighted values) over its slice, the new token (taken from registers, not
   from the cache it is being written to) in the last slice;
 * the last program of a head to arrive (a counter, as :func:`.tiling.store_decode`) merges the
-  slices' partials and writes the head's output; the last program of the launch advances the
-  cache's write position by one, the increment the cache's own ``update`` would have made.
+  slices' partials and writes the head's output; the last head to finish advances the cache's
+  write position by one, the increment the cache's own ``update`` would have made.
 
 The write position is read on the GPU (a 0-dim integer tensor), so one compiled and captured
 step serves every position. An optional ``[B, L]`` mask row (bool: attend where true; float:
@@ -97,13 +97,13 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, part_ptr, count_ptr, out_ptr,
     stride_qb, stride_kb, stride_vb, stride_cb, stride_sb,
     stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
-    stride_mb, stride_ms, stride_ob, scaling, H, GROUP, n_heads_total, L,
-    HALF: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, MASK: tl.constexpr, STATIC: tl.constexpr,
+    stride_mb, stride_ms, stride_ob, scaling, H, GROUP, n_heads_total,
+    HALF: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, MASK: tl.constexpr,
 ):
-    """Program ``(b * H + h, split)``; ``STATIC`` (variant): slices cut from the whole cache
-    length, so the first block's loads are issued before the write position arrives (one
-    dependent round trip fewer; a slice past the cached positions reads one block for nothing),
-    otherwise from the positions cached so far (no block read for nothing, even work)."""
+    """Program ``(b * H + h, split)``. Slices are cut from the positions cached so far, not from
+    the cache length: no block is read for nothing. (Cutting them from the length lets the first
+    block's loads start before the write position arrives; on the H200 that saved nothing,
+    ``bench_decode_attention.py``, session 12.)"""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = pid_bh // H
@@ -114,10 +114,6 @@ def _decode_attention_kernel(
     offs_h = tl.arange(0, HALF)
     kc_head = kc_ptr + b * stride_kcb + kvh * stride_kch
     vc_head = vc_ptr + b * stride_vcb + kvh * stride_vch
-    static_chunk = tl.cdiv(L, SPLITS * BLOCK) * BLOCK
-    first_pos = pid_s * static_chunk + tl.arange(0, BLOCK)
-    if STATIC:
-        first = _load_block(kc_head, vc_head, first_pos, first_pos < L, stride_kcs, stride_vcs, HALF)
     slot = tl.load(len_ptr).to(tl.int32)  # positions cached before this step; the new token goes here
 
     c1 = tl.load(cos_ptr + b * stride_cb + offs_h).to(tl.float32)
@@ -138,26 +134,16 @@ def _decode_attention_kernel(
         tl.store(vc_head + slot * stride_vcs + HALF + offs_h, v2.to(cache_ty))
 
     # this program's slice [lo, hi) of positions 0..slot (slot itself: the new token, from registers)
-    if STATIC:
-        lo = pid_s * static_chunk
-        hi = tl.minimum(lo + static_chunk, slot + 1)
-    else:
-        chunk = tl.cdiv(slot + 1, SPLITS)
-        lo = pid_s * chunk
-        hi = tl.minimum(lo + chunk, slot + 1)
+    chunk = tl.cdiv(slot + 1, SPLITS)
+    lo = pid_s * chunk
+    hi = tl.minimum(lo + chunk, slot + 1)
     mask_row = mask_ptr + b * stride_mb
     m = tl.max(tl.full((2,), float("-inf"), tl.float32), axis=0)
     l = tl.sum(tl.zeros((2,), tl.float32), axis=0)
     a1 = tl.zeros((HALF,), tl.float32)
     a2 = tl.zeros((HALF,), tl.float32)
     cached_hi = tl.minimum(hi, slot)
-    loop_lo = lo
-    if STATIC:
-        kb1, kb2, vb1, vb2 = first
-        m, l, a1, a2 = _fold_block(m, l, a1, a2, q1, q2, kb1, kb2, vb1, vb2, first_pos, first_pos < cached_hi,
-                                   mask_row, stride_ms, MASK)
-        loop_lo = lo + BLOCK
-    for start in range(loop_lo, cached_hi, BLOCK):
+    for start in range(lo, cached_hi, BLOCK):
         pos = start + tl.arange(0, BLOCK)
         valid = pos < cached_hi
         kb1, kb2, vb1, vb2 = _load_block(kc_head, vc_head, pos, valid, stride_kcs, stride_vcs, HALF)
@@ -243,7 +229,7 @@ def check_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, length: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, splits: int | None = None,
-                     block: int | None = None, static: bool = False) -> torch.Tensor:
+                     block: int | None = None) -> torch.Tensor:
     """Attention of one new token per batch row; writes its key and value into the caches and
     advances ``length``.
 
@@ -254,7 +240,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     Writing past the cache (``length == L``) is the caller's to prevent, as with the cache's own
     update; the kernel reads ``length`` on the GPU and cannot check it without a sync.
     ``splits`` (a power of two) and ``block`` (positions per loop step) override
-    :func:`launch_shape`, and ``static`` picks the kernel's variant, for benchmarks.
+    :func:`launch_shape`, for benchmarks.
     """
     check_decode_attention(q, k, v, k_cache, v_cache, length, mask)
     B, HKV, L, D = k_cache.shape
@@ -275,7 +261,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         q, k, v, cos, sin, k_cache, v_cache, length, mask_arg, part, counts, out,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H, L,
-        HALF=D // 2, BLOCK=block, SPLITS=splits, MASK=kind, STATIC=static, num_warps=4,
+        stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H,
+        HALF=D // 2, BLOCK=block, SPLITS=splits, MASK=kind, num_warps=4,
     )
     return out

@@ -6,8 +6,7 @@ Per case (batch B, static cache of L positions, POS tokens already cached, Llama
 32 query and 32 KV heads of 128, fp16) and per launch shape of ``kernels.decode_attention``
 (slices per head x positions per loop step), the median device time of one launch, replayed from
 a CUDA graph over 32 layers' caches in turn (as a model reads them: not L2-resident), and the
-bytes of cached keys and values it reads per microsecond; both kernel variants (slices cut from the
-positions cached so far, or ``static``ally from the cache length). Against it, on the same input:
+bytes of cached keys and values it reads per microsecond. Against it, on the same input:
 
 * ``unfused``: what the attention module does without it: rotary embedding on q and k, the static
   cache's update (write position, two index copies, position += 1), then torch's
@@ -57,9 +56,9 @@ class Case:
         for length in self.lengths:
             length.fill_(self.pos)
 
-    def fused(self, layer: int, splits: int, block: int, static: bool) -> None:
+    def fused(self, layer: int, splits: int, block: int) -> None:
         decode_attention(self.q, self.k, self.v, self.cos, self.sin, self.k_caches[layer], self.v_caches[layer],
-                         self.lengths[layer], self.mask, self.dim**-0.5, splits, block, static)
+                         self.lengths[layer], self.mask, self.dim**-0.5, splits, block)
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         return x.view(self.batch, n, 1, self.dim)
@@ -100,16 +99,15 @@ def bench_case(case: Case) -> list[dict]:
         if splits > default[0] * 4 or splits < default[0] // 4:
             continue
         for block in BLOCKS:
-            for static in (False, True):
-                us = time_us(case, lambda i, s=splits, b=block, st=static: case.fused(i, s, b, st))
-                rows.append({**base, "path": "fused", "splits": splits, "block": block, "static": static, "us": us,
-                             "default": (splits, block) == default and not static})
-                print(f"{label} fused splits={splits} block={block} static={static}: {us:.2f} us", flush=True)
+            us = time_us(case, lambda i, s=splits, b=block: case.fused(i, s, b))
+            rows.append({**base, "path": "fused", "splits": splits, "block": block, "us": us,
+                         "default": (splits, block) == default})
+            print(f"{label} fused splits={splits} block={block}: {us:.2f} us", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| B, L, pos, heads | unfused µs | sdpa µs | fused, default shape µs (x unfused) | fused, best shape µs | best shape (splits, block, static) | GB/s at best |",
+    lines = ["| B, L, pos, heads | unfused µs | sdpa µs | fused, default shape µs (x unfused) | fused, best shape µs | best shape (splits, block) | GB/s at best |",
              "|---|---|---|---|---|---|---|"]
     keys = sorted({(r["batch"], r["cache_len"], r["pos"], r["heads"], r["kv_heads"]) for r in rows})
     for key in keys:
@@ -121,7 +119,7 @@ def table(rows: list[dict]) -> str:
         unfused = by_path["unfused"]["us"]
         lines.append(f"| {key[0]}, {key[1]}, {key[2]}, {key[3]}/{key[4]} | {unfused:.2f} | {by_path['sdpa']['us']:.2f} | "
                      f"{default['us']:.2f} ({unfused / default['us']:.2f}x) | {best['us']:.2f} | "
-                     f"{best['splits']}, {best['block']}, {best['static']} | {best['read_bytes'] / best['us'] / 1e3:.0f} |")
+                     f"{best['splits']}, {best['block']} | {best['read_bytes'] / best['us'] / 1e3:.0f} |")
     return "\n".join(lines)
 
 

@@ -55,9 +55,8 @@ CASES = [  # batch, heads, KV heads, head dim, cache length, write position, mas
 ]
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["slices-of-cached", "slices-of-cache"])
 @pytest.mark.parametrize("B,H,HKV,D,L,slot,mask_kind,dtype", CASES)
-def test_decode_attention_matches_float64_and_writes_only_its_slot(B, H, HKV, D, L, slot, mask_kind, dtype, static):
+def test_decode_attention_matches_float64_and_writes_only_its_slot(B, H, HKV, D, L, slot, mask_kind, dtype):
     gen = torch.Generator().manual_seed(slot + D)
 
     def rand(*shape):
@@ -81,7 +80,7 @@ def test_decode_attention_matches_float64_and_writes_only_its_slot(B, H, HKV, D,
     qkv = rand(B, (H + 2 * HKV) * D)
     q, k, v = qkv.split([H * D, HKV * D, HKV * D], dim=1)
 
-    out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, mask, scaling, static=static)
+    out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, mask, scaling)
 
     want, kr, values = reference(q, k, v, cos, sin, keys_before, values_before, slot, mask, scaling)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
