@@ -7,7 +7,8 @@ a layer at batch 1, ~13% of a 4-bit 7B decode step on an H200 (see ``kernels.dec
 :func:`fuse_decode_attention_` gives each supported attention module a forward that, for exactly
 that case, calls the q/k/v projections and ``o_proj`` as before (fused or packed, whatever they
 are) and does everything between them in one kernel; every other call (prefill, training, a
-dynamic or sliding-window cache, a mask it cannot read, the CPU) runs the original forward.
+dynamic cache, a sliding window shorter than the cache, a mask it cannot read, the CPU) runs the
+original forward.
 
 The module's class is swapped for a subclass that overrides ``forward`` only, so parameters,
 ``state_dict()`` and exports are untouched.
@@ -20,9 +21,11 @@ import os
 import torch
 from torch import nn
 
-SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
-"""Attention classes whose forward is: project, ``apply_rotary_pos_emb`` (rotate-half), cache
-update, attention scaled by ``self.scaling`` with ``num_key_value_groups`` query heads per KV head."""
+SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
+"""Attention classes whose forward is: project (Qwen3: then RMS-normalise each head of q and k,
+``q_norm`` / ``k_norm``), ``apply_rotary_pos_emb`` (rotate-half), cache update, attention scaled
+by ``self.scaling`` with ``num_key_value_groups`` query heads per KV head, over a sliding window
+if the module or (Mistral) its config names one."""
 
 
 @torch.library.custom_op("efficientqat::decode_attention", mutates_args=("k_cache", "v_cache", "length"))
@@ -96,19 +99,28 @@ class DecodeAttention:
         layer = None
         if not self.training and hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and position_embeddings:
             layer = static_cache_layer(cache, self.layer_idx)
-        if layer is not None and layer.keys.dtype == hidden_states.dtype and kernel_available(hidden_states):
+        if (layer is not None and layer.keys.dtype == hidden_states.dtype and self._window_covers(layer.keys.shape[2])
+                and kernel_available(hidden_states)):
             batch = hidden_states.shape[0]
             mask = mask_rows(attention_mask, batch, layer.keys.shape[2])
             if mask is not _UNREADABLE and layer.keys.shape[0] == batch:
                 return self._fused_step(hidden_states, position_embeddings, layer, mask), None
         return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
 
+    def _window_covers(self, cache_len: int) -> bool:
+        """No sliding window, or one at least as long as the cache (then it never cuts anything)."""
+        window = getattr(self, "sliding_window", getattr(getattr(self, "config", None), "sliding_window", None))
+        return window is None or cache_len <= window
+
     def _fused_step(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                     layer: object, mask: torch.Tensor | None) -> torch.Tensor:
-        batch = hidden_states.shape[0]
+        batch, dim = hidden_states.shape[0], layer.keys.shape[3]
         q = self.q_proj(hidden_states)[:, 0]
         k = self.k_proj(hidden_states)[:, 0]
         v = self.v_proj(hidden_states)[:, 0]
+        if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotary embedding
+            q = self.q_norm(q.view(batch, -1, dim)).view(batch, -1)
+            k = self.k_norm(k.view(batch, -1, dim)).view(batch, -1)
         cos, sin = (t[:, -1].expand(batch, -1) for t in position_embeddings)
         out = decode_attention_op(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
                                   float(self.scaling))
@@ -125,10 +137,9 @@ def _fused_class(cls: type) -> type:
 
 
 def is_supported_attention(module: nn.Module) -> bool:
-    """A known rotate-half attention without per-head q/k norms or a sliding window."""
+    """One of :data:`SUPPORTED_ATTENTION`, not fused yet (a sliding window is checked per call,
+    against the cache length)."""
     return (type(module).__name__ in SUPPORTED_ATTENTION and not isinstance(module, DecodeAttention)
-            and getattr(module, "sliding_window", None) is None
-            and not hasattr(module, "q_norm") and not hasattr(module, "k_norm")
             and all(hasattr(module, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "layer_idx", "scaling")))
 
 

@@ -136,12 +136,12 @@ def test_bad_arguments_are_named():
         decode_attention(q, kv, kv, cos, cos, cache, cache.clone(), torch.tensor([0.0]), None, 1.0)
 
 
-def tiny_model(arch: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def tiny_model(arch: str, **overrides):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256)
-    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+                  num_key_value_heads=2, max_position_embeddings=256, **overrides)
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig}[arch](**common)
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
 
@@ -158,11 +158,9 @@ def count_fused_calls(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_generation_over_a_static_cache_matches_hugging_face(arch, monkeypatch):
-    """Left-padded batch, greedy: same scores at every step as the unfused model, through the
-    fused kernel on every decode step of every layer (not on the prefill)."""
-    reference_model = tiny_model(arch)
+def generate_both(reference_model, monkeypatch) -> tuple[object, object, int]:
+    """Greedy generation over a static cache from a left-padded batch by the model and by a
+    fused copy: (theirs, ours, fused kernel calls in ours)."""
     model = copy.deepcopy(reference_model)
     assert fuse_decode_attention_(model) == 2 and fuse_decode_attention_(model) == 0
     assert type(model.model.layers[0].self_attn).__name__.startswith("Fused")
@@ -176,10 +174,41 @@ def test_generation_over_a_static_cache_matches_hugging_face(arch, monkeypatch):
     want = reference_model.generate(ids, **kwargs)
     assert calls[0] == 0
     got = model.generate(ids, **kwargs)
-    assert calls[0] == 3 * 2  # decode steps after the prefill x layers
+    return want, got, calls[0]
+
+
+def assert_same_generation(want, got) -> None:
     assert torch.equal(got.sequences, want.sequences)
     for step_got, step_want in zip(got.scores, want.scores):
         torch.testing.assert_close(step_got, step_want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_generation_over_a_static_cache_matches_hugging_face(arch, monkeypatch):
+    """Left-padded batch, greedy: same scores at every step as the unfused model, through the
+    fused kernel on every decode step of every layer (not on the prefill). Qwen2 has q/k/v
+    biases, Qwen3 per-head q/k norms."""
+    want, got, calls = generate_both(tiny_model(arch, sliding_window=None) if arch == "mistral" else tiny_model(arch),
+                                     monkeypatch)
+    assert calls == 3 * 2  # decode steps after the prefill x layers
+    assert_same_generation(want, got)
+
+
+def test_a_sliding_window_cache_keeps_the_original_forward(monkeypatch):
+    want, got, calls = generate_both(tiny_model("mistral", sliding_window=4), monkeypatch)
+    assert calls == 0
+    assert_same_generation(want, got)
+
+
+def test_a_window_shorter_than_a_full_cache_keeps_the_original_forward(monkeypatch):
+    """A module that attends over a 4-token window while the static cache keeps full layers:
+    the fused kernel, which attends to everything cached, must stand aside."""
+    model = tiny_model("qwen2")
+    for layer in model.model.layers:
+        layer.self_attn.sliding_window = 4
+    want, got, calls = generate_both(model, monkeypatch)
+    assert calls == 0
+    assert_same_generation(want, got)
 
 
 def test_dynamic_cache_keeps_the_original_forward(monkeypatch):
