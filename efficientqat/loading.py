@@ -81,9 +81,9 @@ def load_quantized(
     layer's q/k/v and gate/up into one packed matmul apiece (fewer, larger launches per decode
     step; see :mod:`efficientqat.fused_projections`); ``state_dict()`` still reads unfused. Pass
     ``fuse=False`` for tools that wrap single projections (LoRA adapters on ``q_proj``, say).
-    ``fused_attention`` gives Llama / Mistral / Qwen2 attention a one-kernel decode step over a
-    static cache (rotary, cache write, attention; :mod:`efficientqat.fused_attention`); every other
-    call keeps Hugging Face's forward.
+    ``fused_attention`` gives Llama / Mistral / Qwen2 / Qwen3 attention a one-kernel decode step
+    over a static cache (rotary, cache write, attention; :mod:`efficientqat.fused_attention`);
+    every other call keeps Hugging Face's forward.
     """
     model = _load_unfused(path, device, dtype)
     if fuse:
