@@ -218,3 +218,31 @@ def test_dynamic_cache_keeps_the_original_forward(monkeypatch):
     ids = torch.randint(3, 96, (1, 5), device=DEVICE)
     model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # DynamicCache
     assert calls[0] == 0
+
+
+def test_load_quantized_fuses_attention_over_fused_projections(tmp_path, monkeypatch):
+    """A packed run folder loaded for serving: q/k/v come as slices of one fused packed matmul
+    (strided views) and feed the kernel; greedy generation matches the model loaded without
+    any fusion. ``fused_attention=False`` leaves Hugging Face's forward."""
+    from test_export import random_packed_model
+
+    from efficientqat import load_quantized
+    from efficientqat.packed_model import save_packed_model
+    from efficientqat.quantizer import QuantSpec
+    from efficientqat.run_folder import write_json
+
+    spec = QuantSpec(4, 64)
+    save_packed_model(random_packed_model(96, spec, seed=4), None, tmp_path / "model", spec)
+    write_json(tmp_path / "state.json", {"stage": "blockap", "done": True})
+    served = load_quantized(tmp_path, device=DEVICE)
+    plain = load_quantized(tmp_path, device=DEVICE, fuse=False, fused_attention=False)
+    assert type(served.model.layers[0].self_attn).__name__ == "FusedLlamaAttention"
+    assert type(plain.model.layers[0].self_attn).__name__ == "LlamaAttention"
+    ids = torch.randint(3, 96, (1, 7), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    kwargs = dict(max_new_tokens=4, do_sample=False, cache_implementation="static", output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=0)
+    calls = count_fused_calls(monkeypatch)
+    want = plain.generate(ids, **kwargs)
+    got = served.generate(ids, **kwargs)
+    assert calls[0] == 3 * 2
+    assert_same_generation(want, got)
