@@ -194,14 +194,19 @@ def _decode_attention_kernel(
 
 
 def launch_shape(heads: int, max_len: int, device: torch.device) -> tuple[int, int]:
-    """``(splits, block)`` for ``heads`` (batch x query heads) over a cache of ``max_len``: blocks
-    of 64 positions, and as many slices per head (a power of two) as bring the launch to ~4
-    programs an SM, but no more than one per two blocks of the longest context (H200,
-    ``bench_decode_attention.py``: the fastest shapes at 32 and 256 heads, 136 and 4096 slots)."""
+    """``(splits, block)`` for ``heads`` (batch x query heads) over a cache of ``max_len``: as many
+    slices per head (a power of two) as bring the launch to ~4 programs an SM, but no more than one
+    per two blocks of 64 positions of the longest context; where that cap leaves the GPU short of
+    programs (a short cache, few heads), blocks of 32 and one slice per block. On the H200
+    (``bench_decode_attention.py``, session 12) this took the fastest of 8-12 shapes at 32 and 256
+    heads over 136 and 4096 slots."""
     sms = sm_count(device) if device.type == "cuda" else 132  # the interpreter: an H100/H200's shape
-    block = 64
     by_occupancy = max(1, 4 * sms // heads)
+    block = 64
     by_length = max(1, triton.cdiv(max_len, 2 * block))
+    if by_occupancy > by_length:
+        block = 32
+        by_length = triton.cdiv(max_len, block)
     splits = min(MAX_SPLITS, by_occupancy, by_length)
     return 1 << (splits.bit_length() - 1), block
 

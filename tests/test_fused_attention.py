@@ -47,10 +47,10 @@ def reference(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scaling):
 
 
 CASES = [  # batch, heads, KV heads, head dim, cache length, write position, mask, dtype (launch_shape's slices)
-    (1, 4, 4, 32, 40, 17, None, torch.float32),  # one slice per head
-    (2, 4, 2, 16, 200, 130, "bool", torch.float32),  # grouped queries, 2 slices
-    (2, 6, 2, 64, 600, 0, "add", torch.float32),  # only the new token: 3 of 4 slices empty
-    (3, 2, 1, 32, 2100, 2099, "bool", torch.float32),  # the last slot, 16 slices
+    (1, 4, 4, 32, 40, 17, None, torch.float32),  # 2 slices
+    (2, 4, 2, 16, 200, 130, "bool", torch.float32),  # grouped queries, 4 slices
+    (2, 6, 2, 64, 600, 0, "add", torch.float32),  # only the new token: 15 of 16 slices empty
+    (3, 2, 1, 32, 2100, 2099, "bool", torch.float32),  # the last slot, 32 slices
     (2, 4, 2, 64, 300, 211, "add", torch.float16),
 ]
 
@@ -107,8 +107,8 @@ def test_consecutive_steps_continue_from_the_advanced_position():
     length = torch.tensor(100, device=DEVICE)
     steps = [torch.randn(B, (H + 2 * HKV) * D, generator=gen).to(DEVICE).split([H * D, HKV * D, HKV * D], 1)
              for _ in range(2)]
-    for q, k, v in steps:  # 8 slices of 32 positions (not the default shape)
-        out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, None, 0.25, splits=8, block=32)
+    for q, k, v in steps:  # 2 slices, blocks of 64 positions (not the default shape here)
+        out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, None, 0.25, splits=2, block=64)
     keys, values = start[0].clone(), start[1].clone()
     keys[:, :, 100] = steps[0][1].view(B, HKV, D)
     values[:, :, 100] = steps[0][2].view(B, HKV, D)
