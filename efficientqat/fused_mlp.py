@@ -7,8 +7,8 @@ gaps in a 7B w4g128 step, ~50 of its 2290 µs (session 9 profile). Here the fuse
 output columns as alternating blocks of :data:`ACT_BLOCK` gate and :data:`ACT_BLOCK` up columns,
 so that every output tile of the matmul holds matching gate / up pairs and the decode kernel
 writes ``silu(gate) * up`` itself, half as many columns (``kernels.tiling.silu_mul_interleaved``).
-Where no kernel applies (CPU, bf16, prefill-sized M) the same order is undone in PyTorch
-(:func:`silu_mul_interleaved`).
+Where no kernel applies (CPU, bf16 at M = 1, prefill-sized M) or the tuner timed the unfused
+path faster, the same order is undone in PyTorch (:func:`silu_mul_interleaved`).
 
 For inference (``load_quantized``): the module's ``state_dict()`` reads the original
 ``gate_proj`` / ``up_proj`` / ``down_proj`` tensors, so saving and exporting write the usual layout.

@@ -117,30 +117,37 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
 def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
-    """:func:`forward_2d` with ``silu_mul``: the paired-fp16 tiles that sum in one program (the
-    epilogue needs whole sums: in-kernel split-K reduction, or none) against the unfused path
-    (the plain tuned matmul, then PyTorch: :data:`tuning.UNFUSED_CONFIG`), tuned under their own
-    key. On an H200 the paired kernel with the epilogue won the 7B gate/up layer at M = 1, but at
-    M = 8 and 3 bits it took 68 us a call, more than twice the tensor-core kernel's 30 us average on
-    the other three layers (session 11); past ``tuning.HALF2_MAX_M`` the unfused path is the only one."""
+    """:func:`forward_2d` with ``silu_mul``. At decode sizes the tiles whose kernel writes the
+    epilogue and that sum in one program (in-kernel split-K reduction, or none): the paired-fp16
+    kernel's (fp16, M <= ``tuning.HALF2_MAX_M``) and the tensor-core kernel's (M >= 2), tuned under
+    their own key against the unfused path (the plain tuned matmul, then PyTorch's two elementwise
+    launches: :data:`tuning.UNFUSED_CONFIG`). On an H200 the paired kernel with the epilogue won
+    the 7B gate/up layer at M = 1 but took 68 us a call at M = 8 and 3 bits (session 11); at batch
+    8 the unfused path's silu and mul launches cost ~5 us a layer (session 12 profile)."""
     M, K = x.shape
     N = qweight.shape[1]
-    key = _key("half2_silu_mul", x, M, N, K, bits, group)
+    key = _key("gemv_silu_mul", x, M, N, K, bits, group)
 
     def unfused() -> torch.Tensor:
         return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group))
 
-    if M <= tuning.HALF2_MAX_M and x.dtype == torch.float16 and bits in tuning.HALF2_BITS and key not in _EPILOGUE_FAILED:
-        def cands() -> list[tuning.Config]:
-            unfused()  # tunes the plain key first (on a miss, as here), so its challenger times a tuned launch
-            return [c for c in decode_candidates(x, M, N, K, bits, group)
-                    if c.variant == tuning.HALF2 and (c.fixup or c.split_k == 1)] + [tuning.UNFUSED_CONFIG]
+    def writes_epilogue(cfg: tuning.Config) -> bool:
+        kernel_has_it = cfg.variant == tuning.HALF2 or M > 1  # the M = 1 CUDA-core kernel has none
+        return kernel_has_it and (cfg.fixup or cfg.split_k == 1)
 
-        def run(cfg: tuning.Config) -> torch.Tensor:
-            if cfg.variant == tuning.UNFUSED:
-                return unfused()
+    def cands() -> list[tuning.Config]:
+        unfused()  # tunes the plain key first (on a miss, as here), so its challenger times a tuned launch
+        return [c for c in decode_candidates(x, M, N, K, bits, group) if writes_epilogue(c)] + [tuning.UNFUSED_CONFIG]
+
+    def run(cfg: tuning.Config) -> torch.Tensor:
+        if cfg.variant == tuning.UNFUSED:
+            return unfused()
+        if cfg.variant == tuning.HALF2:
             return gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True)
+        return gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True)
 
+    has_kernel = M > 1 or x.dtype == torch.float16 and bits in tuning.HALF2_BITS
+    if M <= SMALL_M and has_kernel and key not in _EPILOGUE_FAILED:
         try:
             return run(tuning.choose(key, cands, run))
         except Exception as err:  # an optional fusion: a compiler that cannot build it costs speed, not the run

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
 from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
@@ -191,6 +192,7 @@ def _dq_gemv_tc_kernel(
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
+    ACT: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -213,7 +215,10 @@ def _dq_gemv_tc_kernel(
     folded per step; ``W_AS_A`` turns each dot around so the codes are ``wgmma``'s register operand.
 
     Without ``EVEN_K`` the last step is ragged (3-bit K = 11008: 344 chunks, steps of 16): its
-    missing chunks read zero words and zero x, and never fold (a folded step ends a group)."""
+    missing chunks read zero words and zero x, and never fold (a folded step ends a group).
+
+    ``ACT`` (whole sums only: ``FIXUP`` or no split): the tile is a gate/up layer's interleaved
+    columns and the kernel writes ``silu(gate) * up``, half as wide (:func:`.tiling.finish_tile`)."""
     wait_for_previous_grid(PDL)
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
@@ -278,8 +283,14 @@ def _dq_gemv_tc_kernel(
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    tile = offs_m[:, None] * stride_ym + offs_n[None, :]
-    store_decode(y_ptr + tile, mask, acc, mask, ws_ptr + tile, count_ptr + pid_n, SPLIT_K, FIXUP, False)
+    if ACT:
+        offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        y_mask = mask_m[:, None] & (offs_y < N // 2)[None, :]
+    else:
+        offs_y = offs_n
+        y_mask = mask
+    store_decode(y_ptr + offs_m[:, None] * stride_ym + offs_y[None, :], y_mask, acc, mask,
+                 ws_ptr + offs_m[:, None] * N + offs_n[None, :], count_ptr + pid_n, SPLIT_K, FIXUP, ACT)
 
 
 PAIRED_CODES = 1
@@ -330,11 +341,12 @@ def gemv1_forward(
 
 def gemv_tc_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config, silu_mul: bool = False,
 ) -> torch.Tensor:
     """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16; >= 4 with
     ``cfg.variant`` :data:`PAIRED_CODES` or :data:`PAIRED_WGMMA`, the codes in fp16 / bf16 pairs,
-    see :func:`pairs_codes`)."""
+    see :func:`pairs_codes`). ``silu_mul``: ``silu(gate) * up`` of an interleaved gate/up layer,
+    ``[M, N / 2]``, written by the kernel (split-K only with the in-kernel reduction)."""
     M, K = x.shape
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
@@ -345,7 +357,9 @@ def gemv_tc_forward(
     if paired and not pairs_codes(bits, group, x.dtype, cfg.block_k):
         raise ValueError(f"paired codes need 2/4-bit codes, fp16/bf16 x and a step of {step} values "
                          f"inside a group (got {bits} bits, group {group}, {x.dtype})")
-    y, ws, count, fixup = decode_output(x, N, cfg)
+    y, ws, count, fixup = decode_output(x, N, cfg, N // 2 if silu_mul else None)
+    if silu_mul and cfg.split_k > 1 and not fixup:  # no workspace inside a capture: the epilogue in torch
+        return silu_mul_interleaved(gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg))
     if x.data_ptr() % 8 or x.stride(0) * x.element_size() % 8:  # the kernel reads x in 64-bit words
         x = x.clone()
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
@@ -358,7 +372,7 @@ def gemv_tc_forward(
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
-        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA,
+        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA, ACT=silu_mul,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

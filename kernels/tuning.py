@@ -83,8 +83,8 @@ w4g128, session 4) and lost every M = 8 key the tuner timed (w4g128 session 7, w
 the other three layers), and its tiles were 14-26 of an M = 8 key's 44-56 candidates."""
 UNFUSED = 10
 """``Config.variant`` of an epilogue's challenger: the plain tuned matmul, then the epilogue in
-PyTorch (the SiLU epilogue only runs in the paired-fp16 kernel, which can be slower than
-another kernel plus one elementwise launch)."""
+PyTorch (the SiLU epilogue runs in the paired-fp16 and tensor-core decode kernels, only in tiles
+that sum in one program; those can be slower than the best tile plus two elementwise launches)."""
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 UNFUSED_CONFIG = Config(0, 0, 0, 1, 4, 1, UNFUSED)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)

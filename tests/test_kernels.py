@@ -522,6 +522,31 @@ def test_gemv_tc_scales_per_step_or_per_weight(bits, group, dtype):
             assert rel(y, ref) < (1e-5 if dtype == torch.float32 else 3e-3), (m, split, folds)
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
+def test_gemv_tc_silu_mul_epilogue(bits, group):
+    """With ``silu_mul`` the tensor-core kernel writes silu(gate) * up of an interleaved gate/up
+    layer: against float64 through the PyTorch de-interleave, at M = 3 and 8, one summing program
+    or split-K reduced in the kernel, plain and paired codes, a partial column tile (N = 96 over
+    64-column tiles), with bias."""
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward, pairs_codes
+
+    gen = torch.Generator().manual_seed(bits + group)
+    n, k = 96, 512
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    for m in (3, 8):
+        x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+        ref = silu_mul_interleaved(reference(x, q, z, scales, gl, bias)[0])
+        for block_n, block_c, split, fixup, variant in ((64, 16, 1, False, 0), (32, 8, 2, True, 0),
+                                                        (64, 4, 2, True, PAIRED_CODES)):
+            if variant and not pairs_codes(bits, gl, x.dtype, block_c):
+                continue
+            cfg = tuning.Config(16, block_n, block_c, split, 4, 1, variant, fixup=fixup)
+            y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg, silu_mul=True)
+            assert y.shape == (m, n // 2) and rel(y, ref) < 3e-3, (m, block_n, split, variant)
+
+
 @pytest.mark.parametrize("bits,group,block_c", [(4, 128, 16), (4, -1, 16), (2, 256, 16), (2, -1, 8),
                                                  (2, 64, 4), (4, 32, 4)])
 def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
@@ -735,41 +760,47 @@ def test_half2_silu_mul_epilogue(bits, group):
             assert y.shape == (m, n // 2) and rel(y, ref) < 3e-3, (m, block_n, split)
 
 
-def test_silu_mul_dispatch_uses_the_epilogue_for_fp16_decode_and_pytorch_elsewhere(monkeypatch):
+def test_silu_mul_dispatch_writes_the_epilogue_in_the_decode_kernels_and_pytorch_elsewhere(monkeypatch):
+    """Which kernel writes silu(gate) * up: the paired-fp16 one at M = 1 (fp16), the tensor-core
+    one at M = 8 and 12, none for bf16 at M = 1 (the CUDA-core kernel has no epilogue) or past
+    the decode sizes (M = 40: PyTorch after the matmul)."""
     from efficientqat.fused_mlp import silu_mul_interleaved
-    from efficientqat.kernels import autograd, half2
+    from efficientqat.kernels import autograd, gemv, half2
 
     gen = torch.Generator().manual_seed(5)
     q, z, s, qw, zeros, scales, gl = rand_layer(64, 128, 4, 64, gen, scale_dtype=torch.float16)
     epilogues = []
-    real = half2.gemv_half2_forward
-    monkeypatch.setattr(autograd, "gemv_half2_forward",
-                        lambda *a, **kw: epilogues.append(kw.get("silu_mul")) or real(*a, **kw))
-    for dtype, m, fused in ((torch.float16, 1, True), (torch.float16, 8, False), (torch.float16, 12, False),
-                            (torch.bfloat16, 1, False)):
+    for module, name in ((half2, "gemv_half2_forward"), (gemv, "gemv_tc_forward")):
+        real = getattr(module, name)
+        monkeypatch.setattr(autograd, name, lambda *a, real=real, name=name, **kw:
+                            (epilogues.append(name) if kw.get("silu_mul") else None) or real(*a, **kw))
+    for dtype, m, writer in ((torch.float16, 1, "gemv_half2_forward"), (torch.float16, 8, "gemv_tc_forward"),
+                             (torch.float16, 12, "gemv_tc_forward"), (torch.bfloat16, 1, None),
+                             (torch.float16, 40, None)):
         x = torch.randn(m, 128, generator=gen).to(DEV, dtype)
         epilogues.clear()
         y = dequant_linear(x, qw, scales.to(dtype), zeros, None, 4, gl, silu_mul=True)
         assert y.shape == (m, 32) and rel(y, silu_mul_interleaved(reference(x, q, z, scales, gl)[0])) < 1e-2
-        assert (True in epilogues) == fused, (dtype, m)
+        assert epilogues == ([writer] if writer else []), (dtype, m)
 
 
 def test_silu_mul_tunes_the_epilogue_against_the_unfused_matmul(monkeypatch):
-    """The SiLU key's candidates end with the unfused path, whose plain matmul key is tuned
-    before the list is offered; when the unfused path wins, the plain matmul and PyTorch's
-    silu * up give the result and no epilogue launch runs."""
+    """The SiLU key's candidates: tiles of both decode kernels (at M = 2) that sum in one program,
+    then the unfused path, whose plain matmul key is tuned before the list is offered; when the
+    unfused path wins, the plain matmul and PyTorch's silu * up give the result and no epilogue
+    launch runs."""
     from efficientqat.fused_mlp import silu_mul_interleaved
-    from efficientqat.kernels import autograd, half2
+    from efficientqat.kernels import autograd, gemv, half2
 
     gen = torch.Generator().manual_seed(8)
     q, z, s, qw, zeros, scales, gl = rand_layer(64, 128, 4, 64, gen, scale_dtype=torch.float16)
     x = torch.randn(2, 128, generator=gen).to(DEV, torch.float16)
     expected = silu_mul_interleaved(reference(x, q, z, scales, gl)[0])
     chosen, offered, epilogues = [], {}, []
-    real_choose, real_half2 = tuning.choose, half2.gemv_half2_forward
+    real_choose = tuning.choose
 
     def choose_unfused(key, cands, run):
-        if "half2_silu_mul" not in key:
+        if "silu_mul" not in key:
             chosen.append(key)
             return real_choose(key, cands, run)
         offered[key] = list(cands())
@@ -777,11 +808,13 @@ def test_silu_mul_tunes_the_epilogue_against_the_unfused_matmul(monkeypatch):
         return offered[key][-1]
 
     monkeypatch.setattr(tuning, "choose", choose_unfused)
-    monkeypatch.setattr(autograd, "gemv_half2_forward",
-                        lambda *a, **kw: epilogues.append(kw.get("silu_mul")) or real_half2(*a, **kw))
+    for module, name in ((half2, "gemv_half2_forward"), (gemv, "gemv_tc_forward")):
+        real = getattr(module, name)
+        monkeypatch.setattr(autograd, name, lambda *a, real=real, **kw: epilogues.append(kw.get("silu_mul")) or real(*a, **kw))
     y = dequant_linear(x, qw, scales, zeros, None, 4, gl, silu_mul=True)
     (cands,) = offered.values()
-    assert cands[-1] == tuning.UNFUSED_CONFIG and all(c.variant == tuning.HALF2 for c in cands[:-1]) and len(cands) > 1
+    assert cands[-1] == tuning.UNFUSED_CONFIG and all(c.fixup or c.split_k == 1 for c in cands[:-1])
+    assert {c.variant == tuning.HALF2 for c in cands[:-1]} == {True, False}  # both kernels' tiles
     assert True not in epilogues
     assert y.shape == (2, 32) and rel(y, expected) < 1e-2
 
