@@ -97,7 +97,7 @@ def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, len_ptr, mask_ptr, part_ptr, count_ptr, out_ptr,
     stride_qb, stride_kb, stride_vb, stride_cb, stride_sb,
     stride_kcb, stride_kch, stride_kcs, stride_vcb, stride_vch, stride_vcs,
-    stride_mb, stride_ms, stride_ob, scaling, H, GROUP, n_heads_total,
+    stride_mb, stride_ms, stride_ob, scaling, H, GROUP, n_heads_total, L,
     HALF: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, MASK: tl.constexpr,
 ):
     """Program ``(b * H + h, split)``. Slices are cut from the positions cached so far, not from
@@ -127,7 +127,7 @@ def _decode_attention_kernel(
     v_row = v_ptr + b * stride_vb + kvh * D
     v1 = tl.load(v_row + offs_h).to(tl.float32)
     v2 = tl.load(v_row + HALF + offs_h).to(tl.float32)
-    if (h % GROUP == 0) & (pid_s == 0):
+    if (h % GROUP == 0) & (pid_s == 0) & (slot < L):  # a step past a full cache stores nothing
         tl.store(kc_head + slot * stride_kcs + offs_h, k1.to(cache_ty))
         tl.store(kc_head + slot * stride_kcs + HALF + offs_h, k2.to(cache_ty))
         tl.store(vc_head + slot * stride_vcs + offs_h, v1.to(cache_ty))
@@ -142,14 +142,15 @@ def _decode_attention_kernel(
     l = tl.sum(tl.zeros((2,), tl.float32), axis=0)
     a1 = tl.zeros((HALF,), tl.float32)
     a2 = tl.zeros((HALF,), tl.float32)
-    cached_hi = tl.minimum(hi, slot)
+    cached_hi = tl.minimum(tl.minimum(hi, slot), L)
     for start in range(lo, cached_hi, BLOCK):
         pos = start + tl.arange(0, BLOCK)
         valid = pos < cached_hi
         kb1, kb2, vb1, vb2 = _load_block(kc_head, vc_head, pos, valid, stride_kcs, stride_vcs, HALF)
         m, l, a1, a2 = _fold_block(m, l, a1, a2, q1, q2, kb1, kb2, vb1, vb2, pos, valid, mask_row, stride_ms, MASK)
     if (lo <= slot) & (slot < hi):
-        pos = slot + tl.arange(0, 2)  # the new token as a block of two, the second masked off
+        # the new token as a block of two, the second masked off; past a full cache its mask is the last slot's
+        pos = tl.minimum(slot, L - 1) + tl.arange(0, 2)
         one = tl.arange(0, 2) == 0
         new_score = tl.sum(k1 * q1, axis=0) + tl.sum(k2 * q2, axis=0)
         scores = _masked_scores(tl.full((2,), 0.0, tl.float32) + new_score, pos, one, mask_row, stride_ms, MASK)
@@ -242,8 +243,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     ``cos, sin [B, D]``; ``k_cache, v_cache [B, HKV, L, D]``; ``length``: a one-element integer
     tensor, positions already cached (the write position); ``mask``: ``[B, L]`` bool (attend
     where true) or float (added to the scores), or None. Returns ``[B, H*D]`` in q's dtype.
-    Writing past the cache (``length == L``) is the caller's to prevent, as with the cache's own
-    update; the kernel reads ``length`` on the GPU and cannot check it without a sync.
+    A step with ``length >= L`` (the cache is full: the cache's own update would fail there)
+    writes and reads nothing outside the caches: the new token attends to the L cached ones and
+    itself and is not stored. The kernel reads ``length`` on the GPU and cannot raise without a sync.
     ``splits`` (a power of two) and ``block`` (positions per loop step) override
     :func:`launch_shape`, for benchmarks.
     """
@@ -266,7 +268,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         q, k, v, cos, sin, k_cache, v_cache, length, mask_arg, part, counts, out,
         q.stride(0), k.stride(0), v.stride(0), cos.stride(0), sin.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H,
+        stride_mb, stride_ms, out.stride(0), float(scaling), H, H // HKV, B * H, L,
         HALF=D // 2, BLOCK=block, SPLITS=splits, MASK=kind, num_warps=4,
     )
     return out

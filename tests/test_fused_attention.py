@@ -118,6 +118,31 @@ def test_consecutive_steps_continue_from_the_advanced_position():
     assert length.item() == 102
 
 
+def test_a_step_past_a_full_cache_touches_nothing_outside_it():
+    """length == L: the new token attends to the L cached positions and itself, is not stored,
+    and nothing outside the caches is read or written (the caches sit inside larger buffers
+    whose guard rows must stay as they were)."""
+    B, H, HKV, D, L = 1, 2, 1, 16, 40
+    gen = torch.Generator().manual_seed(9)
+    buffers = [torch.randn(B, HKV, L + 8, D, generator=gen).to(DEVICE) for _ in range(2)]
+    guards = [b[:, :, L:].clone() for b in buffers]
+    k_cache, v_cache = (b[:, :, :L] for b in buffers)
+    start = k_cache.clone(), v_cache.clone()
+    q, k, v = torch.randn(B, (H + 2 * HKV) * D, generator=gen).to(DEVICE).split([H * D, HKV * D, HKV * D], 1)
+    cos, sin = torch.ones(B, D, device=DEVICE), torch.zeros(B, D, device=DEVICE)
+    length = torch.tensor(L, device=DEVICE)
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    out = decode_attention(q, k, v, cos, sin, k_cache, v_cache, length, mask, 0.25)
+    keys = torch.cat([start[0], k.view(B, HKV, 1, D)], 2).double().repeat_interleave(H // HKV, 1)
+    values = torch.cat([start[1], v.view(B, HKV, 1, D)], 2).double().repeat_interleave(H // HKV, 1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.view(B, H, D).double(), keys) * 0.25
+    want = torch.einsum("bhs,bhsd->bhd", scores.softmax(-1), values).reshape(B, H * D)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(k_cache, start[0]) and torch.equal(v_cache, start[1])
+    assert all(torch.equal(b[:, :, L:], g) for b, g in zip(buffers, guards))
+    assert length.item() == L + 1
+
+
 def test_bad_arguments_are_named():
     cache = torch.zeros(1, 2, 8, 16)
     q, kv = torch.zeros(1, 64), torch.zeros(1, 32)
