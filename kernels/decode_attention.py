@@ -8,7 +8,7 @@ for a few hundred tokens are ~100 KB a head. :func:`decode_attention` does the w
 kernel, reading only the positions written so far:
 
 * program ``(b, h, split)`` rotates its query head and the new key of that head's KV group
-  (``rotate_half`` convention of Hugging Face's Llama, Mistral and Qwen2), rounding both to the
+  (``rotate_half`` convention of Hugging Face's Llama, Mistral, Qwen2 and Qwen3), rounding both to the
   cache dtype as the unfused path does; the first program of each KV head writes the new key and
   value at the cache's write position;
 * the positions cached so far are cut into ``SPLITS`` contiguous slices (one per program, so a
