@@ -48,7 +48,8 @@ def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
 
 def kernel_available(x: torch.Tensor) -> bool:
     """Triton importable and x where it runs: CUDA, or CPU tensors under ``TRITON_INTERPRET=1``
-    (the tests); ``EFFICIENTQAT_KERNELS=0`` turns it off as it does the packed matmuls."""
+    (the tests); ``EFFICIENTQAT_KERNELS=0`` turns it off as it does the packed matmuls. The
+    device is checked before triton is imported, so CPU decode steps never import it."""
     if os.environ.get("EFFICIENTQAT_KERNELS", "1") == "0":
         return False
     if not (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
