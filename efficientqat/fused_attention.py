@@ -96,17 +96,28 @@ class DecodeAttention:
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 attention_mask: torch.Tensor | None = None, *args: object, **kwargs: object):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        layer = None
-        if not self.training and hidden_states.dim() == 3 and hidden_states.shape[1] == 1 and position_embeddings:
-            layer = static_cache_layer(cache, self.layer_idx)
-        if (layer is not None and layer.keys.dtype == hidden_states.dtype and self._window_covers(layer.keys.shape[2])
-                and kernel_available(hidden_states)):
-            batch = hidden_states.shape[0]
-            mask = mask_rows(attention_mask, batch, layer.keys.shape[2])
-            if mask is not _UNREADABLE and layer.keys.shape[0] == batch:
-                return self._fused_step(hidden_states, position_embeddings, layer, mask), None
+        target = self.decode_target(hidden_states, position_embeddings, attention_mask, kwargs)
+        if target is not None:
+            return self._fused_step(hidden_states, position_embeddings, *target), None
         return super().forward(hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+
+    def decode_target(self, hidden_states: torch.Tensor, position_embeddings: object, attention_mask: object,
+                      kwargs: dict) -> tuple[object, torch.Tensor | None] | None:
+        """``(cache layer, [B, L] mask or None)`` when this call is a step the kernel takes (one
+        token, inference, an initialised static cache of x's dtype and batch, a window that
+        covers it, a readable mask, the kernel available), else None."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if self.training or hidden_states.dim() != 3 or hidden_states.shape[1] != 1 or not position_embeddings:
+            return None
+        layer = static_cache_layer(cache, self.layer_idx)
+        if (layer is None or layer.keys.dtype != hidden_states.dtype or not self._window_covers(layer.keys.shape[2])
+                or not kernel_available(hidden_states)):
+            return None
+        batch = hidden_states.shape[0]
+        mask = mask_rows(attention_mask, batch, layer.keys.shape[2])
+        if mask is _UNREADABLE or layer.keys.shape[0] != batch:
+            return None
+        return layer, mask
 
     def _window_covers(self, cache_len: int) -> bool:
         """No sliding window, or one at least as long as the cache (then it never cuts anything)."""
@@ -115,17 +126,23 @@ class DecodeAttention:
 
     def _fused_step(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                     layer: object, mask: torch.Tensor | None) -> torch.Tensor:
-        batch, dim = hidden_states.shape[0], layer.keys.shape[3]
         q = self.q_proj(hidden_states)[:, 0]
         k = self.k_proj(hidden_states)[:, 0]
         v = self.v_proj(hidden_states)[:, 0]
+        return self.o_proj(self.attend(q, k, v, position_embeddings, layer, mask).unsqueeze(1))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               position_embeddings: tuple[torch.Tensor, torch.Tensor], layer: object,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """The step's attention output ``[B, heads * dim]`` (before ``o_proj``) from the projected
+        ``q, k, v`` ``[B, heads * dim]``, for a target of :meth:`decode_target`."""
+        batch, dim = q.shape[0], layer.keys.shape[3]
         if getattr(self, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before the rotary embedding
             q = self.q_norm(q.view(batch, -1, dim)).view(batch, -1)
             k = self.k_norm(k.view(batch, -1, dim)).view(batch, -1)
         cos, sin = (t[:, -1].expand(batch, -1) for t in position_embeddings)
-        out = decode_attention_op(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
-                                  float(self.scaling))
-        return self.o_proj(out.unsqueeze(1))
+        return decode_attention_op(q, k, v, cos, sin, layer.keys, layer.values, layer.cumulative_length, mask,
+                                   float(self.scaling))
 
 
 _SUBCLASSES: dict[type, type] = {}

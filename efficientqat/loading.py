@@ -19,6 +19,7 @@ from torch import nn
 
 from efficientqat.errors import ModelLoadError, RunFolderError
 from efficientqat.fused_attention import fuse_decode_attention_
+from efficientqat.fused_decoder import fuse_decoder_layers_
 from efficientqat.fused_projections import fuse_projections_
 from efficientqat.packed_model import QUANT_METHOD, load_packed_model, quantization_config
 from efficientqat.quantizer import QuantSpec
@@ -72,7 +73,7 @@ def gptq_v2_spec(qc: dict[str, Any]) -> QuantSpec:
 
 def load_quantized(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-    fuse: bool = True, fused_attention: bool = True,
+    fuse: bool = True, fused_attention: bool = True, fused_layers: bool = True,
 ) -> nn.Module:
     """A Hugging Face causal LM with our packed layers, ready for ``generate()``.
 
@@ -83,13 +84,17 @@ def load_quantized(
     ``fuse=False`` for tools that wrap single projections (LoRA adapters on ``q_proj``, say).
     ``fused_attention`` gives Llama / Mistral / Qwen2 / Qwen3 attention a one-kernel decode step
     over a static cache (rotary, cache write, attention; :mod:`efficientqat.fused_attention`);
-    every other call keeps Hugging Face's forward.
+    every other call keeps Hugging Face's forward. ``fused_layers`` (with both of the above)
+    moves each decoder layer's RMSNorms and residual adds of those steps into its matmuls
+    (:mod:`efficientqat.fused_decoder`).
     """
     model = _load_unfused(path, device, dtype)
     if fuse:
         fuse_projections_(model)
     if fused_attention:
         fuse_decode_attention_(model)
+    if fused_layers:
+        fuse_decoder_layers_(model)
     return model
 
 

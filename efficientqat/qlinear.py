@@ -26,6 +26,7 @@ from efficientqat.packing import (
     unpack_qzeros,
 )
 from efficientqat.quantizer import QuantSpec, fake_quantize, init_scale_zero, quantize_to_int
+from efficientqat.row_ops import RowOps
 
 
 def check_packable(in_features: int, out_features: int, spec: QuantSpec, name: str = "layer") -> None:
@@ -184,22 +185,27 @@ class PackedLinear(nn.Module):
         g = self.spec.group_len(self.in_features)
         return is_supported(self.in_features, self.out_features, self.spec.bits, g)
 
-    def forward(self, x: torch.Tensor, silu_mul: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul: bool = False, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W^T + bias``; with ``silu_mul`` (a gate/up layer of :mod:`efficientqat.fused_mlp`)
-        ``silu(gate) * up`` of it, half as many features."""
+        ``silu(gate) * up`` of it, half as many features. ``norm`` (an RMSNorm module): the layer
+        reads ``norm(x)``; ``residual``: added to the output. At decode sizes the kernels do
+        both (:mod:`efficientqat.row_ops`), sparing a decoder layer its elementwise launches."""
+        ops = RowOps.of(norm, residual)
         if self._use_kernel(x):
             from efficientqat.kernels import dequant_linear
 
             g = self.spec.group_len(self.in_features)
             return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g,
-                                  silu_mul=silu_mul)
+                                  silu_mul=silu_mul, ops=ops)
+        x = ops.before(x)
         w = self.dequantize_weight(x.dtype)
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         if silu_mul:
             from efficientqat.fused_mlp import silu_mul_interleaved
 
-            return silu_mul_interleaved(y)
-        return y
+            y = silu_mul_interleaved(y)
+        return ops.after(y)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"

@@ -9,8 +9,10 @@ Public entry points:
 Files: ``unpack`` (in-kernel decode), ``gemv`` (M = 1 on CUDA cores; M <= 16 on tensor cores;
 all split-K), ``half2`` (M <= 8 on paired fp16, offered to M = 4), ``gemm`` (M > 16), ``dequant`` (decode to a
 workspace + cuBLAS), ``backward`` (input and scale gradients), ``tiling`` (shared write-back and
-launch helpers), ``autograd`` (dispatch by M and the autograd Function), ``candidates`` (the tiles
-each kernel may take), ``tuning`` (timing them, the json config cache).
+launch helpers), ``prologue`` (a decoder layer's RMSNorm and residual add inside the decode
+kernels), ``decode_attention`` (one decode step's rotary, cache write and attention),
+``autograd`` (dispatch by M and the autograd Function), ``candidates`` (the tiles each kernel
+may take), ``tuning`` (timing them, the json config cache).
 """
 
 # With the repository root on sys.path (``python -m efficientqat.blockap`` run from it, or
@@ -21,5 +23,6 @@ each kernel may take), ``tuning`` (timing them, the json config cache).
 # its own tuning memo, cache writer and split-K workspaces).
 if __name__ == "efficientqat.kernels":
     from .autograd import DequantMatmulFn, check_supported, dequant_linear, is_supported, unpack_zeros
+    from .prologue import RowOps
 
-    __all__ = ["DequantMatmulFn", "check_supported", "dequant_linear", "is_supported", "unpack_zeros"]
+    __all__ = ["DequantMatmulFn", "RowOps", "check_supported", "dequant_linear", "is_supported", "unpack_zeros"]

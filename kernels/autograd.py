@@ -24,6 +24,7 @@ from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
 from .gemv import gemv1_forward, gemv_tc_forward
 from .half2 import gemv_half2_forward
+from .prologue import NO_ROW_OPS, RowOps
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
 def _pick(default, variant: int, other):
     """Launcher for a config: ``other`` for configs of ``variant`` (the dense decode + cuBLAS path,
     the paired-fp16 kernel), else ``default``."""
-    return lambda *args, cfg: (other if cfg.variant == variant else default)(*args, cfg)
+    return lambda *args, cfg, **options: (other if cfg.variant == variant else default)(*args, cfg, **options)
 
 
 def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> list[tuning.Config]:
@@ -95,41 +96,52 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
+               bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
+               ops: RowOps = NO_ROW_OPS) -> torch.Tensor:
     """``x [M, K]`` contiguous -> ``[M, N]``; no autograd. ``silu_mul``: ``silu(gate) * up`` of an
     interleaved gate/up layer (``efficientqat.fused_mlp``), ``[M, N / 2]``: in the paired-fp16
-    kernel's epilogue where it applies, else after the matmul in PyTorch."""
+    kernel's epilogue where it applies, else after the matmul in PyTorch. ``ops``: RMSNorm x
+    first and / or add a residual to y (:mod:`.prologue`): inside the decode kernels (M <= 16),
+    a normalising launch tuned under its own key (the prologue is part of its cost), else in
+    PyTorch around the matmul."""
     M, K = x.shape
     N = qweight.shape[1]
     if silu_mul:
-        return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group)
+        return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops)
     if M <= SMALL_M:
         cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group), \
             _pick(gemv1_forward if M == 1 else gemv_tc_forward, tuning.HALF2, gemv_half2_forward), \
             "gemv1" if M == 1 else "gemv_tc"
+        options = {"ops": ops} if ops.active else {}
+        if ops.norm_weight is not None:
+            name += "_norm"
     else:
         cands, fn, name = lambda: candidates.gemm_candidates(M, N, K, group), \
             _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"
+        options = {}
+        x = ops.before(x)
     args = (x, qweight, scales, zeros, bias, bits, group)
-    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c))
-    return fn(*args, cfg=cfg)
+    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c, **options))
+    y = fn(*args, cfg=cfg, **options)
+    return y if options else ops.after(y)
 
 
 def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      bias: torch.Tensor | None, bits: int, group: int) -> torch.Tensor:
+                      bias: torch.Tensor | None, bits: int, group: int, ops: RowOps) -> torch.Tensor:
     """:func:`forward_2d` with ``silu_mul``. At decode sizes the tiles whose kernel writes the
     epilogue and that sum in one program (in-kernel split-K reduction, or none): the paired-fp16
     kernel's (fp16, M <= ``tuning.HALF2_MAX_M``) and the tensor-core kernel's (M >= 2), tuned under
     their own key against the unfused path (the plain tuned matmul, then PyTorch's two elementwise
     launches: :data:`tuning.UNFUSED_CONFIG`). On an H200 the paired kernel with the epilogue won
     the 7B gate/up layer at M = 1 but took 68 us a call at M = 8 and 3 bits (session 11); at batch
-    8 the unfused path's silu and mul launches cost ~5 us a layer (session 12 profile)."""
+    8 the unfused path's silu and mul launches cost ~5 us a layer (session 12 profile). With
+    ``ops``' RMSNorm in the prologue, under a key of its own."""
     M, K = x.shape
     N = qweight.shape[1]
-    key = _key("gemv_silu_mul", x, M, N, K, bits, group)
+    key = _key("gemv_silu_mul_norm" if ops.norm_weight is not None else "gemv_silu_mul", x, M, N, K, bits, group)
 
     def unfused() -> torch.Tensor:
-        return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group))
+        return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group, ops=ops))
 
     def writes_epilogue(cfg: tuning.Config) -> bool:
         kernel_has_it = cfg.variant == tuning.HALF2 or M > 1  # the M = 1 CUDA-core kernel has none
@@ -143,8 +155,8 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         if cfg.variant == tuning.UNFUSED:
             return unfused()
         if cfg.variant == tuning.HALF2:
-            return gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True)
-        return gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True)
+            return gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
+        return gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
 
     has_kernel = M > 1 or x.dtype == torch.float16 and bits in tuning.HALF2_BITS
     if M <= SMALL_M and has_kernel and key not in _EPILOGUE_FAILED:
@@ -206,14 +218,17 @@ class DequantMatmulFn(torch.autograd.Function):
 
 
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
+                   bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
+                   ops: RowOps = NO_ROW_OPS) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` = ``x @ W^T + bias`` with W decoded from packed codes.
 
     ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout; any strides: every kernel takes both, so the
     codes may be stored K-major, ``qweight.t().contiguous().t()``); ``scales``: ``[G, N]`` (any float dtype,
     may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`; ``group``: the
     group length in columns (K for per-channel); ``silu_mul``: return ``silu(gate) * up``,
-    ``[..., N / 2]``, of a gate/up layer in ``efficientqat.fused_mlp``'s interleaved order.
+    ``[..., N / 2]``, of a gate/up layer in ``efficientqat.fused_mlp``'s interleaved order;
+    ``ops``: ``RMSNorm(x)`` as the input and / or a residual ``[..., N]`` added to the output
+    (:mod:`.prologue`: inside the decode kernels at inference).
     """
     K = x.shape[-1]
     N = qweight.shape[1]
@@ -222,8 +237,15 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError(f"Triton dequant-matmul supports activations in {SUPPORTED_DTYPES}, not {x.dtype}")
     if qweight.shape[0] * 32 != K * bits or scales.shape != (K // group, N) or zeros.shape != scales.shape:
         raise ValueError("qweight/scales/zeros shapes do not match the input size, bits and group")
+    if silu_mul and ops.residual is not None:
+        raise ValueError("a residual cannot be added to silu(gate) * up: it joins a layer's output")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K).contiguous()
+    if ops.residual is not None:
+        if ops.residual.shape != (*lead, N):
+            raise ValueError(f"the residual must have shape {(*lead, N)}, not {tuple(ops.residual.shape)}")
+        ops = RowOps(ops.norm_weight, ops.eps, ops.residual.reshape(-1, N).contiguous())
+    ops.check(x2d, N)
     scales = scales.contiguous()
     if bias is not None:
         bias = bias.contiguous()
@@ -233,26 +255,31 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
             if bias is not None:
                 y = y + bias.to(x.dtype)
         else:
-            y = DequantMatmulFn.apply(x2d, scales, qweight, zeros, bias, bits, group)
-        if silu_mul:
-            y = silu_mul_interleaved(y)
+            y = DequantMatmulFn.apply(ops.before(x2d), scales, qweight, zeros, bias, bits, group)
+        y = ops.after(silu_mul_interleaved(y) if silu_mul else y)
     elif torch.compiler.is_compiling():
-        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group, silu_mul)
+        y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, ops.norm_weight, ops.eps,
+                           ops.residual)
     else:
-        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul)
+        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, ops)
     return y.reshape(*lead, y.shape[-1])
 
 
 @torch.library.custom_op("efficientqat::dequant_matmul", mutates_args=())
 def dequant_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
+                   bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
+                   norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                   residual: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`forward_2d` as an opaque operator for ``torch.compile``: the compiler fuses the
-    elementwise work around it (norms, rotary, residuals: most of a decode step's kernels) and
+    elementwise work around it (norms, rotary, residuals: most of a decode step's kernels, unless
+    the norm and residual come in as ``norm_weight`` / ``residual``, see :mod:`.prologue`) and
     leaves the launch, with its tuned config, to us. Inference only (no autograd formula)."""
-    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul)
+    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, RowOps(norm_weight, eps, residual))
 
 
 @dequant_matmul.register_fake
 def _dequant_matmul_shape(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False) -> torch.Tensor:
+                          bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
+                          norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                          residual: torch.Tensor | None = None) -> torch.Tensor:
     return x2d.new_empty((x2d.shape[0], qweight.shape[1] // 2 if silu_mul else qweight.shape[1]))

@@ -25,6 +25,7 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
+from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_range, row_rsqrt
 from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
 from .tuning import Config
 from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
@@ -62,11 +63,11 @@ def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, s
 
 @triton.jit
 def _dq_gemv1_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
     N, K, stride_qk, stride_qn, stride_g, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
-    STAGES: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr,
+    STAGES: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     """M = 1 on the CUDA cores. Each program streams a contiguous K range of a ``BLOCK_N`` column
     slice; a step covers ``BLOCK_C`` chunk rows (inside one group). Every packed word is loaded
@@ -79,6 +80,9 @@ def _dq_gemv1_kernel(
     arithmetic (a register double buffer, two tiles of DRAM requests per program). It costs
     registers: on an H200 it lost at 8192^2 and won some smaller/taller layers, so the tuner
     decides (``candidates.GEMV1_TABLE``).
+
+    ``NORM`` / ``RESIDUAL``: RMSNorm of the row at ``h_ptr`` as x, the row at ``res_ptr`` added
+    to y (:mod:`.prologue`).
     """
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
@@ -94,6 +98,11 @@ def _dq_gemv1_kernel(
     # first thing: loading the first words before it, as half2.py does, spilled here (sm_90 SASS:
     # 261 STL/LDL pairs)
     wait_for_previous_grid(PDL)
+    if NORM:
+        r = row_rsqrt(h_ptr, 1, K, stride_h, eps, 1, 512)
+        for step in range(s_lo, s_hi):
+            normalize_range(h_ptr, g_ptr, x_ptr, r, 1, K, step * BK, stride_h, K, 1, BK, 0)
+        tl.debug_barrier()
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PREFETCH:
         n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
@@ -107,6 +116,7 @@ def _dq_gemv1_kernel(
                            field_mask, one_bits, BITS, GROUP, BLOCK_C)
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
+    acc = add_residual(acc, res_ptr + offs_n, mask_n, pid_k, RESIDUAL)
     store_decode(y_ptr + offs_n, mask_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP, False)
 
 
@@ -184,7 +194,7 @@ def _paired_dot(xj, codes, part, W_AS_A: tl.constexpr, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _dq_gemv_tc_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
     M, N, K,
     stride_xw, stride_qk, stride_qn, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -192,7 +202,7 @@ def _dq_gemv_tc_kernel(
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
-    ACT: tl.constexpr,
+    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -218,7 +228,10 @@ def _dq_gemv_tc_kernel(
     missing chunks read zero words and zero x, and never fold (a folded step ends a group).
 
     ``ACT`` (whole sums only: ``FIXUP`` or no split): the tile is a gate/up layer's interleaved
-    columns and the kernel writes ``silu(gate) * up``, half as wide (:func:`.tiling.finish_tile`)."""
+    columns and the kernel writes ``silu(gate) * up``, half as wide (:func:`.tiling.finish_tile`).
+
+    ``NORM``: x is RMSNorm(h) of the rows at ``h_ptr``, which the program writes for the steps
+    it reads into ``x_ptr`` first; ``RESIDUAL``: the rows at ``res_ptr`` are added (:mod:`.prologue`)."""
     wait_for_previous_grid(PDL)
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
@@ -230,6 +243,11 @@ def _dq_gemv_tc_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     dtype = x_ptr.dtype.element_ty
+    if NORM:
+        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, 512)
+        for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
+            normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, it * BK, stride_h, K, BLOCK_M, BK, 0)
+        tl.debug_barrier()
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
@@ -283,6 +301,7 @@ def _dq_gemv_tc_kernel(
 
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
+    acc = add_residual(acc, res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask, pid_k, RESIDUAL)
     if ACT:
         offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         y_mask = mask_m[:, None] & (offs_y < N // 2)[None, :]
@@ -320,20 +339,21 @@ def pairs_per_dot(block_c: int) -> int:
 
 def gemv1_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+    bias: torch.Tensor | None, bits: int, group: int, cfg: Config, ops: RowOps = NO_ROW_OPS,
 ) -> torch.Tensor:
     """M = 1; ``cfg.block_k`` is the number of chunks per step (BLOCK_C), ``cfg.variant`` 1
-    prefetches the next step's words."""
+    prefetches the next step's words; ``ops``: RMSNorm x first, add a residual (:mod:`.prologue`)."""
     M, K = x.shape
     N = qweight.shape[1]
     y, ws, count, fixup = decode_output(x, N, cfg)
+    xs, row_args, row_constants = launch_rows(ops, x, x)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv1_kernel, grid)(
-        x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
+        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
         N, K, qweight.stride(0), qweight.stride(1), scales.stride(0), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
-        STAGES=cfg.num_stages, FIXUP=fixup, PDL=cfg.pdl,
+        STAGES=cfg.num_stages, FIXUP=fixup, PDL=cfg.pdl, **row_constants,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -342,11 +362,13 @@ def gemv1_forward(
 def gemv_tc_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config, silu_mul: bool = False,
+    ops: RowOps = NO_ROW_OPS,
 ) -> torch.Tensor:
     """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16; >= 4 with
     ``cfg.variant`` :data:`PAIRED_CODES` or :data:`PAIRED_WGMMA`, the codes in fp16 / bf16 pairs,
     see :func:`pairs_codes`). ``silu_mul``: ``silu(gate) * up`` of an interleaved gate/up layer,
-    ``[M, N / 2]``, written by the kernel (split-K only with the in-kernel reduction)."""
+    ``[M, N / 2]``, written by the kernel (split-K only with the in-kernel reduction). ``ops``:
+    RMSNorm x first, add a residual (:mod:`.prologue`)."""
     M, K = x.shape
     N = qweight.shape[1]
     field_mask, one_bits = unit_constants(bits)
@@ -359,20 +381,21 @@ def gemv_tc_forward(
                          f"inside a group (got {bits} bits, group {group}, {x.dtype})")
     y, ws, count, fixup = decode_output(x, N, cfg, N // 2 if silu_mul else None)
     if silu_mul and cfg.split_k > 1 and not fixup:  # no workspace inside a capture: the epilogue in torch
-        return silu_mul_interleaved(gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg))
+        return silu_mul_interleaved(gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg, ops=ops))
     if x.data_ptr() % 8 or x.stride(0) * x.element_size() % 8:  # the kernel reads x in 64-bit words
         x = x.clone()
+    xs, row_args, row_constants = launch_rows(ops, x, x)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv_tc_kernel, grid)(
-        x, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
+        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
         M, N, K,
-        x.stride(0) * x.element_size() // 8, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
+        xs.stride(0) * xs.element_size() // 8, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
-        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA, ACT=silu_mul,
+        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA, ACT=silu_mul, **row_constants,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

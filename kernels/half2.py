@@ -41,6 +41,7 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
+from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_range, row_rsqrt
 from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
 from .tuning import HALF2_BITS, Config, interpreting
 
@@ -268,13 +269,26 @@ def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
 
 
 @triton.jit
+def _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BK: tl.constexpr, X_PAIRED: tl.constexpr, NORM: tl.constexpr):
+    """With ``NORM``, the RMSNorm prologue (:mod:`.prologue`) of steps ``s_lo .. s_hi``: x, in
+    the pair order the kernel reads, then a barrier."""
+    if NORM:
+        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, 512)
+        for step in range(s_lo, s_hi):
+            normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, step * BK, stride_h, K, BLOCK_M, BK,
+                            (8 if BITS == 3 else 16 // BITS) if X_PAIRED else 0)
+        tl.debug_barrier()
+
+
+@triton.jit
 def _dq_gemv_half2_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
     M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
-    X_PAIRED: tl.constexpr, ACT: tl.constexpr, LANES: tl.constexpr,
+    X_PAIRED: tl.constexpr, ACT: tl.constexpr, LANES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
@@ -287,7 +301,11 @@ def _dq_gemv_half2_kernel(
     steps ``l, l + LANES, ...`` of its range, the lanes standing where the x rows do (each lane's
     x pointer and codes offset by its step), and adds the lanes up at the end in the program
     (``tl.sum``): K is split inside the program, so split-K across programs, with its atomics and
-    the fence before the last program's reduction, can be small or gone."""
+    the fence before the last program's reduction, can be small or gone.
+
+    ``NORM``: x is RMSNorm(h) of the rows at ``h_ptr`` (weight ``g_ptr``), which the program
+    writes for its K range into ``x_ptr`` first (:mod:`.prologue`); ``RESIDUAL``: the rows at
+    ``res_ptr`` are added to the output."""
     BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -311,10 +329,12 @@ def _dq_gemv_half2_kernel(
     if ONE_STEP:  # one step per program (lane): its codes stream while the previous grid ends
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
+        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM)
         s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
+        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM)
         acc = tl.zeros((xw_rows.shape[0], BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi, LANES):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
@@ -323,6 +343,7 @@ def _dq_gemv_half2_kernel(
     if LANES > 1:
         acc = tl.sum(acc, axis=0)[None, :]
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
+    acc = add_residual(acc, res_ptr + offs_m * stride_res + offs_n, mask_m & mask_n, pid_k, RESIDUAL)
     if ACT:
         offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
         y_mask = mask_m & (offs_y < N // 2)
@@ -336,11 +357,12 @@ def _dq_gemv_half2_kernel(
 def gemv_half2_forward(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     bias: torch.Tensor | None, bits: int, group: int, cfg: Config, silu_mul: bool = False,
+    ops: RowOps = NO_ROW_OPS,
 ) -> torch.Tensor:
     """``x [M <= cfg.block_m, K]`` fp16 -> ``[M, N]`` through the paired-fp16 kernel (2/3/4-bit
     codes); ``cfg.block_k`` is BLOCK_C (chunks per step, one step inside one group). With
     ``silu_mul``, of a gate/up layer in the interleaved column order (``ACT_BLOCK``):
-    ``silu(gate) * up``, ``[M, N / 2]``."""
+    ``silu(gate) * up``, ``[M, N / 2]``. ``ops``: RMSNorm x first, add a residual (:mod:`.prologue`)."""
     M, K = x.shape
     N = qweight.shape[1]
     if x.dtype != torch.float16 or bits not in HALF2_BITS or M > cfg.block_m:
@@ -348,24 +370,24 @@ def gemv_half2_forward(
                          f"codes, not {x.dtype}, {M} rows, {bits}-bit")
     y, ws, count, fixup = decode_output(x, N, cfg, N // 2 if silu_mul else None)
     if silu_mul and cfg.split_k > 1 and not fixup:  # no workspace inside a capture: the epilogue in torch
-        return silu_mul_interleaved(gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg))
+        return silu_mul_interleaved(gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg, ops=ops))
     # sm_90 SASS, per weight and row: 2.16 -> 1.65 at 8 rows, 1.75 -> 1.52 at 4, where the
     # permute launch (~2 us) would cost about what it saves
     paired = M > 4
-    xs = pair_x(x, bits) if paired else x
+    xs, row_args, row_constants = launch_rows(ops, x, pair_x(x, bits) if paired and ops.norm_weight is None else x)
     steps = K // (cfg.block_k * chunk_values(bits))
     if cfg.lanes > 1 and (M > 1 or cfg.block_m != 1 or steps % (cfg.split_k * cfg.lanes)):
         raise ValueError(f"K lanes take one x row and split-K x lanes dividing the {steps} steps, not M = {M}, "
                          f"split-K {cfg.split_k} x {cfg.lanes} lanes")
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv_half2_kernel, grid)(
-        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count,
+        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
         M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0),
         y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
-        ONE_STEP=steps == cfg.split_k * cfg.lanes, X_PAIRED=paired, ACT=silu_mul, LANES=cfg.lanes,
+        ONE_STEP=steps == cfg.split_k * cfg.lanes, X_PAIRED=paired, ACT=silu_mul, LANES=cfg.lanes, **row_constants,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

@@ -43,6 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from efficientqat.fused_attention import fuse_decode_attention_  # noqa: E402
+from efficientqat.fused_decoder import fuse_decoder_layers_  # noqa: E402
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
@@ -57,11 +58,14 @@ FP16_FUSED_ATTENTION = "FP16+fused-attn"
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "flash": "FLASH_ATTENTION", "math": "MATH"}
 
 
-def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool, attention: bool) -> nn.Module:
+def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool, attention: bool,
+                layers: bool = False) -> nn.Module:
     """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers,
     q/k/v and gate/up fused as ``load_quantized`` does unless ``fuse`` is off (the FP16 model
     keeps Hugging Face's separate layers: it is what users run unquantized). ``attention``: decode
-    steps take the fused rotary + cache + attention kernel (``load_quantized``'s default)."""
+    steps take the fused rotary + cache + attention kernel (``load_quantized``'s default);
+    ``layers``: the norms and residual adds of those steps run inside the packed matmuls
+    (``load_quantized``'s default; quantized and fused models only)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -76,6 +80,8 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse:
             fuse_projections_(model)
     if attention:
         fuse_decode_attention_(model)
+    if layers:
+        fuse_decoder_layers_(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return model.eval()
@@ -214,6 +220,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
     p.add_argument("--attention", default="fused", choices=["fused", "hf"],
                    help="quantized models' decode attention: the fused kernel (load_quantized's default) or Hugging Face's")
+    p.add_argument("--layers", default="fused", choices=["fused", "hf"],
+                   help="quantized models' decode steps: norms and residual adds inside the matmuls "
+                        "(load_quantized's default) or Hugging Face's layer forward")
     p.add_argument("--fp16-fused-attention", action="store_true",
                    help="also time the FP16 model with the fused decode attention (row 'FP16+fused-attn')")
     p.add_argument("--pdl", action="store_true",
@@ -276,14 +285,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         spec = SETTINGS.get(label)
         attention = label == FP16_FUSED_ATTENTION or spec is not None and args.attention == "fused"
         torch.manual_seed(0)
-        model = build_model(shape, spec, device, not args.no_fuse, attention)
+        layers = spec is not None and attention and args.layers == "fused"
+        model = build_model(shape, spec, device, not args.no_fuse, attention, layers)
         with attention_kernels(args.sdpa):  # held through compilation and capture, where the kernel is chosen
             rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "pdl": args.pdl, "sdpa": args.sdpa,
+             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "layers": args.layers, "pdl": args.pdl, "sdpa": args.sdpa,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

@@ -3,6 +3,7 @@
 # 10-minute command limit:
 #
 #   bash pipelines/device_kernels.sh tests              # GPU kernel tests (paired fp16, its K lanes and SiLU epilogue, tensor cores, graphs)
+#   bash pipelines/device_kernels.sh decoder            # GPU tests of the fused decoder layer and decode attention
 #   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
 #                                                     # with a fresh cache one batch size per call; further
 #                                                     # arguments go to bench_generate, e.g. --pdl)
@@ -33,6 +34,11 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 case $stage in
   tests)
     timeout 560 python3 -m pytest -q tests/test_kernels.py -k "gpu_half2 or gpu_tc or chained or capture or silu or lane" 2>&1 | tail -15 ;;
+  decoder)
+    # the fused decoder layer (norm prologue, residual epilogue) and the fused attention, on the GPU
+    timeout 300 python3 -m pytest -q tests/test_fused_decoder.py tests/test_fused_attention.py \
+      tests/test_kernels.py::test_row_ops_dispatch_in_the_kernels_and_around_the_gemm \
+      "tests/test_kernels.py::test_decode_kernels_normalise_their_input_and_add_the_residual" 2>&1 | tail -15 ;;
   generate)
     timeout 560 python3 pipelines/bench_generate.py --out "$out/generate" --settings "${2:-w4g128}" --batches "${3:-1}" \
       --compile --profile --prefill 128 --iters 5 "${@:4}" 2>&1 | grep -v -i warn | tail -110 ;;

@@ -62,7 +62,8 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                paired: bool, wgmma: bool = False, k_major: bool = False) -> tuple[str, str]:
     """``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
-                "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32"}
+                "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}",
+                "res_ptr": f"*{dtype}", "stride_h": "i32", "stride_res": "i32", "eps": "fp32"}
     # the unit stride of the codes (along N, or along K for the K-major repack) is specialised as
     # Triton does at run time for an int argument of 1
     unit_stride = "stride_qk" if k_major else "stride_qn"
@@ -75,7 +76,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma,
-                     ACT=False)
+                     ACT=False, NORM=False, RESIDUAL=False)
     return compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
 
 
@@ -83,12 +84,14 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
                   lanes: int = 1, silu_mul: bool = False) -> tuple[str, str]:
     """``_dq_gemv_half2_kernel`` at M = 1 (x unpaired, split-K reduced in the kernel where split > 1)."""
     types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
-             "ws_ptr": "*fp32", "count_ptr": "*i32",
+             "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": "*fp16", "g_ptr": "*fp16", "res_ptr": "*fp16",
+             "stride_h": "i32", "stride_res": "i32", "eps": "fp32",
              **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym", "magic")}}
     steps = K // (block_c * chunk_values(bits))
     constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
                      SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False,
-                     ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes)
+                     ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes,
+                     NORM=False, RESIDUAL=False)
     return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 

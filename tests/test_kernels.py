@@ -1065,3 +1065,71 @@ def test_dense_paths(bits, group, dtype, monkeypatch):
     w_t = dequant.decode_weight_t(qw, scales, zeros, bits, gl, torch.float32)
     expect = ((q - z.repeat_interleave(gl, 1)) * scales.t().cpu().repeat_interleave(gl, 1)).t()
     assert torch.equal(w_t.cpu(), expect.float())  # the decode is exact in float32
+
+
+def rms_norm64(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's RMSNorm rounding (``row_ops.rms_norm``) as float64 input of the reference."""
+    from efficientqat.row_ops import rms_norm
+
+    return rms_norm(h, weight, eps).double()
+
+
+@pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
+def test_decode_kernels_normalise_their_input_and_add_the_residual(kernel):
+    """``RowOps`` inside the decode kernels: x = RMSNorm(h), written by each program for the K
+    range it reads (uneven split-K, one step a program, K lanes, half2's pair order at M > 4, a
+    ragged 3-bit last step on the tensor cores), and the residual added by the first K slice
+    (atomic and in-kernel split-K reductions, with bias), against float64 of the same rounding;
+    the caller's h is left as it was."""
+    from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward
+    from efficientqat.kernels.half2 import gemv_half2_forward
+    from efficientqat.row_ops import RowOps
+
+    bits, group, k = {"gemv1": (4, 128, 512), "tc": (3, 128, 1280), "half2": (2, 64, 512)}[kernel]
+    launch = {"gemv1": gemv1_forward, "tc": gemv_tc_forward, "half2": gemv_half2_forward}[kernel]
+    C = tuning.Config
+    cases = {"gemv1": [(1, C(1, 32, 2, 3, 4, 1)), (1, C(1, 64, 1, 2, 4, 1, fixup=True))],
+             "tc": [(3, C(16, 32, 16, 2, 4, 1, fixup=True)), (9, C(16, 64, 16, 1, 4, 1))],
+             "half2": [(1, C(1, 32, 2, 2, 4, 1, tuning.HALF2, lanes=2)), (1, C(1, 64, 2, 8, 4, 1, tuning.HALF2)),
+                       (3, C(4, 32, 1, 3, 4, 1, tuning.HALF2, fixup=True)), (6, C(8, 32, 2, 1, 4, 1, tuning.HALF2))]}
+    gen = torch.Generator().manual_seed(len(kernel) + 7)
+    n = 96
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    gamma = (torch.rand(k, generator=gen) + 0.5).to(DEV, torch.float16)
+    for m, cfg in cases[kernel]:
+        h = (torch.randn(m, k, generator=gen) * 4).to(DEV, torch.float16)
+        res = torch.randn(m, n, generator=gen).to(DEV, torch.float16)
+        h_before = h.clone()
+        ref = reference(rms_norm64(h, gamma, 1e-5), q, z, scales, gl, bias)[0] + res.double()
+        y = launch(h, qw, scales, zeros, bias, bits, gl, cfg, ops=RowOps(gamma, 1e-5, res))
+        assert y.shape == (m, n) and rel(y, ref) < 3e-3, (m, cfg)
+        assert torch.equal(h, h_before)
+
+
+def test_row_ops_dispatch_in_the_kernels_and_around_the_gemm():
+    """``dequant_linear(..., ops=...)``: decode sizes through the kernels (the SiLU epilogue
+    after a normalised input included), prefill sizes with PyTorch's norm and add around the
+    GEMM, leading dimensions kept; bad shapes and a residual on silu(gate) * up are named."""
+    from efficientqat.fused_mlp import silu_mul_interleaved
+    from efficientqat.row_ops import RowOps
+
+    gen = torch.Generator().manual_seed(11)
+    n, k = 64, 256
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, 4, 128, gen, scale_dtype=torch.float16)
+    gamma = (torch.rand(k, generator=gen) + 0.5).to(DEV, torch.float16)
+    for m in (1, 2, 20):
+        h = torch.randn(1, m, k, generator=gen).to(DEV, torch.float16)
+        res = torch.randn(1, m, n, generator=gen).to(DEV, torch.float16)
+        normed = rms_norm64(h[0], gamma, 1e-6)
+        y = dequant_linear(h, qw, scales, zeros, None, 4, gl, ops=RowOps(gamma, 1e-6, res))
+        assert y.shape == (1, m, n) and rel(y[0], reference(normed, q, z, scales, gl)[0] + res[0].double()) < 3e-3
+        if m < 20:
+            act = dequant_linear(h, qw, scales, zeros, None, 4, gl, silu_mul=True, ops=RowOps(gamma, 1e-6))
+            assert rel(act[0], silu_mul_interleaved(reference(normed, q, z, scales, gl)[0])) < 3e-3
+    with pytest.raises(ValueError, match="RMSNorm weight must have shape"):
+        dequant_linear(h, qw, scales, zeros, None, 4, gl, ops=RowOps(gamma[:-32], 1e-6))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        dequant_linear(h, qw, scales, zeros, None, 4, gl, ops=RowOps(residual=res[..., :-1]))
+    with pytest.raises(ValueError, match="silu"):
+        dequant_linear(h, qw, scales, zeros, None, 4, gl, silu_mul=True, ops=RowOps(residual=res[..., : n // 2]))

@@ -1,0 +1,84 @@
+"""A decoder layer's RMSNorm and residual add inside the decode kernels: no launches of their own.
+
+Around its four matmuls and attention, a Llama-family decoder layer at decode time runs two
+elementwise kernels: residual add + RMSNorm before q/k/v and again before gate/up (the
+compiler fuses each pair). On an H200 they and their launch gaps were ~190 of the 2035 us of a
+w4g128 7B step at batch 1 (session 12 profile). Here the matmul that reads a normalised row
+normalises it, and the matmul whose output joins the residual stream adds it:
+
+* prologue (``NORM``): every program sums the squares of its input rows (the whole row: 8 KB
+  at 4096 features, from L2), then writes the normalised values of the K range it reads,
+  rounded as Hugging Face's ``RMSNorm`` rounds them, ``dtype(gamma * dtype(h rsqrt(mean h^2 +
+  eps)))``, into a scratch row, and reads x from there. Programs of other column tiles write
+  the same values to the same places; after a barrier each program's threads read what they
+  themselves wrote, so the hot loops are unchanged (they get another x pointer).
+* epilogue (residual): the first K slice adds the residual rows to its partial sum, as the bias.
+
+:class:`efficientqat.row_ops.RowOps` carries both to a launcher (:func:`launch_rows`); where
+no decode kernel runs, its ``before`` and ``after`` do the same in PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from efficientqat.row_ops import NO_ROW_OPS, RowOps
+
+__all__ = ["NO_ROW_OPS", "RowOps", "add_residual", "launch_rows", "normalize_range", "row_rsqrt"]
+
+
+@triton.jit
+def row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
+    """``rsqrt(mean(h^2) + eps)`` of each of the ``BLOCK_M`` rows (float32 ``[BLOCK_M, 1]``;
+    rows past M read zeros)."""
+    offs_m = tl.arange(0, BLOCK_M)[:, None]
+    offs = tl.arange(0, BLOCK)[None, :]
+    squares = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        h = tl.load(h_ptr + offs_m * stride_h + k0 + offs, mask=(offs_m < M) & (k0 + offs < K), other=0.0)
+        h = h.to(tl.float32)
+        squares += h * h
+    return tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+
+
+@triton.jit
+def normalize_range(h_ptr, g_ptr, out_ptr, r, M, K, k0, stride_h, stride_out,
+                    BLOCK_M: tl.constexpr, BK: tl.constexpr, PAIR_HV: tl.constexpr):
+    """Write ``dtype(gamma * dtype(h r))`` of columns ``k0 .. k0 + BK`` (those below K) of the
+    rows into ``out``, in the plain order, or with ``PAIR_HV`` in ``half2.pair_x``'s pair order
+    (value ``2 HV t + j`` at element ``2 HV t + 2 (j mod HV) + j // HV``)."""
+    offs_m = tl.arange(0, BLOCK_M)[:, None]
+    k = k0 + tl.arange(0, BK)[None, :]
+    mask = (offs_m < M) & (k < K)
+    h = tl.load(h_ptr + offs_m * stride_h + k, mask=mask, other=0.0).to(tl.float32)
+    gamma = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    dtype = out_ptr.dtype.element_ty
+    value = (gamma * (h * r).to(dtype).to(tl.float32)).to(dtype)
+    if PAIR_HV:
+        j = k % (2 * PAIR_HV)
+        k = k - j + 2 * (j % PAIR_HV) + j // PAIR_HV
+    tl.store(out_ptr + offs_m * stride_out + k, value, mask=mask)
+
+
+@triton.jit
+def add_residual(acc, res_ptrs, mask, pid_k, RESIDUAL: tl.constexpr):
+    """``acc + residual`` (the tile of residual rows at ``res_ptrs``), added by the first K slice only."""
+    if RESIDUAL:
+        if pid_k == 0:
+            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+def launch_rows(ops: RowOps, x: torch.Tensor, xs: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+    """``(the buffer the kernel reads as x, extra arguments, extra constants)`` of a decode
+    launch on ``x [M, K]``: ``xs`` (x or its pair-ordered copy) without a norm; with one, an
+    uninitialised contiguous buffer of x's shape and dtype that the prologue fills (its row
+    stride is K) and ``xs`` is not used."""
+    if ops.norm_weight is not None:
+        xs = torch.empty(x.shape, device=x.device, dtype=x.dtype)
+    gamma = ops.norm_weight if ops.norm_weight is not None else x
+    res = ops.residual if ops.residual is not None else x
+    args = (x, gamma, res, x.stride(0), res.stride(0), float(ops.eps))
+    return xs, args, {"NORM": ops.norm_weight is not None, "RESIDUAL": ops.residual is not None}

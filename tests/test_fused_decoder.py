@@ -1,0 +1,136 @@
+"""Decoder layers whose decode steps run the norms and residual adds inside the packed matmuls.
+
+On the CPU the fused attention kernel runs in Triton's interpreter and the packed matmuls take
+the PyTorch path with the same row operations (``RowOps.before`` / ``after``); on a GPU an fp16
+model runs every step through the decode kernels' prologue and epilogue.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from efficientqat import fused_decoder  # noqa: E402
+from efficientqat.fused_attention import fuse_decode_attention_  # noqa: E402
+from efficientqat.fused_decoder import fuse_decoder_layers_, is_supported_layer  # noqa: E402
+from efficientqat.fused_projections import fuse_projections_  # noqa: E402
+from efficientqat.model_utils import decoder_layers, linear_modules, set_submodule  # noqa: E402
+from efficientqat.qlinear import PackedLinear  # noqa: E402
+from efficientqat.quantizer import QuantSpec  # noqa: E402
+from test_fused_attention import DEVICE, assert_same_generation, tiny_model  # noqa: E402
+
+GPU = DEVICE == "cuda"
+
+
+def packed_model(arch: str, dtype: torch.dtype = torch.float32, **overrides):
+    """A tiny model of ``arch`` whose decoder Linears are packed 4-bit layers over random codes
+    (Qwen2's q/k/v keep their biases)."""
+    model = tiny_model(arch, **overrides)
+    gen = torch.Generator().manual_seed(3)
+    spec = QuantSpec(4, 32)
+    for block in decoder_layers(model):
+        for name, linear in linear_modules(block).items():
+            n, k = linear.weight.shape
+            codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.int32)
+            zero = torch.randint(0, 16, (n, k // 32), generator=gen, dtype=torch.int32)
+            scale = torch.rand(n, k // 32, generator=gen) * 0.02 + 0.01
+            bias = None if linear.bias is None else linear.bias.detach().cpu()
+            layer = PackedLinear.from_codes(codes, scale, zero, bias, spec, dtype)
+            set_submodule(block, name, layer.to(DEVICE))
+    return model.to(dtype)
+
+
+def fused_copy(model):
+    fused = copy.deepcopy(model)
+    fuse_projections_(fused)
+    fuse_decode_attention_(fused)
+    assert fuse_decoder_layers_(fused) == 2 and fuse_decoder_layers_(fused) == 0
+    assert type(fused.model.layers[0]).__name__.startswith("Fused")
+    return fused
+
+
+def count_fused_steps(monkeypatch) -> list[int]:
+    calls = [0]
+    step = fused_decoder.DecodeLayer._fused_step
+
+    def counted(self, *args):
+        calls[0] += 1
+        return step(self, *args)
+
+    monkeypatch.setattr(fused_decoder.DecodeLayer, "_fused_step", counted)
+    return calls
+
+
+def greedy(model, ids, attention_mask):
+    return model.generate(ids, attention_mask=attention_mask, max_new_tokens=4, do_sample=False,
+                          cache_implementation="static", output_scores=True, return_dict_in_generate=True,
+                          pad_token_id=0)
+
+
+def left_padded_batch():
+    ids = torch.randint(3, 96, (2, 6), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :2] = 0
+    return ids, attention_mask
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_generation_matches_the_unfused_packed_model(arch, monkeypatch):
+    """Left-padded batch, greedy: same tokens and scores at every step as the packed model with
+    Hugging Face's layers, every decode step of every layer through the fused layer step (Qwen2:
+    q/k/v biases; Qwen3: per-head q/k norms), the state dict unchanged."""
+    model = packed_model(arch, **({"sliding_window": None} if arch == "mistral" else {}))
+    fused = fused_copy(model)
+    assert fused.state_dict().keys() == copy.deepcopy(model).state_dict().keys()
+    ids, attention_mask = left_padded_batch()
+    calls = count_fused_steps(monkeypatch)
+    want = greedy(model, ids, attention_mask)
+    assert calls[0] == 0
+    got = greedy(fused, ids, attention_mask)
+    assert calls[0] == 3 * 2  # decode steps after the prefill x layers
+    assert_same_generation(want, got)
+
+
+@pytest.mark.skipif(not GPU, reason="fp16 packed layers take the decode kernels on a GPU only")
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gpu_fp16_generation_through_the_kernel_prologue(arch, monkeypatch):
+    """fp16 on the GPU: q/k/v and gate/up normalise their input in the kernel, o_proj and down add
+    the residual in it; the logits follow the unfused model's to fp16 rounding."""
+    model = packed_model(arch, torch.float16)
+    fused = fused_copy(model)
+    ids, attention_mask = left_padded_batch()
+    calls = count_fused_steps(monkeypatch)
+    want = greedy(model, ids, attention_mask)
+    got = greedy(fused, ids, attention_mask)
+    assert calls[0] == 3 * 2
+    for step_got, step_want in zip(got.scores, want.scores):
+        torch.testing.assert_close(step_got.float(), step_want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_dynamic_cache_and_training_keep_the_original_forward(monkeypatch):
+    fused = fused_copy(packed_model("llama"))
+    calls = count_fused_steps(monkeypatch)
+    ids = torch.randint(3, 96, (1, 5), device=DEVICE)
+    fused.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)  # DynamicCache
+    fused.train()
+    fused(ids).logits.sum().backward()
+    assert calls[0] == 0
+
+
+def test_layers_without_the_fused_parts_are_left_alone():
+    """Unfused projections, or Hugging Face's attention: the layer keeps its class."""
+    model = packed_model("llama")
+    assert fuse_decoder_layers_(copy.deepcopy(model)) == 0
+    projections_only = copy.deepcopy(model)
+    fuse_projections_(projections_only)
+    assert fuse_decoder_layers_(projections_only) == 0
+    attention_only = copy.deepcopy(model)
+    fuse_decode_attention_(attention_only)
+    assert not any(is_supported_layer(m) for m in attention_only.modules())
+    dense = tiny_model("llama")
+    fuse_decode_attention_(dense)
+    assert fuse_decoder_layers_(dense) == 0
