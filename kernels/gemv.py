@@ -68,6 +68,7 @@ def _dq_gemv1_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     STAGES: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
 ):
     """M = 1 on the CUDA cores. Each program streams a contiguous K range of a ``BLOCK_N`` column
     slice; a step covers ``BLOCK_C`` chunk rows (inside one group). Every packed word is loaded
@@ -99,7 +100,7 @@ def _dq_gemv1_kernel(
     # 261 STL/LDL pairs)
     wait_for_previous_grid(PDL)
     if NORM:
-        r = row_rsqrt(h_ptr, 1, K, stride_h, eps, 1, 512)
+        r = row_rsqrt(h_ptr, 1, K, stride_h, eps, 1, ROW_BLOCK)
         for step in range(s_lo, s_hi):
             normalize_range(h_ptr, g_ptr, x_ptr, r, 1, K, step * BK, stride_h, K, 1, BK, 0)
         tl.debug_barrier()
@@ -202,7 +203,7 @@ def _dq_gemv_tc_kernel(
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
-    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -244,7 +245,7 @@ def _dq_gemv_tc_kernel(
     mask_n = offs_n < N
     dtype = x_ptr.dtype.element_ty
     if NORM:
-        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, 512)
+        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
         for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
             normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, it * BK, stride_h, K, BLOCK_M, BK, 0)
         tl.debug_barrier()
@@ -346,7 +347,7 @@ def gemv1_forward(
     M, K = x.shape
     N = qweight.shape[1]
     y, ws, count, fixup = decode_output(x, N, cfg)
-    xs, row_args, row_constants = launch_rows(ops, x, x)
+    xs, row_args, row_constants = launch_rows(ops, x, x, 1)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv1_kernel, grid)(
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
@@ -384,7 +385,7 @@ def gemv_tc_forward(
         return silu_mul_interleaved(gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg, ops=ops))
     if x.data_ptr() % 8 or x.stride(0) * x.element_size() % 8:  # the kernel reads x in 64-bit words
         x = x.clone()
-    xs, row_args, row_constants = launch_rows(ops, x, x)
+    xs, row_args, row_constants = launch_rows(ops, x, x, 16)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv_tc_kernel, grid)(
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,

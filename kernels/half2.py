@@ -270,11 +270,11 @@ def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
 
 @triton.jit
 def _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BK: tl.constexpr, X_PAIRED: tl.constexpr, NORM: tl.constexpr):
+                     BK: tl.constexpr, X_PAIRED: tl.constexpr, NORM: tl.constexpr, ROW_BLOCK: tl.constexpr):
     """With ``NORM``, the RMSNorm prologue (:mod:`.prologue`) of steps ``s_lo .. s_hi``: x, in
     the pair order the kernel reads, then a barrier."""
     if NORM:
-        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, 512)
+        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
         for step in range(s_lo, s_hi):
             normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, step * BK, stride_h, K, BLOCK_M, BK,
                             (8 if BITS == 3 else 16 // BITS) if X_PAIRED else 0)
@@ -289,6 +289,7 @@ def _dq_gemv_half2_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
     X_PAIRED: tl.constexpr, ACT: tl.constexpr, LANES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
@@ -329,12 +330,12 @@ def _dq_gemv_half2_kernel(
     if ONE_STEP:  # one step per program (lane): its codes stream while the previous grid ends
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
-        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM)
+        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM, ROW_BLOCK)
         s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
-        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM)
+        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM, ROW_BLOCK)
         acc = tl.zeros((xw_rows.shape[0], BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi, LANES):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
@@ -374,7 +375,8 @@ def gemv_half2_forward(
     # sm_90 SASS, per weight and row: 2.16 -> 1.65 at 8 rows, 1.75 -> 1.52 at 4, where the
     # permute launch (~2 us) would cost about what it saves
     paired = M > 4
-    xs, row_args, row_constants = launch_rows(ops, x, pair_x(x, bits) if paired and ops.norm_weight is None else x)
+    xs, row_args, row_constants = launch_rows(ops, x, pair_x(x, bits) if paired and ops.norm_weight is None else x,
+                                              cfg.block_m)
     steps = K // (cfg.block_k * chunk_values(bits))
     if cfg.lanes > 1 and (M > 1 or cfg.block_m != 1 or steps % (cfg.split_k * cfg.lanes)):
         raise ValueError(f"K lanes take one x row and split-K x lanes dividing the {steps} steps, not M = {M}, "

@@ -76,7 +76,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma,
-                     ACT=False, NORM=False, RESIDUAL=False)
+                     ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512)
     return compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
 
 
@@ -91,7 +91,7 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
     constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
                      SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False,
                      ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes,
-                     NORM=False, RESIDUAL=False)
+                     NORM=False, RESIDUAL=False, ROW_BLOCK=512)
     return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 
