@@ -166,4 +166,10 @@ def fuse_decode_attention_(model: nn.Module) -> int:
     modules = [m for m in model.modules() if is_supported_attention(m)]
     for module in modules:
         module.__class__ = _fused_class(type(module))
+    devices = {p.device for m in modules for p in m.parameters() if p.is_cuda}
+    if devices:  # the kernel's arrival counters, made before any compiled step (see reserve_split_k_workspace)
+        from efficientqat.kernels.tiling import reserve_split_k_workspace
+
+        for device in devices:
+            reserve_split_k_workspace(device)
     return len(modules)

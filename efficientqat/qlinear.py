@@ -157,14 +157,17 @@ class PackedLinear(nn.Module):
         """Zero points unpacked once to uint8 ``[G, N]`` for the Triton kernels (a load-time
         repack, cached on the module and outside the state dict; rebuilt if qzeros changes).
         A compiled graph takes the cache as it stands (the compiler cannot trace the data-pointer
-        check; zero points are frozen at inference and the eager warm-up built it)."""
+        check; zero points are frozen at inference and the eager warm-up built it). The first
+        build also reserves the device's split-K workspace, outside any compiled step."""
         cached = getattr(self, "_kernel_zeros_cache", None)
         if torch.compiler.is_compiling() and cached is not None:
             return cached[1]
         stamp = (self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device)
         if cached is None or cached[0] != stamp:
             from efficientqat.kernels import unpack_zeros
+            from efficientqat.kernels.tiling import reserve_split_k_workspace
 
+            reserve_split_k_workspace(self.qzeros.device)
             cached = (stamp, unpack_zeros(self.qzeros, self.spec.bits, self.out_features))
             self._kernel_zeros_cache = cached
         return cached[1]

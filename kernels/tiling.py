@@ -146,6 +146,21 @@ def split_k_workspace(device: torch.device, numel: int, tiles: int) -> SplitKWor
     return entry
 
 
+RESERVED_SUMS = 1 << 21
+"""Partial sums :func:`reserve_split_k_workspace` allocates: 8 MB, M = 16 over N = 131072 (a 70B
+model's fused gate/up is 57344 columns)."""
+RESERVED_TILES = 1 << 14
+
+
+def reserve_split_k_workspace(device: torch.device) -> None:
+    """Allocate the device's workspace now, at its reserved size: a model's first decode step
+    may run under ``torch.compile``'s CUDA-graph trees (Hugging Face ``generate()`` with a static
+    cache compiles decode steps), whose first, eager run sends allocations to the graph's pool
+    and fails if any stays alive outside the outputs, as a workspace made there would."""
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        split_k_workspace(device, RESERVED_SUMS, RESERVED_TILES)
+
+
 def zero_workspaces() -> None:
     """Restore the workspace invariant after launches that may have broken it (the tuner calls
     this after trying configurations, one of which may compute something else)."""

@@ -259,7 +259,7 @@ def test_load_quantized_fuses_attention_over_fused_projections(tmp_path, monkeyp
     spec = QuantSpec(4, 64)
     save_packed_model(random_packed_model(96, spec, seed=4), None, tmp_path / "model", spec)
     write_json(tmp_path / "state.json", {"stage": "blockap", "done": True})
-    served = load_quantized(tmp_path, device=DEVICE)
+    served = load_quantized(tmp_path, device=DEVICE, fused_layers=False)  # see test_fused_decoder for those
     plain = load_quantized(tmp_path, device=DEVICE, fuse=False, fused_attention=False)
     assert type(served.model.layers[0].self_attn).__name__ == "FusedLlamaAttention"
     assert type(plain.model.layers[0].self_attn).__name__ == "LlamaAttention"

@@ -134,3 +134,33 @@ def test_layers_without_the_fused_parts_are_left_alone():
     dense = tiny_model("llama")
     fuse_decode_attention_(dense)
     assert fuse_decoder_layers_(dense) == 0
+
+
+def test_load_quantized_fuses_the_decoder_layers(tmp_path, monkeypatch):
+    """``load_quantized`` serves a run folder with the fused layer step by default (state dict in
+    the usual layout); its greedy steps follow the model loaded with no fusion at all (to fp16
+    rounding on a GPU, where the kernels' prologue and epilogue run)."""
+    from test_export import random_packed_model
+
+    from efficientqat import load_quantized
+    from efficientqat.packed_model import save_packed_model
+    from efficientqat.run_folder import write_json
+
+    spec = QuantSpec(4, 64)
+    save_packed_model(random_packed_model(96, spec, seed=5), None, tmp_path / "model", spec)
+    write_json(tmp_path / "state.json", {"stage": "blockap", "done": True})
+    served = load_quantized(tmp_path, device=DEVICE)
+    plain = load_quantized(tmp_path, device=DEVICE, fuse=False, fused_attention=False, fused_layers=False)
+    assert type(served.model.layers[0]).__name__ == "FusedLlamaDecoderLayer"
+    assert type(plain.model.layers[0]).__name__ == "LlamaDecoderLayer"
+    assert served.state_dict().keys() == plain.state_dict().keys()
+    ids, attention_mask = left_padded_batch()
+    calls = count_fused_steps(monkeypatch)
+    want = greedy(plain, ids, attention_mask)
+    got = greedy(served, ids, attention_mask)
+    assert calls[0] == 3 * 2
+    if GPU:
+        for step_got, step_want in zip(got.scores, want.scores):
+            torch.testing.assert_close(step_got.float(), step_want.float(), rtol=2e-2, atol=2e-2)
+    else:
+        assert_same_generation(want, got)
