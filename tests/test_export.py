@@ -13,42 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_pipeline
+from conftest import load_pipeline, random_packed_model
 from efficientqat import load_quantized
 from efficientqat.errors import ConfigError, RunFolderError
 from efficientqat.export import export
 from efficientqat.exporters.common import packed_layers
 from efficientqat.exporters.compressed_tensors import pack_words
 from efficientqat.exporters.read_compressed_tensors import _unpack_rows
-from efficientqat.model_utils import decoder_layers, linear_modules, set_submodule
 from efficientqat.packed_model import save_packed_model
-from efficientqat.qlinear import PackedLinear
 from efficientqat.quantizer import QuantSpec
 from efficientqat.run_folder import write_json
 
 SETTINGS = [(b, g) for b in (2, 3, 4, 8) for g in (64, 128)]
-
-
-def random_packed_model(vocab: int, spec: QuantSpec, seed: int = 0):
-    """A tiny Llama whose decoder Linears are PackedLinear over random codes, extreme zeros."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
-    model = AutoModelForCausalLM.from_config(config).float()
-    for block in decoder_layers(model):
-        for name, linear in linear_modules(block).items():
-            n, k = linear.weight.shape
-            g = spec.n_groups(k)
-            codes = torch.randint(0, spec.qmax + 1, (n, k), dtype=torch.int32)
-            codes[0, :] = 0  # code extremes too
-            codes[1, :] = spec.qmax
-            zero = torch.where(torch.rand(n, g) < 0.5, 0, spec.qmax).to(torch.int32)
-            scale = torch.rand(n, g) * 0.02 / spec.qmax + 1e-3
-            set_submodule(block, name, PackedLinear.from_codes(codes, scale, zero, None, spec, torch.float32))
-    return model
 
 
 @pytest.fixture(scope="module")

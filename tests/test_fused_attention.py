@@ -249,7 +249,7 @@ def test_load_quantized_fuses_attention_over_fused_projections(tmp_path, monkeyp
     """A packed run folder loaded for serving: q/k/v come as slices of one fused packed matmul
     (strided views) and feed the kernel; greedy generation matches the model loaded without
     any fusion. ``fused_attention=False`` leaves Hugging Face's forward."""
-    from test_export import random_packed_model
+    from conftest import random_packed_model
 
     from efficientqat import load_quantized
     from efficientqat.packed_model import save_packed_model

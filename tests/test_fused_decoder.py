@@ -140,7 +140,7 @@ def test_load_quantized_fuses_the_decoder_layers(tmp_path, monkeypatch):
     """``load_quantized`` serves a run folder with the fused layer step by default (state dict in
     the usual layout); its greedy steps follow the model loaded with no fusion at all (to fp16
     rounding on a GPU, where the kernels' prologue and epilogue run)."""
-    from test_export import random_packed_model
+    from conftest import random_packed_model
 
     from efficientqat import load_quantized
     from efficientqat.packed_model import save_packed_model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_export import random_packed_model
+from conftest import random_packed_model
 
 from efficientqat import load_quantized
 from efficientqat.exporters.common import packed_layers

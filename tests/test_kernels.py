@@ -1101,7 +1101,7 @@ def test_decode_kernels_normalise_their_input_and_add_the_residual(kernel):
         h = (torch.randn(m, k, generator=gen) * 4).to(DEV, torch.float16)
         res = torch.randn(m, n, generator=gen).to(DEV, torch.float16)
         h_before = h.clone()
-        ref = reference(rms_norm64(h, gamma, 1e-5), q, z, scales, gl, bias)[0] + res.double()
+        ref = reference(rms_norm64(h, gamma, 1e-5), q, z, scales, gl, bias)[0] + res.double().cpu()
         y = launch(h, qw, scales, zeros, bias, bits, gl, cfg, ops=RowOps(gamma, 1e-5, res))
         assert y.shape == (m, n) and rel(y, ref) < 3e-3, (m, cfg)
         assert torch.equal(h, h_before)
@@ -1123,7 +1123,7 @@ def test_row_ops_dispatch_in_the_kernels_and_around_the_gemm():
         res = torch.randn(1, m, n, generator=gen).to(DEV, torch.float16)
         normed = rms_norm64(h[0], gamma, 1e-6)
         y = dequant_linear(h, qw, scales, zeros, None, 4, gl, ops=RowOps(gamma, 1e-6, res))
-        assert y.shape == (1, m, n) and rel(y[0], reference(normed, q, z, scales, gl)[0] + res[0].double()) < 3e-3
+        assert y.shape == (1, m, n) and rel(y[0], reference(normed, q, z, scales, gl)[0] + res[0].double().cpu()) < 3e-3
         if m < 20:
             act = dequant_linear(h, qw, scales, zeros, None, 4, gl, silu_mul=True, ops=RowOps(gamma, 1e-6))
             assert rel(act[0], silu_mul_interleaved(reference(normed, q, z, scales, gl)[0])) < 3e-3
