@@ -73,9 +73,10 @@ def add_residual(acc, res_ptrs, mask, pid_k, RESIDUAL: tl.constexpr):
 
 def row_block(k: int, rows: int) -> int:
     """Columns :func:`row_rsqrt` loads at once for ``rows`` rows of ``k``: the whole row where
-    the tile stays at most 8192 values (64 registers a thread at 4 warps), so a program waits for
-    one round of loads from L2, not one per slice (at 512 columns a slice, the prologue made a 7B
-    w4g128 step's normalising matmuls ~2 us a call slower on an H200, session 13)."""
+    the tile stays at most 8192 values (64 registers a thread at 4 warps), one round of loads
+    from L2 instead of one per 512 columns. On an H200 (session 13) this did not change the 7B
+    w4g128 step (packed matmuls 1557 us with 512-column slices, 1556 us with whole rows): the
+    prologue's ~1 us a normalising call is not the sum of squares' loads."""
     return max(512, min(triton.next_power_of_2(k), 8192 // rows))
 
 
