@@ -21,6 +21,8 @@ import os
 import torch
 from torch import nn
 
+from efficientqat.model_utils import with_mixin
+
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention")
 """Attention classes whose forward is: project (Qwen3: then RMS-normalise each head of q and k,
 ``q_norm`` / ``k_norm``), ``apply_rotary_pos_emb`` (rotate-half), cache update, attention scaled
@@ -145,15 +147,6 @@ class DecodeAttention:
                                    float(self.scaling))
 
 
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _fused_class(cls: type) -> type:
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Fused{cls.__name__}", (DecodeAttention, cls), {"__module__": __name__})
-    return _SUBCLASSES[cls]
-
-
 def is_supported_attention(module: nn.Module) -> bool:
     """One of :data:`SUPPORTED_ATTENTION`, not fused yet (a sliding window is checked per call,
     against the cache length)."""
@@ -165,7 +158,7 @@ def fuse_decode_attention_(model: nn.Module) -> int:
     """Give every supported attention module the fused decode step; returns how many."""
     modules = [m for m in model.modules() if is_supported_attention(m)]
     for module in modules:
-        module.__class__ = _fused_class(type(module))
+        module.__class__ = with_mixin(DecodeAttention, type(module))
     devices = {p.device for m in modules for p in m.parameters() if p.is_cuda}
     if devices:  # the kernel's arrival counters, made before any compiled step (see reserve_split_k_workspace)
         from efficientqat.kernels.tiling import reserve_split_k_workspace

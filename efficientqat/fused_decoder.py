@@ -26,6 +26,7 @@ from torch import nn
 from efficientqat.fused_attention import DecodeAttention
 from efficientqat.fused_mlp import FusedGatedMLP
 from efficientqat.fused_projections import FusedProjection, fused_name
+from efficientqat.model_utils import with_mixin
 from efficientqat.qlinear import PackedLinear
 
 SUPPORTED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
@@ -59,15 +60,6 @@ class DecodeLayer:
         return mlp.down_proj(act, residual=h).unsqueeze(1)
 
 
-_SUBCLASSES: dict[type, type] = {}
-
-
-def _fused_class(cls: type) -> type:
-    if cls not in _SUBCLASSES:
-        _SUBCLASSES[cls] = type(f"Fused{cls.__name__}", (DecodeLayer, cls), {"__module__": __name__})
-    return _SUBCLASSES[cls]
-
-
 def is_supported_layer(module: nn.Module) -> bool:
     """A supported layer, not fused yet, whose parts the fused step needs are in place: the fused
     decode attention with q/k/v as one packed layer, a packed ``o_proj``, the gated MLP with its
@@ -87,5 +79,5 @@ def fuse_decoder_layers_(model: nn.Module) -> int:
     :func:`~efficientqat.fused_attention.fuse_decode_attention_`, whose parts it uses."""
     modules = [m for m in model.modules() if is_supported_layer(m)]
     for module in modules:
-        module.__class__ = _fused_class(type(module))
+        module.__class__ = with_mixin(DecodeLayer, type(module))
     return len(modules)

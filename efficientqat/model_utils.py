@@ -8,6 +8,7 @@ layer's call (so whatever the model passes — attention mask, position ids, rot
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -101,6 +102,14 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
+
+
+@functools.cache
+def with_mixin(mixin: type, cls: type) -> type:
+    """``Fused<cls>``: a subclass of ``cls`` with ``mixin`` first in its bases, one per pair (so
+    isinstance checks and pickling see one class). How the fused decode paths replace a module's
+    forward while keeping its parameters, state dict and exports: ``module.__class__ = ...``."""
+    return type(f"Fused{cls.__name__}", (mixin, cls), {"__module__": mixin.__module__})
 
 
 def move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> None:

@@ -78,6 +78,19 @@ def left_padded_batch():
     return ids, attention_mask
 
 
+def assert_fused_steps_follow(reference, fused, monkeypatch, fp16: bool) -> None:
+    """Greedy generation of a left-padded batch by both models: the reference never takes the fused
+    layer step, the fused model takes it on every decode step of every layer (not on the
+    prefill), and the scores agree (``fp16``: to fp16 rounding)."""
+    ids, attention_mask = left_padded_batch()
+    calls = count_fused_steps(monkeypatch)
+    want = greedy(reference, ids, attention_mask)
+    assert calls[0] == 0
+    got = greedy(fused, ids, attention_mask)
+    assert calls[0] == 3 * 2  # decode steps after the prefill x layers
+    assert_same_generation(want, got, fp16=fp16)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
 def test_generation_matches_the_unfused_packed_model(arch, monkeypatch):
     """Left-padded batch, greedy: same tokens and scores at every step as the packed model with
@@ -86,13 +99,7 @@ def test_generation_matches_the_unfused_packed_model(arch, monkeypatch):
     model = packed_model(arch, **({"sliding_window": None} if arch == "mistral" else {}))
     fused = fused_copy(model)
     assert fused.state_dict().keys() == copy.deepcopy(model).state_dict().keys()
-    ids, attention_mask = left_padded_batch()
-    calls = count_fused_steps(monkeypatch)
-    want = greedy(model, ids, attention_mask)
-    assert calls[0] == 0
-    got = greedy(fused, ids, attention_mask)
-    assert calls[0] == 3 * 2  # decode steps after the prefill x layers
-    assert_same_generation(want, got)
+    assert_fused_steps_follow(model, fused, monkeypatch, fp16=False)
 
 
 @pytest.mark.skipif(not GPU, reason="fp16 packed layers take the decode kernels on a GPU only")
@@ -102,12 +109,7 @@ def test_gpu_fp16_generation_through_the_kernel_prologue(arch, monkeypatch):
     the residual in it; the logits follow the unfused model's to fp16 rounding."""
     model = packed_model(arch, torch.float16)
     fused = fused_copy(model)
-    ids, attention_mask = left_padded_batch()
-    calls = count_fused_steps(monkeypatch)
-    want = greedy(model, ids, attention_mask)
-    got = greedy(fused, ids, attention_mask)
-    assert calls[0] == 3 * 2
-    assert_same_generation(want, got, fp16=True)
+    assert_fused_steps_follow(model, fused, monkeypatch, fp16=True)
 
 
 def test_dynamic_cache_and_training_keep_the_original_forward(monkeypatch):
@@ -153,9 +155,4 @@ def test_load_quantized_fuses_the_decoder_layers(tmp_path, monkeypatch):
     assert type(served.model.layers[0]).__name__ == "FusedLlamaDecoderLayer"
     assert type(plain.model.layers[0]).__name__ == "LlamaDecoderLayer"
     assert served.state_dict().keys() == plain.state_dict().keys()
-    ids, attention_mask = left_padded_batch()
-    calls = count_fused_steps(monkeypatch)
-    want = greedy(plain, ids, attention_mask)
-    got = greedy(served, ids, attention_mask)
-    assert calls[0] == 3 * 2
-    assert_same_generation(want, got, fp16=GPU)
+    assert_fused_steps_follow(plain, served, monkeypatch, fp16=GPU)
