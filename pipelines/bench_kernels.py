@@ -116,7 +116,12 @@ def set_kernels(on: bool) -> None:
 
 
 def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy_bw: float, train: bool,
-                out_file: Path | None = None) -> None:
+                out_file: Path | None = None, row_ops: bool = False) -> None:
+    """Time the layer (N, K) at each M against cuBLAS and the PyTorch path; ``row_ops``: at decode
+    sizes also with an RMSNorm of its input in the kernel's prologue (``efficientqat.row_ops``),
+    what a decoder layer's q/k/v and gate/up calls pay."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
     dev = "cuda"
     layer = make_layer(n, k, spec, dev)
     packed_bytes = layer.qweight.numel() * 4 + layer.scales.numel() * 2 + layer.scales.numel()
@@ -141,13 +146,17 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
                 layer_copy(x_copy)
             t_tri = rotated(lambda i: layers[i](xs[i]), len(layers), graphs, iters)
             t_cub = rotated(lambda i: xs[i % len(xs)] @ dense[i].t(), len(dense), graphs, iters)
+            t_norm = float("nan")
+            if row_ops and m <= 16:
+                norm = LlamaRMSNorm(k).to(dev, dt)
+                t_norm = rotated(lambda i: layers[i](xs[i], norm=norm), len(layers), graphs, iters)
             set_kernels(False)
             t_torch = rotated(lambda i: layers[i % 2](xs[i % 2]), 2, graphs, max(5, iters // 5)) \
                 if m < TRAIN_M or n * k <= 8192 * 8192 else float("nan")
             set_kernels(True)
         moved = packed_bytes + m * k * 2 + m * n * 2
         row = dict(n=n, k=k, quant=spec.name, m=m, dtype=str(dt).replace("torch.", ""), rel_err=rel,
-                   triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch, bytes=moved,
+                   triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch, norm_ms=t_norm, bytes=moved,
                    bw_frac=moved / (t_tri * 1e-3) / copy_bw,
                    speedup_cublas=t_cub / t_tri, speedup_torch=t_torch / t_tri)
         if train and m >= TRAIN_M:
@@ -212,8 +221,8 @@ def table(rows: list, copy_bw: float, device: str) -> str:
     lines = [f"device: {device}; copy bandwidth {copy_bw / 1e12:.2f} TB/s (read+write)",
              "| N x K | quant | M | dtype | triton us | cuBLAS us | torch us | x cuBLAS | x torch | BW/copy | "
              "fwd+bwd triton ms | cuBLAS ms | torch ms | x cuBLAS | x torch | peak MiB tri/torch | "
-             "GPU-only fwd+bwd triton / cuBLAS ms (x) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "GPU-only fwd+bwd triton / cuBLAS ms (x) | with RMSNorm prologue us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         fb = ""
         if "triton_fb_ms" in r:
@@ -225,7 +234,7 @@ def table(rows: list, copy_bw: float, device: str) -> str:
             fb = " | | | | | | |"
         lines.append(f"| {r['n']}x{r['k']} | {r['quant']} | {r['m']} | {r['dtype']} | {r['triton_ms'] * 1e3:.1f} | "
                      f"{r['cublas_ms'] * 1e3:.1f} | {r['torch_ms'] * 1e3:.1f} | {r['speedup_cublas']:.2f} | "
-                     f"{r['speedup_torch']:.2f} | {r['bw_frac']:.2f} |{fb}")
+                     f"{r['speedup_torch']:.2f} | {r['bw_frac']:.2f} |{fb} {r.get('norm_ms', float('nan')) * 1e3:.1f} |")
     return "\n".join(lines)
 
 
@@ -297,6 +306,8 @@ def main() -> None:
     ap.add_argument("--small-quants-ms", default="1,4,16",
                     help="M values for quant settings other than the first (the first gets all --ms)")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--row-ops", action="store_true",
+                    help="at M <= 16 also time each layer with the RMSNorm prologue of a fused decoder layer")
     ap.add_argument("--fit", nargs="+", type=Path, metavar="FILE", help="print the cost model of stored runs and stop")
     args = ap.parse_args()
     if args.fit:
@@ -316,7 +327,7 @@ def main() -> None:
         spec = QuantSpec.from_name(q)
         for n, k in shapes:
             bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train,
-                        out / "bench_kernels.partial.json")
+                        out / "bench_kernels.partial.json", args.row_ops)
     fits = cost_model(rows)
     (out / "bench_kernels.json").write_text(json.dumps(
         {"device": device, "copy_bw": copy_bw, "rows": rows, "cost_model": fits}, indent=1))

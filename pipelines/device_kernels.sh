@@ -14,6 +14,7 @@
 #   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
 #   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
 #                                                     # layer shapes, with the fixed-cost / streaming-rate fit
+#                                                     # and each layer again with the RMSNorm prologue
 #   bash pipelines/device_kernels.sh large [QUANT]    # forward + backward at M = 2048 on the five layer shapes
 #                                                     # (bf16, against cuBLAS and dequantize-then-matmul)
 #   bash pipelines/device_kernels.sh tuning [QUANT]   # first-start tuning time of the 4096^2 layer at M = 1,
@@ -62,7 +63,7 @@ case $stage in
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
   layers)
-    timeout 560 python3 pipelines/bench_kernels.py --out "$out/layers" --no-train --ms 1 --small-quants-ms 1 \
+    timeout 560 python3 pipelines/bench_kernels.py --out "$out/layers" --no-train --ms 1 --small-quants-ms 1 --row-ops \
       --quants "${2:-w4g128,w3g128,w2g64}" --shapes "4096,4096;12288,4096;22016,4096;4096,11008" 2>&1 \
       | grep -E "^\||^device" | tail -20 ;;
   large)
