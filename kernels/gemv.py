@@ -26,7 +26,8 @@ from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
 from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_range, row_rsqrt
-from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
+from .tiling import (add_bias, decode_output, launch_options, launcher, release_next_grid, store_decode,
+                     wait_for_previous_grid)
 from .tuning import Config
 from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
@@ -116,6 +117,7 @@ def _dq_gemv1_kernel(
         acc += _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g,
                            field_mask, one_bits, BITS, GROUP, BLOCK_C)
 
+    release_next_grid(PDL)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     acc = add_residual(acc, res_ptr + offs_n, mask_n, pid_k, RESIDUAL)
     store_decode(y_ptr + offs_n, mask_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP, False)
@@ -300,6 +302,7 @@ def _dq_gemv_tc_kernel(
                 w = (slot_unit(w0, w1, w2, j, BITS, FIELD_MASK, ONE_BITS) * s_mul + s_add).to(dtype)
                 acc = tl.dot(xj, w, acc, input_precision=DOT_PREC)
 
+    release_next_grid(PDL)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
     acc = add_residual(acc, res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask, pid_k, RESIDUAL)

@@ -42,7 +42,8 @@ from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
 from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_range, row_rsqrt
-from .tiling import add_bias, decode_output, launch_options, launcher, store_decode, wait_for_previous_grid
+from .tiling import (add_bias, decode_output, launch_options, launcher, release_next_grid, store_decode,
+                     wait_for_previous_grid)
 from .tuning import HALF2_BITS, Config, interpreting
 
 MAGIC = 0x64006400
@@ -341,6 +342,7 @@ def _dq_gemv_half2_kernel(
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
             s, z = _group_row(s_ptr, z_ptr, ((step + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_x, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+    release_next_grid(PDL)
     if LANES > 1:
         acc = tl.sum(acc, axis=0)[None, :]
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)

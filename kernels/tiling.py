@@ -101,14 +101,23 @@ def store_decode(y_ptrs, y_mask, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.cons
 
 @triton.jit
 def wait_for_previous_grid(PDL: tl.constexpr):
-    """Under programmatic dependent launch: let the next kernel in the stream launch now (its
-    programs wait in their own call of this), then wait until the previous kernel has finished
-    and its writes (our x, the shared workspace) are visible. Only the packed codes may be read
-    before this call: frozen integers that no kernel just before a matmul writes (scales and
-    zero points may be: an optimizer step, the zero-point unpack on first use)."""
+    """Under programmatic dependent launch: wait until the previous kernel has finished and its
+    writes (our x, the shared workspace) are visible. Only the packed codes may be read before
+    this call: frozen integers that no kernel just before a matmul writes (scales and zero points
+    may be: an optimizer step, the zero-point unpack on first use)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release_next_grid(PDL: tl.constexpr):
+    """Under programmatic dependent launch: let the next kernel in the stream launch, its programs
+    loading their codes up to their own :func:`wait_for_previous_grid`. Called once a program's
+    main loop is done, so the next kernel's programs take room on the SMs as this one's last wave
+    drains, not while programs of it still wait for room. (Triggered first thing, before session
+    13, every decode matmul under ``bench_generate --pdl`` took 144 us a step longer, session 7.)"""
     if PDL:
         gdc_launch_dependents()
-        gdc_wait()
 
 
 @dataclass
