@@ -36,7 +36,7 @@ class RowOps:
         """From an RMSNorm module (``weight`` and ``variance_epsilon``, as Llama's, Mistral's and
         Qwen's have) and / or a residual."""
         if norm is None:
-            return cls(residual=residual)
+            return NO_ROW_OPS if residual is None else cls(residual=residual)
         return cls(norm.weight, float(norm.variance_epsilon), residual)
 
     @property

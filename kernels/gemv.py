@@ -25,7 +25,7 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
-from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_range, row_rsqrt
+from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_steps
 from .tiling import (add_bias, decode_output, launch_options, launcher, release_next_grid, store_decode,
                      wait_for_previous_grid)
 from .tuning import Config
@@ -100,11 +100,7 @@ def _dq_gemv1_kernel(
     # first thing: loading the first words before it, as half2.py does, spilled here (sm_90 SASS:
     # 261 STL/LDL pairs)
     wait_for_previous_grid(PDL)
-    if NORM:
-        r = row_rsqrt(h_ptr, 1, K, stride_h, eps, 1, ROW_BLOCK)
-        for step in range(s_lo, s_hi):
-            normalize_range(h_ptr, g_ptr, x_ptr, r, 1, K, step * BK, stride_h, K, 1, BK, 0)
-        tl.debug_barrier()
+    normalize_steps(h_ptr, g_ptr, x_ptr, 1, K, stride_h, eps, s_lo, s_hi, 1, 1, BK, 0, NORM, ROW_BLOCK)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if PREFETCH:
         n0, n1, n2 = _gemv1_words(qw_ptr, s_lo, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
@@ -246,11 +242,8 @@ def _dq_gemv_tc_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     dtype = x_ptr.dtype.element_ty
-    if NORM:
-        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
-        for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
-            normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, it * BK, stride_h, K, BLOCK_M, BK, 0)
-        tl.debug_barrier()
+    normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, pid_k, tl.cdiv(K, BK), SPLIT_K, BLOCK_M, BK, 0, NORM,
+                    ROW_BLOCK)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):

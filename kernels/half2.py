@@ -41,7 +41,7 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
-from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_range, row_rsqrt
+from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_steps
 from .tiling import (add_bias, decode_output, launch_options, launcher, release_next_grid, store_decode,
                      wait_for_previous_grid)
 from .tuning import HALF2_BITS, Config, interpreting
@@ -270,19 +270,6 @@ def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
 
 
 @triton.jit
-def _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BK: tl.constexpr, X_PAIRED: tl.constexpr, NORM: tl.constexpr, ROW_BLOCK: tl.constexpr):
-    """With ``NORM``, the RMSNorm prologue (:mod:`.prologue`) of steps ``s_lo .. s_hi``: x, in
-    the pair order the kernel reads, then a barrier."""
-    if NORM:
-        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
-        for step in range(s_lo, s_hi):
-            normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, step * BK, stride_h, K, BLOCK_M, BK,
-                            (8 if BITS == 3 else 16 // BITS) if X_PAIRED else 0)
-        tl.debug_barrier()
-
-
-@triton.jit
 def _dq_gemv_half2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
     M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_ym, magic,
@@ -309,6 +296,7 @@ def _dq_gemv_half2_kernel(
     writes for its K range into ``x_ptr`` first (:mod:`.prologue`); ``RESIDUAL``: the rows at
     ``res_ptr`` are added to the output."""
     BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
+    PAIR_HV: tl.constexpr = (8 if BITS == 3 else 16 // BITS) if X_PAIRED else 0  # x's pair order (pair_x)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)[:, None]
@@ -331,12 +319,14 @@ def _dq_gemv_half2_kernel(
     if ONE_STEP:  # one step per program (lane): its codes stream while the previous grid ends
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         wait_for_previous_grid(PDL)
-        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM, ROW_BLOCK)
+        normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, 1, BLOCK_M, BK, PAIR_HV, NORM,
+                        ROW_BLOCK)
         s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     else:
         wait_for_previous_grid(PDL)
-        _normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, BITS, BLOCK_M, BK, X_PAIRED, NORM, ROW_BLOCK)
+        normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, 1, BLOCK_M, BK, PAIR_HV, NORM,
+                        ROW_BLOCK)
         acc = tl.zeros((xw_rows.shape[0], BLOCK_N), dtype=tl.float32)
         for step in range(s_lo, s_hi, LANES):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)

@@ -26,7 +26,7 @@ import triton.language as tl
 
 from efficientqat.row_ops import NO_ROW_OPS, RowOps
 
-__all__ = ["NO_ROW_OPS", "RowOps", "add_residual", "launch_rows", "normalize_range", "row_block", "row_rsqrt"]
+__all__ = ["NO_ROW_OPS", "RowOps", "add_residual", "launch_rows", "normalize_steps", "row_block"]
 
 
 @triton.jit
@@ -60,6 +60,21 @@ def normalize_range(h_ptr, g_ptr, out_ptr, r, M, K, k0, stride_h, stride_out,
         j = k % (2 * PAIR_HV)
         k = k - j + 2 * (j % PAIR_HV) + j // PAIR_HV
     tl.store(out_ptr + offs_m * stride_out + k, value, mask=mask)
+
+
+@triton.jit
+def normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, first, stop, stride,
+                    BLOCK_M: tl.constexpr, BK: tl.constexpr, PAIR_HV: tl.constexpr, NORM: tl.constexpr,
+                    ROW_BLOCK: tl.constexpr):
+    """With ``NORM``, the prologue of a program that reads K steps ``first, first + stride, ...``
+    (below ``stop``) of ``BK`` values: RMSNorm of those steps of the rows at ``h_ptr`` (weight
+    ``g_ptr``) written into ``x_ptr`` (row stride K; ``PAIR_HV``: in pair order), then a barrier,
+    after which the program's threads read x from there."""
+    if NORM:
+        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
+        for step in range(first, stop, stride):
+            normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, step * BK, stride_h, K, BLOCK_M, BK, PAIR_HV)
+        tl.debug_barrier()
 
 
 @triton.jit
