@@ -44,11 +44,11 @@ class RowOps:
         return self.norm_weight is not None or self.residual is not None
 
     def check(self, x: torch.Tensor, n: int) -> None:
-        """Raise ValueError unless the norm weight and residual fit ``x [M, K]`` and ``N = n``."""
-        if self.norm_weight is not None and self.norm_weight.shape != (x.shape[1],):
-            raise ValueError(f"the RMSNorm weight must have shape ({x.shape[1]},), not {tuple(self.norm_weight.shape)}")
-        if self.residual is not None and self.residual.shape != (x.shape[0], n):
-            raise ValueError(f"the residual must have shape ({x.shape[0]}, {n}), not {tuple(self.residual.shape)}")
+        """Raise ValueError unless the norm weight fits ``x [..., K]`` and the residual ``[..., n]``."""
+        if self.norm_weight is not None and self.norm_weight.shape != (x.shape[-1],):
+            raise ValueError(f"the RMSNorm weight must have shape ({x.shape[-1]},), not {tuple(self.norm_weight.shape)}")
+        if self.residual is not None and self.residual.shape != (*x.shape[:-1], n):
+            raise ValueError(f"the residual must have shape {(*x.shape[:-1], n)}, not {tuple(self.residual.shape)}")
 
     def before(self, x: torch.Tensor) -> torch.Tensor:
         """x as the matmul must read it (PyTorch path)."""

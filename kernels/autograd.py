@@ -239,13 +239,11 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise ValueError("qweight/scales/zeros shapes do not match the input size, bits and group")
     if silu_mul and ops.residual is not None:
         raise ValueError("a residual cannot be added to silu(gate) * up: it joins a layer's output")
+    ops.check(x, N)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K).contiguous()
     if ops.residual is not None:
-        if ops.residual.shape != (*lead, N):
-            raise ValueError(f"the residual must have shape {(*lead, N)}, not {tuple(ops.residual.shape)}")
         ops = RowOps(ops.norm_weight, ops.eps, ops.residual.reshape(-1, N).contiguous())
-    ops.check(x2d, N)
     scales = scales.contiguous()
     if bias is not None:
         bias = bias.contiguous()
