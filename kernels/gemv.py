@@ -25,9 +25,9 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
-from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_steps
-from .tiling import (add_bias, decode_output, launch_options, launcher, release_next_grid, store_decode,
-                     wait_for_previous_grid)
+from .prologue import NO_ROW_OPS, RowOps, launch_rows, normalize_steps
+from .tiling import (add_bias, add_in_first_slice, decode_output, launch_options, launcher, release_next_grid,
+                     store_decode, wait_for_previous_grid)
 from .tuning import Config
 from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
@@ -115,7 +115,7 @@ def _dq_gemv1_kernel(
 
     release_next_grid(PDL)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    acc = add_residual(acc, res_ptr + offs_n, mask_n, pid_k, RESIDUAL)
+    acc = add_in_first_slice(acc, res_ptr + offs_n, mask_n, pid_k, RESIDUAL)
     store_decode(y_ptr + offs_n, mask_n, acc, mask_n, ws_ptr + offs_n, count_ptr + pid_n, SPLIT_K, FIXUP, False)
 
 
@@ -298,7 +298,7 @@ def _dq_gemv_tc_kernel(
     release_next_grid(PDL)
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
     mask = mask_m[:, None] & mask_n[None, :]
-    acc = add_residual(acc, res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask, pid_k, RESIDUAL)
+    acc = add_in_first_slice(acc, res_ptr + offs_m[:, None] * stride_res + offs_n[None, :], mask, pid_k, RESIDUAL)
     if ACT:
         offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
         y_mask = mask_m[:, None] & (offs_y < N // 2)[None, :]

@@ -41,9 +41,9 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
-from .prologue import NO_ROW_OPS, RowOps, add_residual, launch_rows, normalize_steps
-from .tiling import (add_bias, decode_output, launch_options, launcher, release_next_grid, store_decode,
-                     wait_for_previous_grid)
+from .prologue import NO_ROW_OPS, RowOps, launch_rows, normalize_steps
+from .tiling import (add_bias, add_in_first_slice, decode_output, launch_options, launcher, release_next_grid,
+                     store_decode, wait_for_previous_grid)
 from .tuning import HALF2_BITS, Config, interpreting
 
 MAGIC = 0x64006400
@@ -336,7 +336,7 @@ def _dq_gemv_half2_kernel(
     if LANES > 1:
         acc = tl.sum(acc, axis=0)[None, :]
     acc = add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS)
-    acc = add_residual(acc, res_ptr + offs_m * stride_res + offs_n, mask_m & mask_n, pid_k, RESIDUAL)
+    acc = add_in_first_slice(acc, res_ptr + offs_m * stride_res + offs_n, mask_m & mask_n, pid_k, RESIDUAL)
     if ACT:
         offs_y = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)[None, :]
         y_mask = mask_m & (offs_y < N // 2)

@@ -12,7 +12,8 @@ normalises it, and the matmul whose output joins the residual stream adds it:
   eps)))``, into a scratch row, and reads x from there. Programs of other column tiles write
   the same values to the same places; after a barrier each program's threads read what they
   themselves wrote, so the hot loops are unchanged (they get another x pointer).
-* epilogue (residual): the first K slice adds the residual rows to its partial sum, as the bias.
+* epilogue (residual): the first K slice adds the residual rows to its partial sum, as the bias
+  (``tiling.add_in_first_slice``).
 
 :class:`efficientqat.row_ops.RowOps` carries both to a launcher (:func:`launch_rows`); where
 no decode kernel runs, its ``before`` and ``after`` do the same in PyTorch.
@@ -26,7 +27,7 @@ import triton.language as tl
 
 from efficientqat.row_ops import NO_ROW_OPS, RowOps
 
-__all__ = ["NO_ROW_OPS", "RowOps", "add_residual", "launch_rows", "normalize_steps", "row_block"]
+__all__ = ["NO_ROW_OPS", "RowOps", "launch_rows", "normalize_steps", "row_block"]
 
 
 @triton.jit
@@ -77,21 +78,12 @@ def normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, first, stop, strid
         tl.debug_barrier()
 
 
-@triton.jit
-def add_residual(acc, res_ptrs, mask, pid_k, RESIDUAL: tl.constexpr):
-    """``acc + residual`` (the tile of residual rows at ``res_ptrs``), added by the first K slice only."""
-    if RESIDUAL:
-        if pid_k == 0:
-            acc += tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return acc
-
-
 def row_block(k: int, rows: int) -> int:
     """Columns :func:`row_rsqrt` loads at once for ``rows`` rows of ``k``: the whole row where
     the tile stays at most 8192 values (64 registers a thread at 4 warps), one round of loads
     from L2 instead of one per 512 columns. On an H200 (session 13) this did not change the 7B
     w4g128 step (packed matmuls 1557 us with 512-column slices, 1556 us with whole rows): the
-    prologue's ~1 us a normalising call is not the sum of squares' loads."""
+    prologue's ~2 us a normalising call is not the sum of squares' loads."""
     return max(512, min(triton.next_power_of_2(k), 8192 // rows))
 
 

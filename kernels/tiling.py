@@ -34,12 +34,19 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def add_in_first_slice(acc, ptrs, mask, pid_k, ON: tl.constexpr):
+    """With ``ON``, ``acc`` plus the values at ``ptrs`` (broadcast to acc's shape), added by the
+    first K slice only: split-K partial sums then include them once."""
+    if ON:
+        if pid_k == 0:
+            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
 def add_bias(acc, b_ptr, offs_n, mask_n, pid_k, HAS_BIAS: tl.constexpr):
     """``acc + bias[offs_n]`` (broadcast over leading rows), added by the first K slice only."""
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    return acc
+    return add_in_first_slice(acc, b_ptr + offs_n, mask_n, pid_k, HAS_BIAS)
 
 
 @triton.jit
