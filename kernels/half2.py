@@ -316,19 +316,22 @@ def _dq_gemv_half2_kernel(
         lane = tl.zeros((1, 1), tl.int32)
         xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
         mask_x = mask_m
-    if ONE_STEP:  # one step per program (lane): its codes stream while the previous grid ends
+    # PEEL: the first step's codes are requested before the wait for the previous grid and the
+    # RMSNorm prologue, so that their DRAM latency runs under both (all of them with ONE_STEP)
+    PEEL: tl.constexpr = ONE_STEP or NORM or PDL
+    first = s_lo
+    if PEEL:
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
-        wait_for_previous_grid(PDL)
-        normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, 1, BLOCK_M, BK, PAIR_HV, NORM,
-                        ROW_BLOCK)
+    wait_for_previous_grid(PDL)
+    normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, 1, BLOCK_M, BK, PAIR_HV, NORM, ROW_BLOCK)
+    if PEEL:
         s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
+        first += LANES
     else:
-        wait_for_previous_grid(PDL)
-        normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, 1, BLOCK_M, BK, PAIR_HV, NORM,
-                        ROW_BLOCK)
         acc = tl.zeros((xw_rows.shape[0], BLOCK_N), dtype=tl.float32)
-        for step in range(s_lo, s_hi, LANES):
+    if not ONE_STEP:
+        for step in range(first, s_hi, LANES):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
             s, z = _group_row(s_ptr, z_ptr, ((step + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_x, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)

@@ -7,7 +7,7 @@ w4g128 7B step at batch 1 (session 12 profile). Here the matmul that reads a nor
 normalises it, and the matmul whose output joins the residual stream adds it:
 
 * prologue (``NORM``): every program sums the squares of its input rows (the whole row: 8 KB
-  at 4096 features, from L2), then writes the normalised values of the K range it reads,
+  at 4096 features, from L2; at M = 1 requested together with the norm weight), then writes the normalised values of the K range it reads,
   rounded as Hugging Face's ``RMSNorm`` rounds them, ``dtype(gamma * dtype(h rsqrt(mean h^2 +
   eps)))``, into a scratch row, and reads x from there. Programs of other column tiles write
   the same values to the same places; after a barrier each program's threads read what they
@@ -47,20 +47,50 @@ def row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M: tl.constexpr, BLOCK: tl.const
 @triton.jit
 def normalize_range(h_ptr, g_ptr, out_ptr, r, M, K, k0, stride_h, stride_out,
                     BLOCK_M: tl.constexpr, BK: tl.constexpr, PAIR_HV: tl.constexpr):
-    """Write ``dtype(gamma * dtype(h r))`` of columns ``k0 .. k0 + BK`` (those below K) of the
-    rows into ``out``, in the plain order, or with ``PAIR_HV`` in ``half2.pair_x``'s pair order
-    (value ``2 HV t + j`` at element ``2 HV t + 2 (j mod HV) + j // HV``)."""
+    """Write :func:`rms_value` of columns ``k0 .. k0 + BK`` (those below K) of the rows into
+    ``out`` at their :func:`pair_position`."""
     offs_m = tl.arange(0, BLOCK_M)[:, None]
     k = k0 + tl.arange(0, BK)[None, :]
     mask = (offs_m < M) & (k < K)
     h = tl.load(h_ptr + offs_m * stride_h + k, mask=mask, other=0.0).to(tl.float32)
     gamma = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
     dtype = out_ptr.dtype.element_ty
-    value = (gamma * (h * r).to(dtype).to(tl.float32)).to(dtype)
+    tl.store(out_ptr + offs_m * stride_out + pair_position(k, PAIR_HV), rms_value(h, gamma, r, dtype), mask=mask)
+
+
+@triton.jit
+def normalize_row(h_ptr, g_ptr, out_ptr, M, K, stride_h, eps, first, stop, stride,
+                  BLOCK_M: tl.constexpr, BK: tl.constexpr, PAIR_HV: tl.constexpr, ROW_BLOCK: tl.constexpr):
+    """:func:`normalize_steps` where the rows fit one load (``K <= ROW_BLOCK``): the rows and the
+    weight are requested together, and the steps ``first, first + stride, ...`` (below ``stop``)
+    are written from the same registers. Two dependent L2 round trips fewer than
+    :func:`row_rsqrt` then :func:`normalize_range`, which read the weight only once r is known."""
+    offs_m = tl.arange(0, BLOCK_M)[:, None]
+    k = tl.arange(0, ROW_BLOCK)[None, :]
+    mask = (offs_m < M) & (k < K)
+    h = tl.load(h_ptr + offs_m * stride_h + k, mask=mask, other=0.0).to(tl.float32)
+    gamma = tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(h * h, axis=1) / K + eps)[:, None]
+    step = k // BK
+    mine = (step >= first) & (step < stop) & ((step - first) % stride == 0)
+    dtype = out_ptr.dtype.element_ty
+    tl.store(out_ptr + offs_m * K + pair_position(k, PAIR_HV), rms_value(h, gamma, r, dtype), mask=mask & mine)
+
+
+@triton.jit
+def rms_value(h, gamma, r, dtype: tl.constexpr):
+    """Hugging Face's RMSNorm rounding of float32 ``h`` scaled by ``r``: ``dtype(gamma * dtype(h r))``."""
+    return (gamma * (h * r).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def pair_position(k, PAIR_HV: tl.constexpr):
+    """Where value ``k`` of a row goes: ``k`` itself, or with ``PAIR_HV`` its place in
+    ``half2.pair_x``'s pair order (value ``2 HV t + j`` at element ``2 HV t + 2 (j mod HV) + j // HV``)."""
     if PAIR_HV:
         j = k % (2 * PAIR_HV)
         k = k - j + 2 * (j % PAIR_HV) + j // PAIR_HV
-    tl.store(out_ptr + offs_m * stride_out + k, value, mask=mask)
+    return k
 
 
 @triton.jit
@@ -72,19 +102,24 @@ def normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, first, stop, strid
     ``g_ptr``) written into ``x_ptr`` (row stride K; ``PAIR_HV``: in pair order), then a barrier,
     after which the program's threads read x from there."""
     if NORM:
-        r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
-        for step in range(first, stop, stride):
-            normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, step * BK, stride_h, K, BLOCK_M, BK, PAIR_HV)
+        if K <= ROW_BLOCK:
+            normalize_row(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, first, stop, stride, BLOCK_M, BK, PAIR_HV,
+                          ROW_BLOCK)
+        else:
+            r = row_rsqrt(h_ptr, M, K, stride_h, eps, BLOCK_M, ROW_BLOCK)
+            for step in range(first, stop, stride):
+                normalize_range(h_ptr, g_ptr, x_ptr, r, M, K, step * BK, stride_h, K, BLOCK_M, BK, PAIR_HV)
         tl.debug_barrier()
 
 
 def row_block(k: int, rows: int) -> int:
-    """Columns :func:`row_rsqrt` loads at once for ``rows`` rows of ``k``: the whole row where
-    the tile stays at most 8192 values (64 registers a thread at 4 warps), one round of loads
-    from L2 instead of one per 512 columns. On an H200 (session 13) this did not change the 7B
-    w4g128 step (packed matmuls 1557 us with 512-column slices, 1556 us with whole rows): the
-    prologue's ~2 us a normalising call is not the sum of squares' loads."""
-    return max(512, min(triton.next_power_of_2(k), 8192 // rows))
+    """Columns :func:`row_rsqrt` loads at once for ``rows`` rows of ``k``: the whole row where the
+    tile (rows and weight) stays at most 4096 values a row block (32 registers a thread each at 4
+    warps), and then :func:`normalize_row` normalises it from registers; else slices of at least
+    512 columns. Session 13 (H200, 7B w4g128 step): whole-row loads followed by the separate
+    range pass took as long as eight 512-column rounds (1556 against 1557 us of packed matmuls),
+    the serial chain of L2 round trips, not their count, being the cost."""
+    return max(512, min(triton.next_power_of_2(k), 4096 // rows))
 
 
 def launch_rows(ops: RowOps, x: torch.Tensor, xs: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple, dict]:

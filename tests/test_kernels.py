@@ -1078,32 +1078,37 @@ def rms_norm64(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
 def test_decode_kernels_normalise_their_input_and_add_the_residual(kernel):
     """``RowOps`` inside the decode kernels: x = RMSNorm(h), written by each program for the K
     range it reads (uneven split-K, one step a program, K lanes, half2's pair order at M > 4, a
-    ragged 3-bit last step on the tensor cores), and the residual added by the first K slice
-    (atomic and in-kernel split-K reductions, with bias), against float64 of the same rounding;
-    the caller's h is left as it was."""
+    ragged 3-bit last step on the tensor cores; rows that fit one load, normalised from
+    registers, and longer rows in slices, both with the tensor cores' strided steps), and the
+    residual added by the first K slice (atomic and in-kernel split-K reductions, with bias),
+    against float64 of the same rounding; the caller's h is left as it was."""
     from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward
     from efficientqat.kernels.half2 import gemv_half2_forward
+    from efficientqat.kernels.prologue import row_block
     from efficientqat.row_ops import RowOps
 
-    bits, group, k = {"gemv1": (4, 128, 512), "tc": (3, 128, 1280), "half2": (2, 64, 512)}[kernel]
+    bits, group = {"gemv1": (4, 128), "tc": (3, 128), "half2": (2, 64)}[kernel]
     launch = {"gemv1": gemv1_forward, "tc": gemv_tc_forward, "half2": gemv_half2_forward}[kernel]
     C = tuning.Config
-    cases = {"gemv1": [(1, C(1, 32, 2, 3, 4, 1)), (1, C(1, 64, 1, 2, 4, 1, fixup=True))],
-             "tc": [(3, C(16, 32, 16, 2, 4, 1, fixup=True)), (9, C(16, 64, 16, 1, 4, 1))],
-             "half2": [(1, C(1, 32, 2, 2, 4, 1, tuning.HALF2, lanes=2)), (1, C(1, 64, 2, 8, 4, 1, tuning.HALF2)),
-                       (3, C(4, 32, 1, 3, 4, 1, tuning.HALF2, fixup=True)), (6, C(8, 32, 2, 1, 4, 1, tuning.HALF2))]}
+    cases = {"gemv1": [(1, 512, C(1, 32, 2, 3, 4, 1)), (1, 512, C(1, 64, 1, 2, 4, 1, fixup=True))],
+             "tc": [(3, 1280, C(16, 32, 16, 2, 4, 1, fixup=True)), (9, 1280, C(16, 64, 16, 1, 4, 1)),
+                    (2, 384, C(16, 32, 4, 2, 4, 1))],
+             "half2": [(1, 512, C(1, 32, 2, 2, 4, 1, tuning.HALF2, lanes=2)), (1, 512, C(1, 64, 2, 8, 4, 1, tuning.HALF2)),
+                       (3, 512, C(4, 32, 1, 3, 4, 1, tuning.HALF2, fixup=True)),
+                       (6, 512, C(8, 32, 2, 1, 4, 1, tuning.HALF2))]}
+    assert {k <= row_block(k, cfg.block_m) for _, k, cfg in cases["tc"]} == {True, False}
     gen = torch.Generator().manual_seed(len(kernel) + 7)
     n = 96
-    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
-    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
-    gamma = (torch.rand(k, generator=gen) + 0.5).to(DEV, torch.float16)
-    for m, cfg in cases[kernel]:
+    for m, k, cfg in cases[kernel]:
+        q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+        bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+        gamma = (torch.rand(k, generator=gen) + 0.5).to(DEV, torch.float16)
         h = (torch.randn(m, k, generator=gen) * 4).to(DEV, torch.float16)
         res = torch.randn(m, n, generator=gen).to(DEV, torch.float16)
         h_before = h.clone()
         ref = reference(rms_norm64(h, gamma, 1e-5), q, z, scales, gl, bias)[0] + res.double().cpu()
         y = launch(h, qw, scales, zeros, bias, bits, gl, cfg, ops=RowOps(gamma, 1e-5, res))
-        assert y.shape == (m, n) and rel(y, ref) < 3e-3, (m, cfg)
+        assert y.shape == (m, n) and rel(y, ref) < 3e-3, (m, k, cfg)
         assert torch.equal(h, h_before)
 
 
