@@ -22,6 +22,7 @@ from efficientqat.fused_attention import fuse_decode_attention_
 from efficientqat.fused_decoder import fuse_decoder_layers_
 from efficientqat.fused_projections import fuse_projections_
 from efficientqat.packed_model import QUANT_METHOD, load_packed_model, quantization_config
+from efficientqat.qlinear import prepare_kernel_zeros_
 from efficientqat.quantizer import QuantSpec
 from efficientqat.run_folder import STATE_FILE
 
@@ -95,7 +96,7 @@ def load_quantized(
         fuse_decode_attention_(model)
     if fused_layers:
         fuse_decoder_layers_(model)
-    return model
+    return prepare_kernel_zeros_(model)
 
 
 def _load_unfused(path: str | Path, device: str | torch.device | None, dtype: torch.dtype | None) -> nn.Module:

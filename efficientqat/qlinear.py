@@ -156,21 +156,31 @@ class PackedLinear(nn.Module):
     def kernel_zeros(self) -> torch.Tensor:
         """Zero points unpacked once to uint8 ``[G, N]`` for the Triton kernels (a load-time
         repack, cached on the module and outside the state dict; rebuilt if qzeros changes).
-        A compiled graph takes the cache as it stands (the compiler cannot trace the data-pointer
-        check; zero points are frozen at inference and the eager warm-up built it). The first
-        build also reserves the device's split-K workspace, outside any compiled step."""
+        A compiled graph takes the cache as it stands where it is on qzeros' device (the compiler
+        cannot trace the data-pointer check; zero points are frozen at inference), so build it
+        before compiling: :func:`prepare_kernel_zeros_`."""
         cached = getattr(self, "_kernel_zeros_cache", None)
-        if torch.compiler.is_compiling() and cached is not None:
+        if torch.compiler.is_compiling():
+            if cached is not None and cached[0][2] == self.qzeros.device:
+                return cached[1]
+        elif cached is not None and cached[0] == self._zeros_stamp():
             return cached[1]
-        stamp = (self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device)
-        if cached is None or cached[0] != stamp:
-            from efficientqat.kernels import unpack_zeros
-            from efficientqat.kernels.tiling import reserve_split_k_workspace
+        return self._build_kernel_zeros()
 
-            reserve_split_k_workspace(self.qzeros.device)
-            cached = (stamp, unpack_zeros(self.qzeros, self.spec.bits, self.out_features))
-            self._kernel_zeros_cache = cached
-        return cached[1]
+    def _zeros_stamp(self) -> tuple:
+        return self.qzeros.data_ptr(), self.qzeros._version, self.qzeros.device
+
+    @torch.compiler.disable
+    def _build_kernel_zeros(self) -> torch.Tensor:
+        """Unpack the zero points and reserve the device's split-K workspace, always eagerly: a
+        compiled step that met an unbuilt cache traced this and torch 2.11's compiler crashed the
+        process (segmentation fault while converting the frame, H200, session 14)."""
+        from efficientqat.kernels import unpack_zeros
+        from efficientqat.kernels.tiling import reserve_split_k_workspace
+
+        reserve_split_k_workspace(self.qzeros.device)
+        self._kernel_zeros_cache = (self._zeros_stamp(), unpack_zeros(self.qzeros, self.spec.bits, self.out_features))
+        return self._kernel_zeros_cache[1]
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Triton path: CUDA, fp16/bf16 activations, triton importable, shapes the kernels take.
@@ -212,3 +222,17 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.name}"
+
+
+def prepare_kernel_zeros_(model: nn.Module) -> nn.Module:
+    """Build the kernel zero points of every packed layer on a GPU now, eagerly, so that a
+    compiled decode step finds them built (:meth:`PackedLinear.kernel_zeros`); a no-op where
+    Triton is missing (those layers run the PyTorch path)."""
+    try:
+        import efficientqat.kernels  # noqa: F401 - the kernels' package, imported only where triton is
+    except ImportError:
+        return model
+    for module in model.modules():
+        if isinstance(module, PackedLinear) and module.qzeros.is_cuda:
+            module.kernel_zeros()
+    return model

@@ -47,6 +47,7 @@ from efficientqat.fused_decoder import fuse_decoder_layers_  # noqa: E402
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
+from efficientqat.qlinear import prepare_kernel_zeros_  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -84,7 +85,7 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse:
         fuse_decoder_layers_(model)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return model.eval()
+    return prepare_kernel_zeros_(model).eval()
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -194,8 +195,10 @@ def bench_model(label: str, model: nn.Module, args: argparse.Namespace, device: 
 
 
 def table(rows: list[dict], batches: list[int]) -> str:
-    base = rows[0]
-    head = "| model | memory GiB | " + " | ".join(f"decode b{b} tok/s (x FP16)" for b in batches) + " | prefill tok/s (x FP16) |"
+    base = rows[0]  # FP16 unless --no-fp16
+    ref = base["model"]
+    head = ("| model | memory GiB | " + " | ".join(f"decode b{b} tok/s (x {ref})" for b in batches)
+            + f" | prefill tok/s (x {ref}) |")
     lines = [head, "|" + "---|" * (3 + len(batches))]
     for r in rows:
         cells = [f"{r['decode'][b]['tokens_per_s']:.1f} ({r['decode'][b]['tokens_per_s'] / base['decode'][b]['tokens_per_s']:.2f}x)"
@@ -225,6 +228,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(load_quantized's default) or Hugging Face's layer forward")
     p.add_argument("--fp16-fused-attention", action="store_true",
                    help="also time the FP16 model with the fused decode attention (row 'FP16+fused-attn')")
+    p.add_argument("--no-fp16", action="store_true",
+                   help="skip the FP16 model (no ratios: to time or debug the quantized settings alone)")
     p.add_argument("--pdl", action="store_true",
                    help="launch every decode matmul (M <= 16) with programmatic dependent launch, whatever the tuner chose")
     p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
@@ -280,7 +285,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shape = TINY if args.tiny else LLAMA2_7B
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    labels = ["FP16", *([FP16_FUSED_ATTENTION] if args.fp16_fused_attention else []), *args.settings.split(",")]
+    labels = [*([] if args.no_fp16 else ["FP16"]), *([FP16_FUSED_ATTENTION] if args.fp16_fused_attention else []),
+              *args.settings.split(",")]
     for label in labels:
         spec = SETTINGS.get(label)
         attention = label == FP16_FUSED_ATTENTION or spec is not None and args.attention == "fused"

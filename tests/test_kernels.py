@@ -151,6 +151,26 @@ def test_matches_packed_linear_torch_path():
     assert layer.kernel_zeros() is layer.kernel_zeros()  # cached, built once
 
 
+def test_kernel_zeros_are_rebuilt_when_the_zero_points_change_and_prepared_on_a_gpu():
+    """The cached kernel zero points follow an in-place change of ``qzeros`` (as an optimizer
+    or a user edit makes), and ``prepare_kernel_zeros_`` builds them ahead of any compiled step
+    for layers on a GPU only (elsewhere the PyTorch path runs and nothing is built)."""
+    from efficientqat.qlinear import prepare_kernel_zeros_
+
+    gen = torch.Generator().manual_seed(12)
+    spec = QuantSpec(4, 64)
+    codes = torch.randint(0, 16, (32, 128), generator=gen, dtype=torch.int32)
+    zero = torch.randint(0, 15, (32, 2), generator=gen, dtype=torch.int32)
+    layer = PackedLinear.from_codes(codes, torch.rand(32, 2, generator=gen) + 0.1, zero, None, spec).to(DEV)
+    model = torch.nn.Sequential(layer)
+    assert prepare_kernel_zeros_(model) is model
+    assert (getattr(layer, "_kernel_zeros_cache", None) is not None) == (DEV == "cuda")
+    before = layer.kernel_zeros().clone()
+    assert torch.equal(before.cpu().t().long(), zero.long())
+    layer.qzeros.copy_(pack_qzeros(zero + 1, 4).to(DEV))
+    assert torch.equal(layer.kernel_zeros().cpu().t().long(), zero.long() + 1)
+
+
 def test_compiled_graph_keeps_the_kernel_as_one_operator():
     """Under torch.compile (fullgraph: no break allowed) the no-grad call is the registered
     ``efficientqat::dequant_matmul`` operator, and the compiled function computes what eager does,
