@@ -79,8 +79,8 @@ def _pick(default, variant: int, other):
 def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> list[tuning.Config]:
     """M <= 16: the CUDA-core kernel's tiles at M = 1, else the tensor-core kernel's; for fp16 x
     the paired-fp16 kernel's after them. Every split-K tile also comes as its twin that reduces
-    split-K in the kernel, and each family's leading tiles, on Hopper, with programmatic
-    dependent launch (:func:`candidates.with_launch_variants`).
+    split-K in the kernel (:func:`candidates.with_launch_variants`); whether the chosen one goes
+    out under programmatic dependent launch is not timed (:func:`tuning.chains_decode_launches`).
 
     At M = 1 with paired-fp16 tiles on offer, only the float32 kernel's first tile stays: it never
     won an fp16 key on the H200 (sessions 6-10, every tuned cache), and its tiles with their twins
@@ -88,11 +88,11 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     model's first start did not fit in 9 minutes.
     That one tile is the tuner's reference output and the fallback should the paired kernel's
     inline PTX not build."""
-    sms, pdl = tuning.sm_count(x.device), tuning.pdl_supported(x.device)
+    sms = tuning.sm_count(x.device)
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
     own = candidates.gemv1_candidates(N, K, bits, group, sms)[:1 if paired else None] if M == 1 else \
         candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
-    return candidates.with_launch_variants(own, pdl) + candidates.with_launch_variants(paired, pdl)
+    return candidates.with_launch_variants(own) + candidates.with_launch_variants(paired)
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -121,7 +121,8 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         options = {}
         x = ops.before(x)
     args = (x, qweight, scales, zeros, bias, bits, group)
-    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c, **options))
+    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c, **options),
+                        chain=M <= SMALL_M and tuning.chains_decode_launches(x.device))
     y = fn(*args, cfg=cfg, **options)
     return y if options else ops.after(y)
 
@@ -161,7 +162,7 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     has_kernel = M > 1 or x.dtype == torch.float16 and bits in tuning.HALF2_BITS
     if M <= SMALL_M and has_kernel and key not in _EPILOGUE_FAILED:
         try:
-            return run(tuning.choose(key, cands, run))
+            return run(tuning.choose(key, cands, run, chain=tuning.chains_decode_launches(x.device)))
         except Exception as err:  # an optional fusion: a compiler that cannot build it costs speed, not the run
             log.warning("the SiLU epilogue does not run here (%s: %s); silu(gate) * up runs after the matmul",
                         type(err).__name__, str(err).splitlines()[-1] if str(err) else "")

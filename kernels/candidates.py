@@ -142,15 +142,13 @@ def launch_twins(cfg: Config, pdl: bool) -> list[Config]:
     return [fixed] + ([replace(fixed, pdl=True)] if pdl else [])
 
 
-def with_launch_variants(cands: list[Config], pdl: bool, lead: int = 2) -> list[Config]:
+def with_launch_variants(cands: list[Config]) -> list[Config]:
     """Decode candidates, then each split-K one reducing in the kernel (``fixup``: one launch
     instead of memset + kernel; in session 6's decode profile the float32 kernel's 512-column
-    tile won o_proj without a fixup twin to try, and its output fill cost 1.8 µs a call), and
-    with ``pdl`` the programmatic-dependent-launch twins of the ``lead`` first (the tables are
-    ordered best first). The tuner keeps a twin only if it times faster."""
+    tile won o_proj without a fixup twin to try, and its output fill cost 1.8 µs a call). The
+    tuner keeps a twin only if it times faster."""
     fixed = [replace(c, fixup=True) for c in cands if c.split_k > 1]
-    chained = [t for c in cands[:lead] for t in launch_twins(c, pdl)[1:]]
-    return list(dict.fromkeys(cands + fixed + chained))
+    return list(dict.fromkeys(cands + fixed))
 
 
 def half2_candidates(M: int, N: int, K: int, bits: int, group: int, sms: int = 132) -> list[Config]:

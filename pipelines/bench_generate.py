@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -230,8 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time the FP16 model with the fused decode attention (row 'FP16+fused-attn')")
     p.add_argument("--no-fp16", action="store_true",
                    help="skip the FP16 model (no ratios: to time or debug the quantized settings alone)")
-    p.add_argument("--pdl", action="store_true",
-                   help="launch every decode matmul (M <= 16) with programmatic dependent launch, whatever the tuner chose")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="decode matmuls (M <= 16) without programmatic dependent launch (the default where supported)")
     p.add_argument("--sdpa", default="auto", choices=["auto", *SDPA_BACKENDS],
                    help="restrict torch's attention kernels, for every model alike (auto: torch chooses)")
     p.add_argument("--profile", action="store_true",
@@ -245,25 +246,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def force_decode_pdl(device: torch.device) -> None:
-    """``--pdl``: the tuner times each launch after an L2 flush, where programmatic dependent
-    launch has no previous matmul's tail to overlap; in a decode step it has. This launches every
-    tuned decode tile (M <= 16) with it, to time that end to end (where the device supports it)."""
-    from dataclasses import replace
-
-    if not tuning.pdl_supported(device):
-        print(f"  --pdl: programmatic dependent launch is not available on {device}; launching as tuned")
-        return
-
-    choose = tuning.choose
-
-    def choose_with_pdl(key, cands, run):
-        cfg = choose(key, cands, run)
-        if "|gemv" in key and not cfg.pdl:
-            cfg = tuning._MEMO[key] = replace(cfg, pdl=True)
-        return cfg
-
-    tuning.choose = choose_with_pdl
+def apply_launch_options(args: argparse.Namespace) -> None:
+    """``--no-pdl``: decode launches without programmatic dependent launch, as the tuner timed them
+    (``EFFICIENTQAT_PDL=0``, read at each layer's first launch)."""
+    if args.no_pdl:
+        os.environ["EFFICIENTQAT_PDL"] = "0"
 
 
 def attention_kernels(name: str):
@@ -280,8 +267,7 @@ def attention_kernels(name: str):
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
-    if args.pdl:
-        force_decode_pdl(device)
+    apply_launch_options(args)
     shape = TINY if args.tiny else LLAMA2_7B
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -299,7 +285,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "layers": args.layers, "pdl": args.pdl, "sdpa": args.sdpa,
+             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "layers": args.layers, "pdl": tuning.chains_decode_launches(device), "sdpa": args.sdpa,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

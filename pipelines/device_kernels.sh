@@ -6,7 +6,7 @@
 #   bash pipelines/device_kernels.sh decoder            # GPU tests of the fused decoder layer and decode attention
 #   bash pipelines/device_kernels.sh generate w4g128 8  # bench_generate --compile --profile at batch 8 (default 1;
 #                                                     # with a fresh cache one batch size per call; further
-#                                                     # arguments go to bench_generate, e.g. --pdl)
+#                                                     # arguments go to bench_generate, e.g. --no-pdl)
 #   bash pipelines/device_kernels.sh attention          # bench_decode_attention: fused decode attention's launch
 #                                                     # shapes against the unfused rotary + cache update + SDPA
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores

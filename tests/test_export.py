@@ -209,23 +209,17 @@ def test_bench_generate_names_an_unknown_setting(capsys):
     assert "unknown --settings w5g128: choose from w2g64,w3g128,w4g128" in capsys.readouterr().err
 
 
-def test_bench_generate_pdl_launches_only_decode_tiles_with_it(monkeypatch):
-    """``--pdl`` turns programmatic dependent launch on for the tuned decode tiles (M <= 16) where
-    the device supports it, records it among the chosen configs, and leaves other kernels (and
-    devices without it) as tuned."""
+def test_bench_generate_no_pdl_turns_chained_decode_launches_off(monkeypatch):
+    """``--no-pdl`` launches the decode tiles as timed, without programmatic dependent launch
+    (the default where the device supports it: ``tuning.chains_decode_launches``)."""
     from efficientqat.kernels import tuning
 
     bench = load_pipeline("bench_generate")
-    tuned = tuning.Config(1, 512, 4, 8, 4, 1)
-    monkeypatch.setattr(tuning, "choose", lambda key, cands, run: tuning._MEMO.setdefault(key, tuned))
-    monkeypatch.setattr(tuning, "_MEMO", {})
-    bench.force_decode_pdl(torch.device("cpu"))  # no PDL on the CPU: nothing changes
-    assert not tuning.choose("cpu|gemv1|m=1", None, None).pdl
     monkeypatch.setattr(tuning, "pdl_supported", lambda device: True)
-    bench.force_decode_pdl(torch.device("cpu"))
-    for key, pdl in (("dev|gemv1|m=1|n=64", True), ("dev|gemv_tc|m=16|n=64", True), ("dev|gemm|m=128|n=64", False)):
-        assert tuning.choose(key, None, None).pdl is pdl
-        assert tuning.chosen_configs()[key]["pdl"] is pdl and tuning.choose(key, None, None).pdl is pdl
+    monkeypatch.delenv("EFFICIENTQAT_PDL", raising=False)
+    assert not bench.parse_args(["--out", "x"]).no_pdl and tuning.chains_decode_launches(torch.device("cpu"))
+    bench.apply_launch_options(bench.parse_args(["--out", "x", "--no-pdl"]))
+    assert not tuning.chains_decode_launches(torch.device("cpu"))
 
 
 def test_step_profile_sorts_kernel_names_into_families():

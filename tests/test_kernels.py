@@ -657,12 +657,28 @@ def test_gemv_tc_ragged_last_step(bits, group, block_c, k):
             assert rel(y, ref) < 1e-5, (m, split)
 
 
-def test_launch_variants_twin_every_split_and_chain_the_leading_tiles():
+def test_launch_variants_twin_every_split():
     base = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 512, 4, 1, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
     fixed = [replace(base[0], fixup=True), replace(base[2], fixup=True)]  # split-K 1 has nothing to reduce
-    assert candidates.with_launch_variants(base, pdl=False) == base + fixed
-    assert candidates.with_launch_variants(base, pdl=True) == base + fixed + [
-        replace(base[0], fixup=True, pdl=True), replace(base[1], pdl=True)]
+    assert candidates.with_launch_variants(base) == base + fixed
+
+
+def test_chained_choice_launches_the_tuned_tile_under_pdl_and_caches_it_as_timed(monkeypatch, tmp_path):
+    """``choose(..., chain=True)``: the tile the tuner picked (here the first, tuning off) goes
+    out under programmatic dependent launch, memoised so; the disk cache, where tuning writes,
+    is not touched by it. ``chains_decode_launches`` holds where PDL is supported unless
+    ``EFFICIENTQAT_PDL=0``."""
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    tiles = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
+    chosen = tuning.choose("dev|gemv1|m=1|n=8", lambda: tiles, lambda c: None, chain=True)
+    assert chosen == replace(tiles[0], pdl=True)
+    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: [], lambda c: None, chain=True) is chosen  # memoised
+    assert not tuning.choose("dev|gemm|m=128|n=8", lambda: tiles, lambda c: None).pdl
+    monkeypatch.setattr(tuning, "pdl_supported", lambda device: True)
+    monkeypatch.setenv("EFFICIENTQAT_PDL", "1")
+    assert tuning.chains_decode_launches(torch.device("cpu"))
+    monkeypatch.setenv("EFFICIENTQAT_PDL", "0")
+    assert not tuning.chains_decode_launches(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
@@ -947,8 +963,10 @@ def test_gpu_half2_matches_float64(bits, group, m):
     q, z, s, qw, zeros, scales, gl = rand_layer(4096, 4096, bits, group, gen, scale_dtype=torch.float16)
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
-    pdl = tuning.pdl_supported(x.device)
-    for cfg in candidates.with_launch_variants(candidates.half2_candidates(m, 4096, 4096, bits, gl), pdl, lead=4):
+    tiles = candidates.with_launch_variants(candidates.half2_candidates(m, 4096, 4096, bits, gl))
+    if tuning.pdl_supported(x.device):
+        tiles += [replace(c, pdl=True) for c in tiles[:4]]
+    for cfg in tiles:
         assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
 
 
