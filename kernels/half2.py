@@ -316,9 +316,13 @@ def _dq_gemv_half2_kernel(
         lane = tl.zeros((1, 1), tl.int32)
         xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
         mask_x = mask_m
-    # PEEL: the first step's codes are requested before the wait for the previous grid and the
-    # RMSNorm prologue, so that their DRAM latency runs under both (all of them with ONE_STEP)
-    PEEL: tl.constexpr = ONE_STEP or NORM or PDL
+    # PEEL: the first step's codes are requested before the wait for the previous grid (and the
+    # RMSNorm prologue), so that their DRAM latency runs under the previous kernel's tail (all of
+    # them with ONE_STEP). Without PDL a normalising launch does not peel: holding the words
+    # through the prologue took 56 -> 80 registers (q/k/v, w2g64) and 72 -> 96 (gate/up), and
+    # its 7B w2g64 packed matmuls took 1385-1391 us a step against session 13's 1334 (H200,
+    # session 14; whole-row prologue in both)
+    PEEL: tl.constexpr = ONE_STEP or PDL
     first = s_lo
     if PEEL:
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
