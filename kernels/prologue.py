@@ -7,9 +7,10 @@ w4g128 7B step at batch 1 (session 12 profile). Here the matmul that reads a nor
 normalises it, and the matmul whose output joins the residual stream adds it:
 
 * prologue (``NORM``): every program sums the squares of its input rows (the whole row: 8 KB
-  at 4096 features, from L2; at M = 1 requested together with the norm weight), then writes the normalised values of the K range it reads,
-  rounded as Hugging Face's ``RMSNorm`` rounds them, ``dtype(gamma * dtype(h rsqrt(mean h^2 +
-  eps)))``, into a scratch row, and reads x from there. Programs of other column tiles write
+  at 4096 features, from L2; at M = 1 requested together with the norm weight), then writes
+  the normalised values of the K range it reads, rounded as Hugging Face's ``RMSNorm`` rounds
+  them, ``dtype(gamma * dtype(h rsqrt(mean h^2 + eps)))``, into a scratch row, and reads x
+  from there. Programs of other column tiles write
   the same values to the same places; after a barrier each program's threads read what they
   themselves wrote, so the hot loops are unchanged (they get another x pointer).
 * epilogue (residual): the first K slice adds the residual rows to its partial sum, as the bias
@@ -63,8 +64,8 @@ def normalize_row(h_ptr, g_ptr, out_ptr, M, K, stride_h, eps, first, stop, strid
                   BLOCK_M: tl.constexpr, BK: tl.constexpr, PAIR_HV: tl.constexpr, ROW_BLOCK: tl.constexpr):
     """:func:`normalize_steps` where the rows fit one load (``K <= ROW_BLOCK``): the rows and the
     weight are requested together, and the steps ``first, first + stride, ...`` (below ``stop``)
-    are written from the same registers. Two dependent L2 round trips fewer than
-    :func:`row_rsqrt` then :func:`normalize_range`, which read the weight only once r is known."""
+    are written from the same registers: one dependent L2 round trip fewer than
+    :func:`row_rsqrt` then :func:`normalize_range`, which request the weight once r is known."""
     offs_m = tl.arange(0, BLOCK_M)[:, None]
     k = tl.arange(0, ROW_BLOCK)[None, :]
     mask = (offs_m < M) & (k < K)
@@ -116,9 +117,11 @@ def row_block(k: int, rows: int) -> int:
     """Columns :func:`row_rsqrt` loads at once for ``rows`` rows of ``k``: the whole row where the
     tile (rows and weight) stays at most 4096 values a row block (32 registers a thread each at 4
     warps), and then :func:`normalize_row` normalises it from registers; else slices of at least
-    512 columns. Session 13 (H200, 7B w4g128 step): whole-row loads followed by the separate
-    range pass took as long as eight 512-column rounds (1556 against 1557 us of packed matmuls),
-    the serial chain of L2 round trips, not their count, being the cost."""
+    512 columns. Measured on an H200, 7B decode step, packed matmuls: whole rows then the range
+    pass took as long as eight 512-column rounds (w4g128: 1556 against 1557 us, session 13);
+    :func:`normalize_row` without PDL, in a tree that also held the first step's codes through
+    it, 1385-1391 against those 1334 us (w2g64, session 14). Where the ~2 us a normalising call
+    go is still open."""
     return max(512, min(triton.next_power_of_2(k), 4096 // rows))
 
 
