@@ -120,7 +120,7 @@ def row_block(k: int, rows: int) -> int:
     512 columns. Measured on an H200, 7B decode step, packed matmuls: whole rows then the range
     pass took as long as eight 512-column rounds (w4g128: 1556 against 1557 us, session 13);
     :func:`normalize_row` without PDL, in a tree that also held the first step's codes through
-    it, 1385-1391 against those 1334 us (w2g64, session 14). Where the ~2 us a normalising call
+    it, 1385-1391 against session 13's 1334 us (w2g64, session 14). Where the ~2 us a normalising call
     go is still open."""
     return max(512, min(triton.next_power_of_2(k), 4096 // rows))
 
