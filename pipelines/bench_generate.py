@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del model
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "layers": args.layers, "pdl": tuning.chains_decode_launches(device), "sdpa": args.sdpa,
+             "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "layers": args.layers,
+             "pdl": tuning.chains_decode_launches(device), "sdpa": args.sdpa,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))
     print(table(rows, args.batches))

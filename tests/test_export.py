@@ -218,6 +218,7 @@ def test_bench_generate_no_pdl_turns_chained_decode_launches_off(monkeypatch):
     monkeypatch.setattr(tuning, "pdl_supported", lambda device: True)
     monkeypatch.delenv("EFFICIENTQAT_PDL", raising=False)
     assert not bench.parse_args(["--out", "x"]).no_pdl and tuning.chains_decode_launches(torch.device("cpu"))
+    monkeypatch.setenv("EFFICIENTQAT_PDL", "1")  # recorded, so the "0" that --no-pdl writes is undone after the test
     bench.apply_launch_options(bench.parse_args(["--out", "x", "--no-pdl"]))
     assert not tuning.chains_decode_launches(torch.device("cpu"))
 
