@@ -122,7 +122,7 @@ def release_next_grid(PDL: tl.constexpr):
     loading their codes up to their own :func:`wait_for_previous_grid`. Called once a program's
     main loop is done, so the next kernel's programs take room on the SMs as this one's last wave
     drains, not while programs of it still wait for room. (Triggered first thing, before session
-    13, every decode matmul under ``bench_generate --pdl`` took 144 us a step longer, session 7.)"""
+    13, every decode matmul under PDL took 144 us a step longer, session 7.)"""
     if PDL:
         gdc_launch_dependents()
 
