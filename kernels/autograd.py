@@ -79,8 +79,9 @@ def _pick(default, variant: int, other):
 def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> list[tuning.Config]:
     """M <= 16: the CUDA-core kernel's tiles at M = 1, else the tensor-core kernel's; for fp16 x
     the paired-fp16 kernel's after them. Every split-K tile also comes as its twin that reduces
-    split-K in the kernel (:func:`candidates.with_launch_variants`); whether the chosen one goes
-    out under programmatic dependent launch is not timed (:func:`tuning.chains_decode_launches`).
+    split-K in the kernel (:func:`candidates.with_launch_variants`); where decode launches chain
+    (:func:`tuning.chains_decode_launches`), the tuner times them as they launch, under
+    programmatic dependent launch (:func:`tuning.chained_twins`).
 
     At M = 1 with paired-fp16 tiles on offer, only the float32 kernel's first tile stays: it never
     won an fp16 key on the H200 (sessions 6-10, every tuned cache), and its tiles with their twins

@@ -275,7 +275,8 @@ def _dq_gemv_half2_kernel(
     M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
-    EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, ONE_STEP: tl.constexpr,
+    EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
+    ONE_STEP: tl.constexpr,
     X_PAIRED: tl.constexpr, ACT: tl.constexpr, LANES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ROW_BLOCK: tl.constexpr,
 ):
@@ -316,19 +317,23 @@ def _dq_gemv_half2_kernel(
         lane = tl.zeros((1, 1), tl.int32)
         xw_rows = x_ptr.to(tl.pointer_type(tl.int32)) + offs_m * stride_xw
         mask_x = mask_m
-    # PEEL: the first step's codes are requested before the wait for the previous grid (and the
-    # RMSNorm prologue), so that their DRAM latency runs under the previous kernel's tail (all of
-    # them with ONE_STEP). Without PDL a normalising launch does not peel: holding the words
-    # through the prologue took 56 -> 80 registers (q/k/v, w2g64) and 72 -> 96 (gate/up), and
-    # its 7B w2g64 packed matmuls took 1385-1391 us a step against session 13's 1334 (H200,
-    # session 14; whole-row prologue in both)
-    PEEL: tl.constexpr = ONE_STEP or PDL
+    # EARLY (under PDL, a tuned choice): the first step's codes are requested before the wait for
+    # the previous grid and the RMSNorm prologue, so that their DRAM latency runs under the previous
+    # kernel's tail. It costs registers: the wait makes the compiler issue all of the step's loads
+    # before it (sm_90 SASS, w2g64 2048 columns, 4 chunks, one step: 128 -> 205 registers, two
+    # waves instead of one), and held through the prologue 56 -> 80 (q/k/v) and 72 -> 96 (gate/up).
+    # On an H200 it won w2g64 2048 x 8 warps at 8192^2 (11.3 against 12.7 us chained) and lost
+    # every w4g128 and w3g128 half2 tile swept there by 1-5 us (session 15), so the tuner times both.
+    # PEEL: the first step outside the loop (all of them with ONE_STEP).
+    PEEL: tl.constexpr = ONE_STEP or EARLY
     first = s_lo
-    if PEEL:
+    if EARLY:
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
     wait_for_previous_grid(PDL)
     normalize_steps(h_ptr, g_ptr, x_ptr, M, K, stride_h, eps, s_lo, s_hi, 1, BLOCK_M, BK, PAIR_HV, NORM, ROW_BLOCK)
     if PEEL:
+        if not EARLY:
+            words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
         s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
         first += LANES
@@ -388,6 +393,7 @@ def gemv_half2_forward(
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
+        EARLY=cfg.pdl and cfg.early,
         ONE_STEP=steps == cfg.split_k * cfg.lanes, X_PAIRED=paired, ACT=silu_mul, LANES=cfg.lanes, **row_constants,
         num_warps=cfg.num_warps, **launch_options(cfg),
     )

@@ -8,7 +8,7 @@ constexprs and this module picks them:
   sound default) is used without timing;
 * on a GPU every valid candidate is compiled first, several at once in worker threads
   (``_precompile``, ``$EFFICIENTQAT_COMPILE_THREADS``), then timed once per key (CUDA-graph replays with the L2
-  flushed before each call, see ``_time_ms``), the leaders twice more (``_fastest``), and the
+  flushed before each call, see ``cold_time_ms``), the leaders twice more (``_fastest``), and the
   winner is stored in
   ``<dir>/kernel_configs-triton<version>-<source hash>.json`` (:data:`CACHE_FILE`), where ``<dir>`` is ``$EFFICIENTQAT_CACHE_DIR`` or
   ``~/.cache/efficientqat``. The key holds the device name, the
@@ -67,6 +67,7 @@ class Config:
     fixup: bool = False  # decode split-K: the last program reduces through a workspace (no memset)
     pdl: bool = False  # decode: programmatic dependent launch (overlaps the previous kernel's tail)
     lanes: int = 1  # paired-fp16 decode at M = 1: K steps summed side by side in one program
+    early: bool = False  # paired-fp16 decode under pdl: the first step's codes requested before the wait
 
 
 DENSE = 9
@@ -186,11 +187,23 @@ def pdl_supported(device: torch.device) -> bool:
 
 def chains_decode_launches(device: torch.device) -> bool:
     """Whether decode launches (M <= 16) go out under programmatic dependent launch: wherever
-    :func:`pdl_supported`, unless ``EFFICIENTQAT_PDL=0``. Not a tuned choice: what it buys is the
-    overlap with the kernel before (codes streaming while that one's last programs drain), which
-    a timing after an L2 flush never has. H200, 7B w2g64 fused decode step at batch 1: 1632
-    against 1792 us a step (session 14)."""
+    :func:`pdl_supported`, unless ``EFFICIENTQAT_PDL=0``. H200, 7B w2g64 fused decode step at
+    batch 1: 1632 against 1792 us a step (session 14)."""
     return pdl_supported(device) and os.environ.get("EFFICIENTQAT_PDL", "1") != "0"
+
+
+def chained_twins(cands: list[Config]) -> list[Config]:
+    """The decode candidates as a chained launch runs them: under PDL, and each paired-fp16 tile
+    also with its first codes requested before the wait (``early``). The tuner times the code that
+    will run: on an H200 (session 15) the PDL build of a tile ran 1-5 us slower than the plain one
+    for every w4g128 / w3g128 paired-fp16 tile at 8192^2 (loads forced ahead of the wait: more
+    registers, fewer programs per SM), so a tile chosen unchained and then chained lost up to
+    2.4 us a call. The overlap with the kernel before is what a cold timing cannot see (0.6-1.4
+    us in a chain of the same layer); it comes on top of whatever tile wins here."""
+    tiles = [c for c in cands if c.variant not in (DENSE, UNFUSED)]
+    return list(dict.fromkeys([replace(c, pdl=True) for c in tiles]
+                              + [replace(c, pdl=True, early=True) for c in tiles if c.variant == HALF2]
+                              + [c for c in cands if c.variant in (DENSE, UNFUSED)]))
 
 
 def make_key(kernel: str, device: torch.device, **fields: object) -> str:
@@ -222,7 +235,7 @@ def _graph_ms(body: Callable[[], object], calls: int = 20) -> float:
     return statistics.median(times)
 
 
-def _time_ms(fn: Callable[[], object], flush_ms: list[float]) -> float:
+def cold_time_ms(fn: Callable[[], object], flush_ms: list[float]) -> float:
     """Device time of ``fn`` with a cold L2, as a layer runs inside a model.
 
     Timed from CUDA-graph replays of (L2 flush, fn) minus the flush alone (``flush_ms`` caches
@@ -254,14 +267,19 @@ def _agrees(out: object, ref: object) -> bool:
 
 def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[Config], object],
            chain: bool = False) -> Config:
-    """The config to launch for ``key``: memoised, cached on disk, else timed (GPU) or the first;
-    with ``chain`` (:func:`chains_decode_launches`) launched under programmatic dependent launch,
-    the cache keeping the tile as timed. ``candidates`` is called only on a miss: building the
-    lists costs 10-20 us of Python, which every layer call would otherwise pay."""
+    """The config to launch for ``key``: memoised, cached on disk, else timed (GPU) or the first.
+    With ``chain`` (:func:`chains_decode_launches`) the candidates are their
+    :func:`chained_twins`, tuned and cached under their own key (``key|pdl``). ``candidates`` is
+    called only on a miss: building the lists costs 10-20 us of Python, which every layer call
+    would otherwise pay."""
+    if chain:
+        key += "|pdl"
     cfg = _MEMO.get(key)
     if cfg is not None:
         return cfg
     cands = list(candidates())
+    if chain:
+        cands = chained_twins(cands)
     if not cands:
         raise ValueError(f"no valid kernel configuration for {key}")
     if not autotune_enabled():
@@ -285,8 +303,8 @@ def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[
             zero_workspaces()  # a rejected configuration may have left partial sums behind
             CACHE.put(key, cfg)
             log.info("tuned %s in %.1f s: %s", key, time.perf_counter() - start, cfg)
-    _MEMO[key] = replace(cfg, pdl=True) if chain else cfg
-    return _MEMO[key]
+    _MEMO[key] = cfg
+    return cfg
 
 
 FINALISTS = 3
@@ -348,7 +366,7 @@ def _fastest(cands: list[Config], run: Callable[[Config], object]) -> Config:
                 ref = out
             elif not _agrees(out, ref):
                 continue
-            times[c] = [_time_ms(lambda: run(c), flush_ms)]
+            times[c] = [cold_time_ms(lambda: run(c), flush_ms)]
         except Exception:  # e.g. out of shared memory for this tile: skip it
             continue
     if not times:
@@ -357,5 +375,5 @@ def _fastest(cands: list[Config], run: Callable[[Config], object]) -> Config:
     if len(finalists) > 1:
         for _ in range(2):
             for c in finalists:
-                times[c].append(_time_ms(lambda: run(c), flush_ms))
+                times[c].append(cold_time_ms(lambda: run(c), flush_ms))
     return min(finalists, key=lambda c: statistics.median(times[c]))

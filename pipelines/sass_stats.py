@@ -89,7 +89,7 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
              **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym", "magic")}}
     steps = K // (block_c * chunk_values(bits))
     constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
-                     SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False,
+                     SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False, EARLY=False,
                      ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes,
                      NORM=False, RESIDUAL=False, ROW_BLOCK=512)
     return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)

@@ -9,7 +9,10 @@ kernel's; for M > 1 the tensor-core kernel's (BLOCK_N, split-K, warps, stages) a
 paired-fp16 tiles. Every tile is checked against the
 float32 dequantized product and timed as CUDA-graph replays of a pass over rotated layer copies
 (> 256 MB, so weights come from DRAM as inside a model), next to cuBLAS fp16 ``x @ W.T`` on the
-same rotation. Rows go to ``<out>/sweep_decode.json``; the best tiles are printed last.
+same rotation; and, as the tuner times it (``tuning.cold_time_ms``: one call after an L2 flush,
+so nothing overlaps it), "cold". A launch under programmatic dependent launch gains only in
+the rotation, where it overlaps the call before. Rows go to ``<out>/sweep_decode.json``; the
+best tiles are printed last.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -90,14 +94,16 @@ def kernel_name(cfg: tuning.Config) -> str:
 
 def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tuning.Config]:
     """``cfg`` as each wanted write-back / launch: ``plain`` (memset + atomics), ``fixup`` (split-K
-    reduced in the kernel), ``pdl`` (fixup where split-K, and programmatic dependent launch)."""
+    reduced in the kernel), ``pdl`` (fixup where split-K, and programmatic dependent launch),
+    ``early`` (pdl with a paired-fp16 tile's first codes requested before the wait)."""
     twins = candidates.launch_twins(cfg, pdl)
-    out = {"plain": cfg, "fixup": twins[0], "pdl": twins[-1]}
+    out = {"plain": cfg, "fixup": twins[0], "pdl": twins[-1],
+           "early": replace(twins[-1], early=True) if pdl and cfg.variant == tuning.HALF2 else twins[-1]}
     return list(dict.fromkeys(out[w] for w in wanted))
 
 
 def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, kernels: set[str],
-          variants: list[str], k_major: bool = False) -> list[dict]:
+          variants: list[str], k_major: bool = False, first_tiles: int | None = None) -> list[dict]:
     spec = QuantSpec.from_name(quant)
     first = make_layer(n, k, spec, "cuda")
     packed = first.qweight.numel() * 4 + first.scales.numel() * 3
@@ -113,8 +119,9 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
     table, rest = gemv1_grid(n, k, spec.bits, spec.group_size, sms) if m == 1 else ([], [])
     grid = list(dict.fromkeys(table + tc_grid(m, n, k, spec.bits, spec.group_size, sms) + rest))  # budget cuts the end
     pdl = tuning.pdl_supported(torch.device("cuda"))
-    grid = [v for cfg in grid if kernel_name(cfg) in kernels for v in launch_variants(cfg, variants, pdl)]
-    rows, deadline = [], time.monotonic() + budget_s
+    grid = [cfg for cfg in grid if kernel_name(cfg) in kernels][:first_tiles]
+    grid = [v for cfg in grid for v in launch_variants(cfg, variants, pdl)]
+    rows, deadline, flush_ms = [], time.monotonic() + budget_s, []
     for cfg in grid:
         if time.monotonic() > deadline:
             print(f"{quant} M={m}: time budget spent, rest of the grid skipped", flush=True)
@@ -130,10 +137,12 @@ def sweep(n: int, k: int, quant: str, m: int, copy_bw: float, budget_s: float, k
             print(f"{quant} {cfg}: skipped ({type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''})", flush=True)
             continue
         t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
+        cold = tuning.cold_time_ms(lambda: call(0), flush_ms)
         rows.append(dict(n=n, k=k, quant=quant, m=m, kernel=kernel_name(cfg) + ("/K-major" if k_major else ""),
                          block_n=cfg.block_n, block_c=cfg.block_k, split_k=cfg.split_k, warps=cfg.num_warps,
-                         variant=cfg.variant, stages=cfg.num_stages, fixup=cfg.fixup, pdl=cfg.pdl, lanes=cfg.lanes,
-                         us=t * 1e3, cublas_us=t_cublas * 1e3,
+                         variant=cfg.variant, stages=cfg.num_stages, fixup=cfg.fixup, pdl=cfg.pdl, early=cfg.early,
+                         lanes=cfg.lanes,
+                         us=t * 1e3, cold_us=cold * 1e3, cublas_us=t_cublas * 1e3,
                          x_cublas=t_cublas / t, bw_frac=(packed + 2 * m * (n + k)) / (t * 1e-3) / copy_bw, rel_err=err))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -149,13 +158,16 @@ def main() -> None:
     ap.add_argument("--kernels", default="gemv1,half2,tc,tcp", help="which kernel families to sweep")
     ap.add_argument("--variants", default="plain,fixup,pdl",
                     help="write-back / launch of each tile: plain (memset + atomics), fixup (in-kernel split-K "
-                         "reduction), pdl (fixup + programmatic dependent launch)")
+                         "reduction), pdl (fixup + programmatic dependent launch), early (pdl, a paired-fp16 "
+                         "tile's first codes loaded before the wait)")
+    ap.add_argument("--first", type=int, default=None,
+                    help="sweep only the first N tiles of the kernels asked for (the tuner's own candidates come first)")
     ap.add_argument("--k-major", action="store_true",
                     help="codes stored K-major (each column's words contiguous) instead of N-major")
     args = ap.parse_args()
     variants = args.variants.split(",")
-    if not set(variants) <= {"plain", "fixup", "pdl"}:
-        raise SystemExit(f"--variants takes plain, fixup and pdl, not {args.variants}")
+    if not set(variants) <= {"plain", "fixup", "pdl", "early"}:
+        raise SystemExit(f"--variants takes plain, fixup, pdl and early, not {args.variants}")
     kernels = set(args.kernels.split(","))
     if not kernels <= {"gemv1", "half2", "tc", "tcp"}:
         raise SystemExit(f"--kernels takes gemv1, half2, tc and tcp (tensor cores, paired codes), not {args.kernels}")
@@ -165,15 +177,16 @@ def main() -> None:
         raise SystemExit(f"--m takes row counts from 1 to 16, not {args.m}")
     copy_bw = copy_bandwidth()
     cases = list(itertools.product(args.quants.split(","), ms))
-    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels, variants, args.k_major)]
+    rows = [r for q, m in cases for r in sweep(n, k, q, m, copy_bw, args.budget_s, kernels, variants, args.k_major,
+                                                               args.first)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sweep_decode.json").write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows}, indent=1))
-    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | lanes | variant | stages | fixup | pdl | us | x cuBLAS | BW/copy |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| quant | M | kernel | BLOCK_N | warps | BLOCK_C | split | lanes | variant | stages | fixup | pdl | early | us | cold us | x cuBLAS | BW/copy |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for q, m in cases:
-        for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:5]:
+        for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:8]:
             print(f"| {q} | {m} | {r['kernel']} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | "
-                  f"{r['lanes']} | {r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r['us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+                  f"{r['lanes']} | {r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r.get('early', False)} | {r['us']:.1f} | {r['cold_us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch, ca
         fn()
         return samples[current[0]].pop(0)
 
-    monkeypatch.setattr(tuning, "_time_ms", fake_time)
+    monkeypatch.setattr(tuning, "cold_time_ms", fake_time)
     with caplog.at_level(logging.INFO, logger=tuning.__name__):
         assert tuning.choose("cpu|test|m=1", lambda: [b, bad, d, c, wrong, a], run) == a
     assert [len(samples[x]) for x in (a, b, c, d, wrong)] == [0, 0, 0, 2, 3]
@@ -323,7 +323,7 @@ def test_tuner_compiles_every_tile_in_worker_threads_before_timing_any(monkeypat
         fn()
         return float(events[-1][0].block_n)
 
-    monkeypatch.setattr(tuning, "_time_ms", fake_time)
+    monkeypatch.setattr(tuning, "cold_time_ms", fake_time)
     monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "3")
     assert tuning._fastest(tiles, run) == tiles[0]
     built = [e for e in events if e[1]]
@@ -663,17 +663,45 @@ def test_launch_variants_twin_every_split():
     assert candidates.with_launch_variants(base) == base + fixed
 
 
-def test_chained_choice_launches_the_tuned_tile_under_pdl_and_caches_it_as_timed(monkeypatch, tmp_path):
-    """``choose(..., chain=True)``: the tile the tuner picked (here the first, tuning off) goes
-    out under programmatic dependent launch, memoised so; the disk cache, where tuning writes,
-    is not touched by it. ``chains_decode_launches`` holds where PDL is supported unless
-    ``EFFICIENTQAT_PDL=0``."""
+def test_chained_choice_times_the_tiles_as_they_launch_under_pdl(monkeypatch, tmp_path):
+    """``choose(..., chain=True)`` times every tile under programmatic dependent launch, and each
+    paired-fp16 tile also with its first codes requested before the wait (``early``); dense and
+    unfused challengers stay as they are. The pick is cached under ``key|pdl``, apart from the
+    unchained key's. Tuning off, the first tile goes out under PDL. ``chains_decode_launches``
+    holds where PDL is supported unless ``EFFICIENTQAT_PDL=0``."""
+    monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_MEMO", {})
-    tiles = [tuning.Config(1, 512, 4, 8, 4, 1), tuning.Config(1, 256, 4, 4, 4, 1)]
-    chosen = tuning.choose("dev|gemv1|m=1|n=8", lambda: tiles, lambda c: None, chain=True)
-    assert chosen == replace(tiles[0], pdl=True)
-    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: [], lambda c: None, chain=True) is chosen  # memoised
-    assert not tuning.choose("dev|gemm|m=128|n=8", lambda: tiles, lambda c: None).pdl
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache())
+    cuda_core = tuning.Config(1, 512, 4, 8, 4, 1, fixup=True)
+    paired = tuning.Config(1, 1024, 4, 16, 4, 1, tuning.HALF2, fixup=True)
+    tiles = [cuda_core, paired, tuning.UNFUSED_CONFIG]
+    twins = tuning.chained_twins(tiles)
+    assert twins == [replace(cuda_core, pdl=True), replace(paired, pdl=True), replace(paired, pdl=True, early=True),
+                     tuning.UNFUSED_CONFIG]
+    # the early twin times fastest, the plain tiles (never launched chained) would be faster still
+    cost = {replace(cuda_core, pdl=True): 3.0, replace(paired, pdl=True): 2.0,
+            replace(paired, pdl=True, early=True): 1.0, tuning.UNFUSED_CONFIG: 5.0, cuda_core: 0.1, paired: 0.1}
+    timed = []
+
+    def fake_time(fn, flush_ms):
+        return fn()
+
+    def run(cfg):
+        timed.append(cfg)
+        return cost[cfg]
+
+    monkeypatch.setattr(tuning, "cold_time_ms", fake_time)
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
+    monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "0")
+    chosen = tuning.choose("dev|gemv1|m=1|n=8", lambda: tiles, run, chain=True)
+    assert chosen == replace(paired, pdl=True, early=True)
+    assert set(timed) == set(twins)  # nothing unchained was timed
+    assert tuning.CACHE.get("dev|gemv1|m=1|n=8|pdl") == chosen and tuning.CACHE.get("dev|gemv1|m=1|n=8") is None
+    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: [], run, chain=True) is chosen  # memoised
+    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: tiles, run) in (cuda_core, paired)  # its own key, tuned apart
+
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: False)
+    assert tuning.choose("dev|gemv1|m=1|n=16", lambda: tiles, run, chain=True) == replace(cuda_core, pdl=True)
     monkeypatch.setattr(tuning, "pdl_supported", lambda device: True)
     monkeypatch.setenv("EFFICIENTQAT_PDL", "1")
     assert tuning.chains_decode_launches(torch.device("cpu"))
@@ -964,8 +992,8 @@ def test_gpu_half2_matches_float64(bits, group, m):
     x = torch.randn(m, 4096, generator=gen).to(DEV, torch.float16)
     ref = reference(x, q, z, scales, gl)[0]
     tiles = candidates.with_launch_variants(candidates.half2_candidates(m, 4096, 4096, bits, gl))
-    if tuning.pdl_supported(x.device):
-        tiles += [replace(c, pdl=True) for c in tiles[:4]]
+    if tuning.pdl_supported(x.device):  # under PDL, with and without the first codes loaded before the wait
+        tiles += tuning.chained_twins(tiles[:4])
     for cfg in tiles:
         assert rel(gemv_half2_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 3e-3, cfg
 
@@ -1021,13 +1049,15 @@ def test_gpu_chained_decode_launches(fixup, pdl):
     predecessor's output (and the shared workspace) only after it is complete."""
     from efficientqat.kernels import tiling
     from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward
+    from efficientqat.kernels.half2 import gemv_half2_forward
 
     if pdl and not tuning.pdl_supported(torch.device(DEV)):
         pytest.skip("this GPU / Triton has no programmatic dependent launch")
     gen = torch.Generator().manual_seed(5)
     layers = [rand_layer(2048, 2048, 4, 128, gen, scale_dtype=torch.float16) for _ in range(3)]
     for m, launch, cfg in [(1, gemv1_forward, tuning.Config(1, 512, 16, 8, 4, 1)),
-                           (4, gemv_tc_forward, tuning.Config(16, 128, 16, 8, 4, 2))]:
+                           (4, gemv_tc_forward, tuning.Config(16, 128, 16, 8, 4, 2)),
+                           (1, gemv_half2_forward, tuning.Config(1, 512, 4, 8, 4, 1, tuning.HALF2, early=True))]:
         cfg = replace(cfg, fixup=fixup, pdl=pdl)
         x = torch.randn(m, 2048, generator=gen).to(DEV, torch.float16)
 
