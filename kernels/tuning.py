@@ -193,14 +193,19 @@ def chains_decode_launches(device: torch.device) -> bool:
 
 
 def chained_twins(cands: list[Config]) -> list[Config]:
-    """The decode candidates as a chained launch runs them: under PDL, and each paired-fp16 tile
-    also with its first codes requested before the wait (``early``). The tuner times the code that
-    will run: on an H200 (session 15) the PDL build of a tile ran 1-5 us slower than the plain one
-    for every w4g128 / w3g128 paired-fp16 tile at 8192^2 (loads forced ahead of the wait: more
-    registers, fewer programs per SM), so a tile chosen unchained and then chained lost up to
-    2.4 us a call. The overlap with the kernel before is what a cold timing cannot see (0.6-1.4
-    us in a chain of the same layer); it comes on top of whatever tile wins here."""
-    tiles = [c for c in cands if c.variant not in (DENSE, UNFUSED)]
+    """The decode candidates as a chained launch runs them: one kernel a call (split-K reduced in
+    the kernel, or no split), under PDL, and each paired-fp16 tile also with its first codes
+    requested before the wait (``early``).
+
+    The tuner times the code that will run. On an H200 (session 15) the PDL build of a tile ran
+    1-5 us slower than the plain one for every w4g128 / w3g128 paired-fp16 tile at 8192^2 (loads
+    forced ahead of the wait: more registers, fewer programs per SM), so a tile chosen unchained
+    and then chained lost up to 2.4 us a call. A split-K tile that zeroes its output first puts a
+    memset (no PDL launch) in front of every call, which ends the chain: tuned with it, a 7B w2g64
+    decode step spent 27 us on 32 fills and its kernels no longer overlapped (1758 us a step
+    against 1632). The overlap with the kernel before is what a cold timing cannot see (0.6-1.4 us
+    in a chain of the same layer); it comes on top of whatever tile wins here."""
+    tiles = [c for c in cands if c.variant not in (DENSE, UNFUSED) and (c.fixup or c.split_k == 1)]
     return list(dict.fromkeys([replace(c, pdl=True) for c in tiles]
                               + [replace(c, pdl=True, early=True) for c in tiles if c.variant == HALF2]
                               + [c for c in cands if c.variant in (DENSE, UNFUSED)]))

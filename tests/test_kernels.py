@@ -664,22 +664,25 @@ def test_launch_variants_twin_every_split():
 
 
 def test_chained_choice_times_the_tiles_as_they_launch_under_pdl(monkeypatch, tmp_path):
-    """``choose(..., chain=True)`` times every tile under programmatic dependent launch, and each
-    paired-fp16 tile also with its first codes requested before the wait (``early``); dense and
-    unfused challengers stay as they are. The pick is cached under ``key|pdl``, apart from the
-    unchained key's. Tuning off, the first tile goes out under PDL. ``chains_decode_launches``
-    holds where PDL is supported unless ``EFFICIENTQAT_PDL=0``."""
+    """``choose(..., chain=True)`` times every tile that is one kernel a call under programmatic
+    dependent launch, and each paired-fp16 tile also with its first codes requested before the
+    wait (``early``); split-K tiles that zero their output first (a memset launch before each
+    call) are left out; dense and unfused challengers stay as they are. The pick is cached under
+    ``key|pdl``, apart from the unchained key's. Tuning off, the first tile goes out under PDL.
+    ``chains_decode_launches`` holds where PDL is supported unless ``EFFICIENTQAT_PDL=0``."""
     monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_MEMO", {})
     monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache())
     cuda_core = tuning.Config(1, 512, 4, 8, 4, 1, fixup=True)
     paired = tuning.Config(1, 1024, 4, 16, 4, 1, tuning.HALF2, fixup=True)
-    tiles = [cuda_core, paired, tuning.UNFUSED_CONFIG]
+    zeroing = tuning.Config(1, 256, 4, 8, 4, 1, tuning.HALF2)  # split-K by atomics into a zeroed output
+    tiles = [zeroing, cuda_core, paired, tuning.UNFUSED_CONFIG]
     twins = tuning.chained_twins(tiles)
     assert twins == [replace(cuda_core, pdl=True), replace(paired, pdl=True), replace(paired, pdl=True, early=True),
                      tuning.UNFUSED_CONFIG]
     # the early twin times fastest, the plain tiles (never launched chained) would be faster still
-    cost = {replace(cuda_core, pdl=True): 3.0, replace(paired, pdl=True): 2.0,
+    cost = {zeroing: 0.1, replace(zeroing, pdl=True): 0.1, replace(zeroing, pdl=True, early=True): 0.1,
+            replace(cuda_core, pdl=True): 3.0, replace(paired, pdl=True): 2.0,
             replace(paired, pdl=True, early=True): 1.0, tuning.UNFUSED_CONFIG: 5.0, cuda_core: 0.1, paired: 0.1}
     timed = []
 
@@ -698,7 +701,7 @@ def test_chained_choice_times_the_tiles_as_they_launch_under_pdl(monkeypatch, tm
     assert set(timed) == set(twins)  # nothing unchained was timed
     assert tuning.CACHE.get("dev|gemv1|m=1|n=8|pdl") == chosen and tuning.CACHE.get("dev|gemv1|m=1|n=8") is None
     assert tuning.choose("dev|gemv1|m=1|n=8", lambda: [], run, chain=True) is chosen  # memoised
-    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: tiles, run) in (cuda_core, paired)  # its own key, tuned apart
+    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: tiles, run) == zeroing  # its own key, every tile timed
 
     monkeypatch.setattr(tuning, "autotune_enabled", lambda: False)
     assert tuning.choose("dev|gemv1|m=1|n=16", lambda: tiles, run, chain=True) == replace(cuda_core, pdl=True)
