@@ -11,7 +11,8 @@
 #                                                     # shapes against the unfused rotary + cache update + SDPA
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
-#   bash pipelines/device_kernels.sh table w4g128,w3g128  # bench_kernels --no-train, M = 1, 4, 16
+#   bash pipelines/device_kernels.sh table w4g128,w3g128 [SHAPES]  # bench_kernels --no-train, M = 1, 4, 16
+#                                                     # (SHAPES e.g. "8192,8192"; default the five)
 #   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
 #                                                     # layer shapes, with the fixed-cost / streaming-rate fit
 #                                                     # and each layer again with the RMSNorm prologue
@@ -60,8 +61,8 @@ case $stage in
         --variants fixup --budget-s 25 $layout --out "$out/kmajor_m16$layout" 2>&1 | grep "^|" | head -8
     done ;;
   table)
-    timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 \
-      --quants "${2:-w4g128,w3g128}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
+    timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 --small-quants-ms 1,4,16 \
+      --quants "${2:-w4g128,w3g128}" ${3:+--shapes "$3"} 2>&1 | grep -E "^\||^device" | tail -40 ;;
   layers)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/layers" --no-train --ms 1 --small-quants-ms 1 --row-ops \
       --quants "${2:-w4g128,w3g128,w2g64}" --shapes "4096,4096;12288,4096;22016,4096;4096,11008" 2>&1 \
