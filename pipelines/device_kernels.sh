@@ -11,6 +11,8 @@
 #                                                     # shapes against the unfused rotary + cache update + SDPA
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
+#   bash pipelines/device_kernels.sh layout             # layout_study: M = 16 / 4 prototype over N-major vs
+#                                                     # micro-tile codes, against cuBLAS (8192^2, w4g128)
 #   bash pipelines/device_kernels.sh table w4g128,w3g128 [SHAPES]  # bench_kernels --no-train, M = 1, 4, 16
 #                                                     # (SHAPES e.g. "8192,8192"; default the issue's five)
 #   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
@@ -60,6 +62,9 @@ case $stage in
       timeout 120 python3 pipelines/sweep_decode.py --shape 8192,8192 --quants w4g128 --m 16,4 --kernels tcp \
         --variants fixup --budget-s 25 $layout --out "$out/kmajor_m16$layout" 2>&1 | grep "^|" | head -8
     done ;;
+  layout)
+    timeout 560 python3 pipelines/layout_study.py --sass --time --m 16,4 --out "$out/layout_study.json" 2>&1 \
+      | grep -E "^\||^\{\"layout" | tail -20 ;;
   table)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 --small-quants-ms 1,4,16 \
       --quants "${2:-w4g128,w3g128}" ${3:+--shapes "$3"} 2>&1 | grep -E "^\||^device" | tail -40 ;;
@@ -97,7 +102,7 @@ case $stage in
         "$base.txt" | head -20
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, layout, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"

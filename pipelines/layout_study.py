@@ -1,0 +1,211 @@
+"""Study: would 4-bit codes stored in K-major micro-tiles of four chunks lift the M = 2..16
+tensor-core decode kernel?
+
+    python3 pipelines/layout_study.py --sass             # any machine: sm_90 SASS of both layouts
+    python3 pipelines/layout_study.py --time --m 16,4    # GPU: both layouts timed against cuBLAS fp16
+
+Session 7's profile put the M = 16 kernel on the L1/TEX pipe (65-70% busy, DRAM 16-19%). In the
+project's N-major layout (``qweight[K / 8, N]``, columns contiguous) the paired codes reach
+``mma.sync``'s B fragments through 4-byte ``cp.async`` copies into a K-major shared tile and
+scalar / 8-byte shared loads, because a thread's fragment needs four chunks of one column.
+Stored as ``[K / 32, N, 4]`` (each column's four consecutive chunks contiguous, 16 bytes), with
+the dot's K order chosen so that a thread's fragment rows are exactly those four chunks, the
+loaded tile already has the fragment's layout in Triton 3.6 (its ``convert_layout`` is the
+identity): 16-byte copies, 16-byte shared loads, or with one stage no shared memory at all.
+
+The prototype kernel here is only the codes' path of the production kernel
+(``kernels/gemv.py``, paired codes, x gathered per slot, split-K by atomics): 4-bit codes, groups
+of 128, fp16 x, both layouts in one kernel (``MICRO``). It answers whether the layout moves the
+M = 16 time before the project's kernels and packed format take it on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STEP = 128  # K values a step: 16 chunks of 8 codes, one group of 128
+
+
+def repack_micro(qweight: torch.Tensor) -> torch.Tensor:
+    """``[K / 8, N]`` N-major words -> ``[K / 32, N, 4]``: each column's four consecutive chunks
+    side by side (one 16-byte vector)."""
+    chunks, n = qweight.shape
+    if chunks % 4:
+        raise ValueError(f"micro-tiles take a multiple of 4 chunks (K a multiple of 32), not {chunks}")
+    return qweight.view(chunks // 4, 4, n).transpose(1, 2).contiguous()
+
+
+@triton.jit
+def _paired_codes(words, J: tl.constexpr):
+    """Codes ``J`` and ``J + 4`` of every 4-bit word as the fp16 pair ``1024 + q`` (last dim 2)."""
+    pair = ((words >> (J * 4)) & 0x000F000F) | 0x64006400
+    return tl.join((pair & 0xFFFF).to(tl.int16), (pair >> 16).to(tl.int16))
+
+
+@triton.jit
+def _study_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
+                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, MICRO: tl.constexpr, K_WIDTH: tl.constexpr):
+    """``y += x @ W^T`` for the ``BLOCK_N`` columns of program 0 and the K steps ``pid_k, pid_k +
+    SPLIT, ...`` (fp32 ``y`` zeroed before). Each step's 16 x 16 chunks enter four dots of depth
+    32 (code pairs ``J``, ``J + 4``); operand row ``d`` holds chunk ``d // 2`` in N-major order.
+    In micro-tile order a thread of ``mma.sync`` is to hold one column's four consecutive chunks
+    ``4 a + b``: with Triton's B operand of ``K_WIDTH`` 4 (Triton 3.6: rows ``4 t .. 4 t + 3`` and
+    16 on a thread) row ``d = 16 b1 + 4 a + 2 b0 + h`` (``b = 2 b1 + b0``), with ``K_WIDTH`` 2
+    (Triton 3.9: rows ``2 t, 2 t + 1`` and 8, 16 on) ``d = 8 b + 2 a + h``."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, 16)
+    mask_m = rows < M
+    d = tl.arange(0, 32)
+    if MICRO and K_WIDTH == 4:
+        chunk = 4 * ((d // 4) % 4) + 2 * (d // 16) + (d // 2) % 2
+    elif MICRO:
+        chunk = 4 * ((d // 2) % 4) + d // 8
+    else:
+        chunk = d // 2
+    k_of_row = chunk * 8 + 4 * (d % 2)
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    for it in range(pid_k, K // 128, SPLIT):
+        if MICRO:
+            a = tl.arange(0, 4)[:, None, None]
+            b = tl.arange(0, 4)[None, None, :]
+            words = tl.load(qw_ptr + it * 16 * N + a * (4 * N) + offs_n[None, :, None] * 4 + b)
+        else:
+            words = tl.load(qw_ptr + (it * 16 + tl.arange(0, 16))[:, None] * N + offs_n[None, :])
+        part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((16,), dtype=tl.float32)
+        for J in tl.static_range(4):
+            codes = _paired_codes(words, J)
+            if MICRO and K_WIDTH == 4:  # [a, n, b, h] -> [b1, a, b0, h, n]
+                codes = tl.permute(tl.reshape(codes, (4, BLOCK_N, 2, 2, 2)), (2, 0, 3, 4, 1))
+            elif MICRO:  # [a, n, b, h] -> [b, a, h, n]
+                codes = tl.permute(codes, (2, 0, 3, 1))
+            else:  # [c, n, h] -> [c, h, n]
+                codes = tl.permute(codes, (0, 2, 1))
+            codes = tl.reshape(codes, (32, BLOCK_N)).to(tl.float16, bitcast=True)
+            xj = tl.load(x_ptr + rows[:, None] * K + (it * 128 + k_of_row + J)[None, :], mask=mask_m[:, None], other=0.0)
+            part = tl.dot(xj, codes, part)
+            x_sum += tl.sum(xj.to(tl.float32), axis=1)
+        s = tl.load(s_ptr + it * N + offs_n).to(tl.float32)
+        z = tl.load(z_ptr + it * N + offs_n).to(tl.float32)
+        acc += (part - x_sum[:, None] * (z[None, :] + 1024.0)) * s[None, :]
+    tl.atomic_add(y_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None], sem="relaxed")
+
+
+def study_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, micro: bool,
+                 block_n: int = 256, split: int = 8, warps: int = 4, stages: int = 2, k_width: int = 4) -> torch.Tensor:
+    """``x [M <= 16, K]`` fp16 against 4-bit g128 codes (``qweight`` N-major, or
+    :func:`repack_micro` of it), ``scales`` / ``zeros`` ``[K / 128, N]``; float32 ``[M, N]``.
+    ``k_width``: the B-operand layout the chunk order is made for (any order computes the layer)."""
+    m, k = x.shape
+    n = codes.shape[1]
+    if m > 16 or k % STEP or n % block_n:
+        raise ValueError(f"the study kernel takes M <= 16, K a multiple of {STEP} and N of {block_n}; got {m}, {k}, {n}")
+    y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
+    _study_kernel[(n // block_n, split)](x, codes, scales, zeros, y, m, n, k, BLOCK_N=block_n, SPLIT=split,
+                                         MICRO=micro, K_WIDTH=k_width, num_warps=warps, num_stages=stages)
+    return y
+
+
+LAYOUTS = ((False, 4), (True, 4), (True, 2))
+"""(micro-tiles, the B-operand k width their chunk order is made for): N-major, micro for Triton 3.6, micro for 3.9."""
+
+
+def layout_name(micro: bool, k_width: int) -> str:
+    return f"micro{k_width}" if micro else "N-major"
+
+
+def sass_counts() -> list[dict]:
+    """Registers and the K loop's memory instructions of both layouts, sm_90, 256 columns, 4 warps."""
+    import sass_stats
+
+    rows = []
+    types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "y_ptr": "*fp32",
+             "M": "i32", "N": "i32", "K": "i32"}
+    for (micro, k_width), stages in itertools.product(LAYOUTS, (1, 2, 3)):
+        usage, sass = sass_stats.compile_for_hopper(_study_kernel, types,
+                                                    dict(BLOCK_N=256, SPLIT=8, MICRO=micro, K_WIDTH=k_width), 4, stages)
+        ops = sass_stats.opcodes(sass_stats.k_loop(sass))
+        memory = {op: count for op, count in sorted(ops.items())
+                  if op.startswith(("LDGSTS", "LDG", "LDS", "STS", "SHFL", "BAR"))}
+        rows.append(dict(layout=layout_name(micro, k_width), stages=stages,
+                         registers=int(re.search(r"REG:(\d+)", usage).group(1)), loop=sum(ops.values()), **memory))
+    return rows
+
+
+def time_layouts(n: int, k: int, ms: list[int]) -> list[dict]:
+    """Every tile of both layouts at each M, as CUDA-graph replays over rotated copies (weights
+    from DRAM), with cuBLAS fp16 on the same rotation; each checked against the float32 product."""
+    from bench_kernels import graph_median_ms
+
+    copies = math.ceil((256 << 20) / (n * k // 2))
+    g = k // STEP
+    layers = []
+    for _ in range(copies):
+        qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), device="cuda", dtype=torch.int32)
+        layers.append((qweight, repack_micro(qweight), torch.rand(g, n, device="cuda", dtype=torch.float16) * 0.01,
+                       torch.randint(0, 16, (g, n), device="cuda", dtype=torch.int32)))
+    dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(math.ceil((256 << 20) / (2 * n * k)))]
+    out = []
+    for m in ms:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
+        t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
+        qweight, micro_codes, scales, zeros = layers[0]
+        shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)
+        q = ((qweight.unsqueeze(1) >> shifts[None, :, None]) & 15).reshape(k, n).float()
+        w = (q - zeros.float().repeat_interleave(STEP, 0)) * scales.float().repeat_interleave(STEP, 0)
+        ref = xs[0].float() @ w
+        for (micro, k_width), block_n, split, stages in itertools.product(LAYOUTS, (128, 256), (4, 8, 16), (1, 2, 3)):
+            def call(i: int) -> torch.Tensor:
+                qw, mc, s, z = layers[i]
+                return study_matmul(xs[i], mc if micro else qw, s, z, micro, block_n, split, 4, stages, k_width)
+
+            err = ((call(0) - ref).norm() / ref.norm()).item()
+            t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
+            out.append(dict(m=m, layout=layout_name(micro, k_width), block_n=block_n, split=split, stages=stages,
+                            us=t * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t, rel_err=err))
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sass", action="store_true", help="print the sm_90 SASS counts of both layouts (no GPU needed)")
+    ap.add_argument("--time", action="store_true", help="time both layouts on the GPU")
+    ap.add_argument("--shape", default="8192,8192", help="N,K")
+    ap.add_argument("--m", default="16,4")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as json here")
+    args = ap.parse_args()
+    rows = []
+    if args.sass:
+        rows += sass_counts()
+        for row in rows:
+            print(json.dumps(row))
+    if args.time:
+        n, k = map(int, args.shape.split(","))
+        timed = time_layouts(n, k, [int(m) for m in args.m.split(",")])
+        print("| M | layout | best tile (BLOCK_N, split, stages) | µs | cuBLAS µs | x cuBLAS |\n|---|---|---|---|---|---|")
+        for m, layout in itertools.product(sorted({r["m"] for r in timed}), [layout_name(*lay) for lay in LAYOUTS]):
+            best = min((r for r in timed if r["m"] == m and r["layout"] == layout), key=lambda r: r["us"])
+            print(f"| {m} | {layout} | {best['block_n']}, {best['split']}, {best['stages']} | {best['us']:.1f} | "
+                  f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")
+        rows += timed
+    if args.out is not None:
+        args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

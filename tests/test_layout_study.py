@@ -1,0 +1,75 @@
+"""``pipelines/layout_study.py``: the prototype M <= 16 kernel over N-major and micro-tile codes
+computes the layer (interpreter, against float64), so that its GPU timings compare two right
+kernels; compiled for sm_90, the micro-tile codes reach the tensor cores in 16-byte copies and loads
+where the N-major ones take 4-byte copies (what the study claims and the GPU is to time)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PIPELINES, load_pipeline
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def study():
+    return load_pipeline("layout_study")
+
+
+def test_micro_tiles_hold_each_columns_four_chunks_side_by_side(study):
+    words = torch.arange(8 * 3, dtype=torch.int32).view(8, 3)  # 8 chunks, 3 columns
+    micro = study.repack_micro(words)
+    assert micro.shape == (2, 3, 4)
+    assert micro[1, 2].tolist() == words[4:8, 2].tolist()
+    with pytest.raises(ValueError, match="multiple of 4 chunks"):
+        study.repack_micro(words[:6])
+
+
+@pytest.mark.parametrize("micro,k_width", [(False, 4), (True, 4), (True, 2)])
+def test_both_layouts_compute_the_layer(study, micro, k_width):
+    gen = torch.Generator().manual_seed(3)
+    m, n, k = 5, 64, 256
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    z = torch.randint(0, 16, (k // 128, n), generator=gen)
+    s = torch.rand(k // 128, n, generator=gen, dtype=torch.float64) * 0.05 + 0.005
+    qweight = sum(q[j::8].to(torch.int64) << (4 * j) for j in range(8))
+    qweight = torch.where(qweight >= 2**31, qweight - 2**32, qweight).to(torch.int32)
+    x = torch.randn(m, k, generator=gen, dtype=torch.float64)
+    ref = x @ ((q.double() - z.double().repeat_interleave(128, 0)) * s.half().double().repeat_interleave(128, 0))
+    codes = study.repack_micro(qweight) if micro else qweight
+    y = study.study_matmul(x.to(DEV, torch.float16), codes.to(DEV), s.to(DEV, torch.float16), z.to(DEV, torch.int32),
+                           micro, block_n=32, split=2, stages=1, k_width=k_width)
+    assert y.shape == (m, n)
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
+    with pytest.raises(ValueError, match="K a multiple of 128"):
+        study.study_matmul(x[:, :192].to(DEV, torch.float16), codes.to(DEV), s.to(DEV, torch.float16),
+                           z.to(DEV, torch.int32), micro, block_n=32)
+
+
+def test_micro_tiles_reach_the_tensor_cores_in_16_byte_copies_and_loads():
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this Triton build has no CUDA toolchain")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(PIPELINES / "layout_study.py"), "--sass"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {(r["layout"], r["stages"]): r for r in map(json.loads, done.stdout.strip().splitlines())}
+    for stages in (2, 3):
+        # pipelined N-major codes: copied 4 bytes at a time into a K-major shared tile
+        assert rows["N-major", stages].get("LDGSTS.E", 0) == 32
+        assert "LDGSTS.E.BYPASS.128" not in rows["N-major", stages]
+        # micro-tiles in the chunk order made for this Triton's B operand (k width 4 on 3.6, 2 on
+        # 3.9): 16-byte copies, and each thread's fragments one 16-byte shared load a step
+        scalar = rows["N-major", stages].get("LDS", 0)  # x's, in every layout
+        fit = [rows[name, stages] for name in ("micro4", "micro2")
+               if rows[name, stages].get("LDS.128", 0) == 8 and rows[name, stages].get("LDS", 0) <= scalar]
+        assert fit and all(r["LDGSTS.E.BYPASS.128"] == 8 and r.get("LDGSTS.E", 0) == 0 for r in fit)
