@@ -13,9 +13,9 @@ the dot's K order chosen so that a thread's fragment rows are exactly those four
 loaded tile already has the fragment's layout in Triton 3.6 (its ``convert_layout`` is the
 identity): 16-byte copies, 16-byte shared loads, or with one stage no shared memory at all.
 
-The prototype kernel here is only the codes' path of the production kernel
-(``kernels/gemv.py``, paired codes, x gathered per slot, split-K by atomics): 4-bit codes, groups
-of 128, fp16 x, both layouts in one kernel (``MICRO``). It answers whether the layout moves the
+The prototype kernel here is the production kernel's codes path (``kernels/gemv.py``, paired
+codes) with x loaded once a step and split into slot pairs in registers, split-K by atomics:
+4-bit codes, groups of 128, fp16 x, both layouts in one kernel (``MICRO``). It answers whether the layout moves the
 M = 16 time before the project's kernels and packed format take it on.
 """
 
@@ -55,6 +55,28 @@ def _paired_codes(words, J: tl.constexpr):
 
 
 @triton.jit
+def _x_slots(x_ptr, rows, mask_m, it, K):
+    """x of step ``it`` (one coalesced ``[16, 128]`` load) as four ``[16, 16, 2]`` tiles, tile
+    ``J`` holding slots ``J`` and ``J + 4`` of every chunk (the pair order of the codes), and
+    each row's sum over the step."""
+    xt = tl.load(x_ptr + rows[:, None] * K + it * 128 + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
+    even, odd = tl.split(tl.reshape(xt, (16, 16, 2, 2, 2)))  # [m, c, h, j1, j0], slot 4 h + 2 j1 + j0
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return (x0, x1, x2, x3), tl.sum(xt.to(tl.float32), axis=1)
+
+
+@triton.jit
+def _in_row_order(t, MICRO: tl.constexpr, K_WIDTH: tl.constexpr):
+    """``[R, 16 chunks, 2, C]`` -> ``[R, 32, C]`` with the dot's K order of :func:`_study_kernel`."""
+    if MICRO and K_WIDTH == 4:  # chunk 4 a + 2 b1 + b0 -> row 16 b1 + 4 a + 2 b0 + h
+        t = tl.permute(tl.reshape(t, (t.shape[0], 4, 2, 2, 2, t.shape[3])), (0, 2, 1, 3, 4, 5))
+    elif MICRO:  # chunk 4 a + b -> row 8 b + 2 a + h
+        t = tl.permute(tl.reshape(t, (t.shape[0], 4, 4, 2, t.shape[3])), (0, 2, 1, 3, 4))
+    return tl.reshape(t, (t.shape[0], 32, t.shape[-1]))
+
+
+@triton.jit
 def _study_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, MICRO: tl.constexpr, K_WIDTH: tl.constexpr):
     """``y += x @ W^T`` for the ``BLOCK_N`` columns of program 0 and the K steps ``pid_k, pid_k +
@@ -63,42 +85,31 @@ def _study_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
     In micro-tile order a thread of ``mma.sync`` is to hold one column's four consecutive chunks
     ``4 a + b``: with Triton's B operand of ``K_WIDTH`` 4 (Triton 3.6: rows ``4 t .. 4 t + 3`` and
     16 on a thread) row ``d = 16 b1 + 4 a + 2 b0 + h`` (``b = 2 b1 + b0``), with ``K_WIDTH`` 2
-    (Triton 3.9: rows ``2 t, 2 t + 1`` and 8, 16 on) ``d = 8 b + 2 a + h``."""
+    (Triton 3.9: rows ``2 t, 2 t + 1`` and 8, 16 on) ``d = 8 b + 2 a + h``. x takes the same order."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, 16)
     mask_m = rows < M
-    d = tl.arange(0, 32)
-    if MICRO and K_WIDTH == 4:
-        chunk = 4 * ((d // 4) % 4) + 2 * (d // 16) + (d // 2) % 2
-    elif MICRO:
-        chunk = 4 * ((d // 2) % 4) + d // 8
-    else:
-        chunk = d // 2
-    k_of_row = chunk * 8 + 4 * (d % 2)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
     for it in range(pid_k, K // 128, SPLIT):
-        if MICRO:
+        if MICRO:  # [a, n, b]: chunk 4 a + b
             a = tl.arange(0, 4)[:, None, None]
             b = tl.arange(0, 4)[None, None, :]
             words = tl.load(qw_ptr + it * 16 * N + a * (4 * N) + offs_n[None, :, None] * 4 + b)
-        else:
+        else:  # [c, n]
             words = tl.load(qw_ptr + (it * 16 + tl.arange(0, 16))[:, None] * N + offs_n[None, :])
+        x_slots, x_sum = _x_slots(x_ptr, rows, mask_m, it, K)
         part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((16,), dtype=tl.float32)
         for J in tl.static_range(4):
             codes = _paired_codes(words, J)
-            if MICRO and K_WIDTH == 4:  # [a, n, b, h] -> [b1, a, b0, h, n]
-                codes = tl.permute(tl.reshape(codes, (4, BLOCK_N, 2, 2, 2)), (2, 0, 3, 4, 1))
-            elif MICRO:  # [a, n, b, h] -> [b, a, h, n]
-                codes = tl.permute(codes, (2, 0, 3, 1))
-            else:  # [c, n, h] -> [c, h, n]
-                codes = tl.permute(codes, (0, 2, 1))
-            codes = tl.reshape(codes, (32, BLOCK_N)).to(tl.float16, bitcast=True)
-            xj = tl.load(x_ptr + rows[:, None] * K + (it * 128 + k_of_row + J)[None, :], mask=mask_m[:, None], other=0.0)
+            if MICRO:  # [a, n, b, h] -> [1, a b, h, n]
+                codes = tl.reshape(tl.permute(codes, (0, 2, 3, 1)), (1, 16, 2, BLOCK_N))
+            else:  # [c, n, h] -> [1, c, h, n]
+                codes = tl.reshape(tl.permute(codes, (0, 2, 1)), (1, 16, 2, BLOCK_N))
+            codes = tl.reshape(_in_row_order(codes, MICRO, K_WIDTH), (32, BLOCK_N)).to(tl.float16, bitcast=True)
+            xj = tl.reshape(_in_row_order(tl.reshape(x_slots[J], (16, 16, 2, 1)), MICRO, K_WIDTH), (16, 32))
             part = tl.dot(xj, codes, part)
-            x_sum += tl.sum(xj.to(tl.float32), axis=1)
         s = tl.load(s_ptr + it * N + offs_n).to(tl.float32)
         z = tl.load(z_ptr + it * N + offs_n).to(tl.float32)
         acc += (part - x_sum[:, None] * (z[None, :] + 1024.0)) * s[None, :]
