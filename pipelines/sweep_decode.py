@@ -168,6 +168,8 @@ def main() -> None:
     variants = args.variants.split(",")
     if not set(variants) <= {"plain", "fixup", "pdl", "early"}:
         raise SystemExit(f"--variants takes plain, fixup, pdl and early, not {args.variants}")
+    if args.first is not None and args.first < 1:
+        raise SystemExit(f"--first takes a positive number of tiles, not {args.first}")
     kernels = set(args.kernels.split(","))
     if not kernels <= {"gemv1", "half2", "tc", "tcp"}:
         raise SystemExit(f"--kernels takes gemv1, half2, tc and tcp (tensor cores, paired codes), not {args.kernels}")
