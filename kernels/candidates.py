@@ -135,13 +135,6 @@ HALF2_TABLE = [
 ]
 
 
-def launch_twins(cfg: Config, pdl: bool) -> list[Config]:
-    """``cfg`` reducing split-K in the kernel (``fixup``, where it splits K), and with ``pdl`` the
-    same under programmatic dependent launch."""
-    fixed = replace(cfg, fixup=cfg.split_k > 1)
-    return [fixed] + ([replace(fixed, pdl=True)] if pdl else [])
-
-
 def with_launch_variants(cands: list[Config]) -> list[Config]:
     """Decode candidates, then each split-K one reducing in the kernel (``fixup``: one launch
     instead of memset + kernel; in session 6's decode profile the float32 kernel's 512-column

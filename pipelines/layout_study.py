@@ -174,7 +174,7 @@ def time_layouts(n: int, k: int, ms: list[int]) -> list[dict]:
     for m in ms:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
         t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
-        qweight, micro_codes, scales, zeros = layers[0]
+        qweight, _, scales, zeros = layers[0]
         shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)
         q = ((qweight.unsqueeze(1) >> shifts[None, :, None]) & 15).reshape(k, n).float()
         w = (q - zeros.float().repeat_interleave(STEP, 0)) * scales.float().repeat_interleave(STEP, 0)

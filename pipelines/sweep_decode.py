@@ -95,10 +95,11 @@ def kernel_name(cfg: tuning.Config) -> str:
 def launch_variants(cfg: tuning.Config, wanted: list[str], pdl: bool) -> list[tuning.Config]:
     """``cfg`` as each wanted write-back / launch: ``plain`` (memset + atomics), ``fixup`` (split-K
     reduced in the kernel), ``pdl`` (fixup where split-K, and programmatic dependent launch),
-    ``early`` (pdl with a paired-fp16 tile's first codes requested before the wait)."""
-    twins = candidates.launch_twins(cfg, pdl)
-    out = {"plain": cfg, "fixup": twins[0], "pdl": twins[-1],
-           "early": replace(twins[-1], early=True) if pdl and cfg.variant == tuning.HALF2 else twins[-1]}
+    ``early`` (pdl with a paired-fp16 tile's first codes requested before the wait): the PDL
+    twins are the tuner's own (:func:`tuning.chained_twins`)."""
+    fixed = replace(cfg, fixup=cfg.split_k > 1)
+    chained = tuning.chained_twins([fixed]) if pdl else [fixed]
+    out = {"plain": cfg, "fixup": fixed, "pdl": chained[0], "early": chained[-1]}
     return list(dict.fromkeys(out[w] for w in wanted))
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,6 +116,23 @@ def model_factory(tmp_path_factory, text_files):
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
+
+
+def has_cuda_toolchain() -> bool:
+    """Whether the installed Triton ships ptxas, so kernels compile for a GPU on this machine."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    return (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists()
+
+
+def run_compiled(name: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``pipelines/<name>.py args`` in a process without ``TRITON_INTERPRET``: it compiles kernels
+    for sm_90 with Triton's own toolchain, as the interpreter running the other tests never does."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, str(PIPELINES / f"{name}.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def load_pipeline(name: str):

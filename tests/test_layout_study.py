@@ -6,15 +6,11 @@ where the N-major ones take 4-byte copies (what the study claims and the GPU is 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import PIPELINES, load_pipeline
+from conftest import has_cuda_toolchain, load_pipeline, run_compiled
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -55,12 +51,9 @@ def test_both_layouts_compute_the_layer(study, micro, k_width):
 
 
 def test_micro_tiles_reach_the_tensor_cores_in_16_byte_copies_and_loads():
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    if not has_cuda_toolchain():
         pytest.skip("this Triton build has no CUDA toolchain")
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(PIPELINES / "layout_study.py"), "--sass"], env=env,
-                          capture_output=True, text=True, timeout=900)
+    done = run_compiled("layout_study", "--sass", timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {(r["layout"], r["stages"]): r for r in map(json.loads, done.stdout.strip().splitlines())}
     for stages in (2, 3):

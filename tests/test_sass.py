@@ -6,22 +6,18 @@ cuobjdump) in a process without ``TRITON_INTERPRET``."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sass_stats.py"
-triton = pytest.importorskip("triton")
-if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+from conftest import has_cuda_toolchain, run_compiled
+
+if not has_cuda_toolchain():
     pytest.skip("this Triton build has no CUDA toolchain", allow_module_level=True)
 
 
 def run_script(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=600)
+    return run_compiled("sass_stats", *args)
 
 
 def sass(*args: str) -> dict:
