@@ -121,11 +121,19 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"
         options = {}
         x = ops.before(x)
-    args = (x, qweight, scales, zeros, bias, bits, group)
-    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, lambda c: fn(*args, cfg=c, **options),
-                        chain=M <= SMALL_M and tuning.chains_decode_launches(x.device))
-    y = fn(*args, cfg=cfg, **options)
+    def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
+        return fn(x, *weights, bias, bits, group, cfg=cfg, **options)
+
+    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, run,
+                        chain=M <= SMALL_M and tuning.chains_decode_launches(x.device),
+                        copies=_on_copies(run, qweight, scales, zeros))
+    y = run(cfg)
     return y if options else ops.after(y)
+
+
+def _on_copies(run, *weights: torch.Tensor):
+    """For the tuner's chained timing: ``run`` bound to each of :func:`tuning.weight_copies`."""
+    return lambda: [lambda cfg, w=w: run(cfg, w) for w in tuning.weight_copies(*weights)]
 
 
 def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -142,8 +150,8 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     N = qweight.shape[1]
     key = _key("gemv_silu_mul_norm" if ops.norm_weight is not None else "gemv_silu_mul", x, M, N, K, bits, group)
 
-    def unfused() -> torch.Tensor:
-        return silu_mul_interleaved(forward_2d(x, qweight, scales, zeros, bias, bits, group, ops=ops))
+    def unfused(weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
+        return silu_mul_interleaved(forward_2d(x, *weights, bias, bits, group, ops=ops))
 
     def writes_epilogue(cfg: tuning.Config) -> bool:
         kernel_has_it = cfg.variant == tuning.HALF2 or M > 1  # the M = 1 CUDA-core kernel has none
@@ -153,17 +161,17 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         unfused()  # tunes the plain key first (on a miss, as here), so its challenger times a tuned launch
         return [c for c in decode_candidates(x, M, N, K, bits, group) if writes_epilogue(c)] + [tuning.UNFUSED_CONFIG]
 
-    def run(cfg: tuning.Config) -> torch.Tensor:
+    def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
         if cfg.variant == tuning.UNFUSED:
-            return unfused()
-        if cfg.variant == tuning.HALF2:
-            return gemv_half2_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
-        return gemv_tc_forward(x, qweight, scales, zeros, bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
+            return unfused(weights)
+        kernel = gemv_half2_forward if cfg.variant == tuning.HALF2 else gemv_tc_forward
+        return kernel(x, *weights, bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
 
     has_kernel = M > 1 or x.dtype == torch.float16 and bits in tuning.HALF2_BITS
     if M <= SMALL_M and has_kernel and key not in _EPILOGUE_FAILED:
         try:
-            return run(tuning.choose(key, cands, run, chain=tuning.chains_decode_launches(x.device)))
+            return run(tuning.choose(key, cands, run, chain=tuning.chains_decode_launches(x.device),
+                                     copies=_on_copies(run, qweight, scales, zeros)))
         except Exception as err:  # an optional fusion: a compiler that cannot build it costs speed, not the run
             log.warning("the SiLU epilogue does not run here (%s: %s); silu(gate) * up runs after the matmul",
                         type(err).__name__, str(err).splitlines()[-1] if str(err) else "")

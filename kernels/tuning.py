@@ -203,8 +203,8 @@ def chained_twins(cands: list[Config]) -> list[Config]:
     and then chained lost up to 2.4 us a call. A split-K tile that zeroes its output first puts a
     memset (no PDL launch) in front of every call, which ends the chain: tuned with it, a 7B w2g64
     decode step spent 27 us on 32 fills and its kernels no longer overlapped (1758 us a step
-    against 1632). The overlap with the kernel before is what a cold timing cannot see (0.6-1.4 us
-    in a chain of the same layer); it comes on top of whatever tile wins here."""
+    against 1632). How much of a tile's time hides behind the kernel before it is what the chained
+    timing (:func:`chained_time_ms`) measures."""
     tiles = [c for c in cands if c.variant not in (DENSE, UNFUSED) and (c.fixup or c.split_k == 1)]
     return list(dict.fromkeys([replace(c, pdl=True) for c in tiles]
                               + [replace(c, pdl=True, early=True) for c in tiles if c.variant == HALF2]
@@ -261,6 +261,33 @@ def cold_time_ms(fn: Callable[[], object], flush_ms: list[float]) -> float:
         return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
+def weight_copies(*weights: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+    """``weights`` and clones of them, enough that together they overflow the L2
+    (:data:`FLUSH_BYTES`): a chain of calls rotating over them streams every call's weights from
+    DRAM, as consecutive layers of a model do."""
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    count = min(64, max(2, -(-FLUSH_BYTES // max(1, nbytes))))
+    return [weights] + [tuple(w.clone() for w in weights) for _ in range(count - 1)]
+
+
+def chained_time_ms(calls: list[Callable[[], object]]) -> float:
+    """Device time per call of ``calls`` (one layer's launch on each of its
+    :func:`weight_copies`) replayed back to back from a CUDA graph, each chained behind the one
+    before as a decode step chains its layers.
+
+    Under programmatic dependent launch the time of a call depends on the kernel before it: its
+    programs take the SMs as that kernel's last wave drains, and an ``early`` tile requests its
+    codes before the wait. Behind an L2 flush (:func:`cold_time_ms`) there is little tail to fill.
+    On an H200 (session 16) tiles chosen that way took 1534 us a 7B w2g64 decode step where
+    session 14's tiles with their codes requested early took 1504 (588 against 609 tokens/s)."""
+    import triton.testing
+
+    try:
+        return _graph_ms(lambda: [call() for call in calls], calls=max(1, 64 // len(calls))) / len(calls)
+    except Exception:
+        return float(triton.testing.do_bench(calls[0], warmup=5, rep=25, return_mode="median"))
+
+
 def _agrees(out: object, ref: object) -> bool:
     if not isinstance(out, torch.Tensor) or not isinstance(ref, torch.Tensor):
         return True
@@ -271,10 +298,12 @@ def _agrees(out: object, ref: object) -> bool:
 
 
 def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[Config], object],
-           chain: bool = False) -> Config:
+           chain: bool = False, copies: Callable[[], list[Callable[[Config], object]]] | None = None) -> Config:
     """The config to launch for ``key``: memoised, cached on disk, else timed (GPU) or the first.
     With ``chain`` (:func:`chains_decode_launches`) the candidates are their
-    :func:`chained_twins`, tuned and cached under their own key (``key|pdl``). ``candidates`` is
+    :func:`chained_twins`, tuned and cached under their own key (``key|pdl``), and where the
+    caller gives ``copies`` (``run`` on each of the layer's :func:`weight_copies`, built on a miss)
+    timed in a chain of the layer behind itself (:func:`chained_time_ms`). ``candidates`` is
     called only on a miss: building the lists costs 10-20 us of Python, which every layer call
     would otherwise pay."""
     if chain:
@@ -304,7 +333,7 @@ def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[
             log.info("tuning %s: timing %d tiles (once per GPU, kernel version and shape; kept in %s)",
                      key, len(cands), cache_path())
             start = time.perf_counter()
-            cfg = _fastest(cands, run)
+            cfg = _fastest(cands, run, copies if chain else None)
             zero_workspaces()  # a rejected configuration may have left partial sums behind
             CACHE.put(key, cfg)
             log.info("tuned %s in %.1f s: %s", key, time.perf_counter() - start, cfg)
@@ -356,14 +385,22 @@ def _precompile(cands: list[Config], run: Callable[[Config], object]) -> None:
         list(pool.map(build, cands))
 
 
-def _fastest(cands: list[Config], run: Callable[[Config], object]) -> Config:
+def _fastest(cands: list[Config], run: Callable[[Config], object],
+             copies: Callable[[], list[Callable[[Config], object]]] | None = None) -> Config:
     """The candidate with the least device time among those that run and agree with the first
     that ran (a variant that compiles but computes something else, under a compiler version the
     tests never saw, must not win on speed); the first candidate if none runs. All candidates
-    are compiled first, in parallel (:func:`_precompile`)."""
+    are compiled first, in parallel (:func:`_precompile`). Timed cold (:func:`cold_time_ms`), or
+    with ``copies`` chained behind themselves (:func:`chained_time_ms`)."""
     _precompile(cands, run)
     times: dict[Config, list[float]] = {}
     ref, flush_ms = None, []
+    runs = copies() if copies is not None else None
+
+    def time_ms(c: Config) -> float:
+        if runs is not None:
+            return chained_time_ms([functools.partial(r, c) for r in runs])
+        return cold_time_ms(lambda: run(c), flush_ms)
     for c in cands:
         try:
             out = run(c)
@@ -371,7 +408,7 @@ def _fastest(cands: list[Config], run: Callable[[Config], object]) -> Config:
                 ref = out
             elif not _agrees(out, ref):
                 continue
-            times[c] = [cold_time_ms(lambda: run(c), flush_ms)]
+            times[c] = [time_ms(c)]
         except Exception:  # e.g. out of shared memory for this tile: skip it
             continue
     if not times:
@@ -380,5 +417,5 @@ def _fastest(cands: list[Config], run: Callable[[Config], object]) -> Config:
     if len(finalists) > 1:
         for _ in range(2):
             for c in finalists:
-                times[c].append(cold_time_ms(lambda: run(c), flush_ms))
+                times[c].append(time_ms(c))
     return min(finalists, key=lambda c: statistics.median(times[c]))

@@ -712,6 +712,60 @@ def test_chained_choice_times_the_tiles_as_they_launch_under_pdl(monkeypatch, tm
     assert not tuning.chains_decode_launches(torch.device("cpu"))
 
 
+def test_chained_choice_times_each_tile_behind_itself_on_weight_copies(monkeypatch, tmp_path):
+    """With ``copies``, a chained key's tiles are timed as a chain of the layer's launch over
+    distinct copies of its weights (``chained_time_ms``), not behind an L2 flush; the copies are
+    built once a miss and never for an unchained key or a memoised one."""
+    monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(tuning, "_MEMO", {})
+    monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache())
+    monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
+    monkeypatch.setenv("EFFICIENTQAT_COMPILE_THREADS", "0")
+    slow = tuning.Config(1, 512, 4, 8, 4, 1, fixup=True)
+    fast = tuning.Config(1, 1024, 4, 16, 4, 1, fixup=True)
+    weights = torch.arange(6.0)
+    cost = {slow: 2.0, replace(slow, pdl=True): 2.0, fast: 1.0, replace(fast, pdl=True): 1.0}
+    built, chains, tiles_run = [], [], []
+
+    def run(cfg, w=(weights,)):
+        tiles_run.append(cfg)
+        return w[0].sum(), w[0].data_ptr()
+
+    def copies():
+        built.append(1)
+        return [lambda cfg, w=w: run(cfg, w) for w in tuning.weight_copies(weights)]
+
+    def chained(calls):  # each call a tile bound to one copy: the time follows the tile, every copy is run
+        chains.append(len({call()[1] for call in calls}))
+        return sum(cost[call.args[0]] for call in calls)
+
+    monkeypatch.setattr(tuning, "chained_time_ms", chained)
+    monkeypatch.setattr(tuning, "cold_time_ms", lambda fn, flush_ms: pytest.fail("timed behind a flush"))
+    assert tuning.choose("dev|gemv1|m=1|n=8", lambda: [slow, fast], run, chain=True, copies=copies) == \
+        replace(fast, pdl=True)
+    count = len(tuning.weight_copies(weights))
+    assert built == [1] and chains and set(chains) == {count}
+    tuning.choose("dev|gemv1|m=1|n=8", lambda: [slow, fast], run, chain=True, copies=copies)  # memoised
+    assert built == [1]
+    monkeypatch.setattr(tuning, "cold_time_ms", lambda fn, flush_ms: (fn(), cost[tiles_run[-1]])[1])
+    assert tuning.choose("dev|gemv1|m=1|n=16", lambda: [slow, fast], run, copies=copies) == fast
+    assert built == [1]  # unchained: timed cold, no copies
+
+
+def test_weight_copies_overflow_the_l2_with_distinct_equal_tensors():
+    """The originals first, then clones (own storage, same values) until the copies hold at
+    least ``FLUSH_BYTES``; two at least, 64 at most."""
+    codes, scales = torch.randint(0, 1 << 30, (256, 1024), dtype=torch.int32), torch.rand(4, 1024)
+    copies = tuning.weight_copies(codes, scales)
+    nbytes = codes.numel() * 4 + scales.numel() * 4
+    assert copies[0][0] is codes and copies[0][1] is scales
+    assert len(copies) * nbytes >= tuning.FLUSH_BYTES > (len(copies) - 1) * nbytes
+    assert all(torch.equal(c[0], codes) and torch.equal(c[1], scales) for c in copies)
+    assert len({c[0].data_ptr() for c in copies}) == len(copies)
+    assert len(tuning.weight_copies(torch.zeros(tuning.FLUSH_BYTES, dtype=torch.uint8))) == 2
+    assert len(tuning.weight_copies(torch.zeros(8))) == 64
+
+
 @pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
 def test_in_kernel_split_k_reduction(kernel):
     """``fixup`` configs: the last program of each column tile writes the sum of all partials
@@ -866,7 +920,7 @@ def test_silu_mul_tunes_the_epilogue_against_the_unfused_matmul(monkeypatch):
     chosen, offered, epilogues = [], {}, []
     real_choose = tuning.choose
 
-    def choose_unfused(key, cands, run, chain=False):
+    def choose_unfused(key, cands, run, chain=False, copies=None):
         if "silu_mul" not in key:
             chosen.append(key)
             return real_choose(key, cands, run)
@@ -965,7 +1019,7 @@ def test_dispatch_tries_half2_after_the_measured_kernels(monkeypatch):
 
     seen = {}
 
-    def record(key, candidates, run, chain=False):
+    def record(key, candidates, run, chain=False, copies=None):
         cands = list(candidates())
         seen[key.split("|")[1] + key.split("dtype=")[1]] = cands
         return next((c for c in cands if c.variant == tuning.HALF2), cands[0])
