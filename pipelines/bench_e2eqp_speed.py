@@ -17,14 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-try:  # not pip-installed (bare GPU box): map efficientqat.kernels onto ./kernels
-    import efficientqat.kernels  # noqa: F401
-except ImportError:
-    import efficientqat
-
-    efficientqat.__path__.append(str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 
 import torch  # noqa: E402
 

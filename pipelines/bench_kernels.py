@@ -30,15 +30,8 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-try:  # installed (pip install -e .) or not: map efficientqat.kernels onto ./kernels
-    import efficientqat.kernels  # noqa: F401
-except ImportError:
-    import efficientqat
-
-    efficientqat.__path__.append(str(ROOT))
-    import efficientqat.kernels  # noqa: F401
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 
 import torch  # noqa: E402
 

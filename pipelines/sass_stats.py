@@ -20,6 +20,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -28,9 +29,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from efficientqat.kernels import gemv, half2
-from efficientqat.kernels.unpack import unit_constants
-from efficientqat.packing import chunk_values
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
+from efficientqat.kernels import gemv, half2  # noqa: E402
+from efficientqat.kernels.unpack import unit_constants  # noqa: E402
+from efficientqat.packing import chunk_values  # noqa: E402
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 OPCODE = re.compile(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
