@@ -254,7 +254,13 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
     4) until a step fits the group (w2g64: 4 chunks, two slot pairs per dot), split-K capped at
     the step count. They write back as ``tiles`` do; :func:`with_launch_variants` adds the twins
     that reduce split-K in the kernel (session 7, M = 8 decode: the tuner picked atomics over the
-    in-kernel reduction for the unpaired tiles of the two largest layers, so both go to it)."""
+    in-kernel reduction for the unpaired tiles of the two largest layers, so both go to it).
+
+    Each also comes unpipelined (one stage): the codes then arrive as 16-byte global loads into
+    registers, where a pipelined tile copies them into shared memory 4 bytes at a time
+    (``LDGSTS.E``, sm_90 SASS), the load that kept the L1/TEX pipe 65-70% busy in session 7's
+    profile. The layout study's one-stage paired kernel (``pipelines/layout_study.py``, H200,
+    session 16) took 25.4 us at M = 16 on 8192^2 w4g128, where the tuned kernel took 35.3."""
     vpc = chunk_values(bits)
     out = []
     for c in tiles:
@@ -263,7 +269,8 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
             block_c //= 2
         if pairs_codes(bits, group, dtype, block_c):
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
-            out.append(replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES))
+            paired = replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES)
+            out += [paired, replace(paired, num_stages=1)]
     wgmma = [replace(c, variant=PAIRED_WGMMA) for c in out] if compiles_register_wgmma() else []
     return list(dict.fromkeys(out + wgmma))
 

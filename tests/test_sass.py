@@ -63,6 +63,16 @@ def test_k_major_codes_reach_shared_memory_in_16_byte_copies():
     assert 3 * k_major["loop_async_copies"] <= n_major["loop_async_copies"]
 
 
+def test_one_stage_paired_tile_loads_its_codes_without_async_copies():
+    """Unpipelined, the paired tile takes its codes straight into registers (the tuner's one-stage
+    twins, ``candidates.paired_code_twins``): no ``cp.async`` in the loop, fewer instructions per
+    weight than the pipelined tile, no spills."""
+    tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--paired"]
+    one, two = sass(*tile, "--stages", "1"), sass(*tile, "--stages", "2")
+    assert two["loop_async_copies"] > 0 and one["loop_async_copies"] == 0 and one["local_stores"] == 0
+    assert one["per_weight"] < two["per_weight"]
+
+
 def test_k_lanes_issue_fewer_instructions_per_weight_than_the_split_k_tile_they_replace():
     """sm_90, 4096^2 at w4g128: the split-K tile the tuner picked on an H200 (512 columns, split
     128) against the K-lane tile that needs no split-K (32 lanes); both without spills."""
