@@ -12,7 +12,8 @@
 #   bash pipelines/device_kernels.sh sweep              # sweep_decode: M = 1 paired / float32, M = 16 tensor cores
 #   bash pipelines/device_kernels.sh kmajor             # sweep_decode N-major vs K-major codes, M = 1 / 4 / 16
 #   bash pipelines/device_kernels.sh layout             # layout_study: M = 16 / 4 prototype over N-major vs
-#                                                     # micro-tile codes, against cuBLAS (8192^2, w4g128)
+#                                                     # micro-tile codes, against cuBLAS (8192^2, w4g128); further
+#                                                     # arguments go to layout_study, e.g. --production --split 8 --stages 1
 #   bash pipelines/device_kernels.sh table w4g128,w3g128 [SHAPES]  # bench_kernels --no-train, M = 1, 4, 16
 #                                                     # (SHAPES e.g. "8192,8192"; default the issue's five)
 #   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
@@ -63,7 +64,7 @@ case $stage in
         --variants fixup --budget-s 25 $layout --out "$out/kmajor_m16$layout" 2>&1 | grep "^|" | head -8
     done ;;
   layout)
-    timeout 560 python3 pipelines/layout_study.py --sass --time --m 16,4 --out "$out/layout_study.json" 2>&1 \
+    timeout 560 python3 pipelines/layout_study.py --sass --time --m 16,4 --out "$out/layout_study.json" "${@:2}" 2>&1 \
       | grep -E "^\||^\{\"layout" | tail -20 ;;
   table)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 --small-quants-ms 1,4,16 \

@@ -3,6 +3,7 @@ tensor-core decode kernel?
 
     python3 pipelines/layout_study.py --sass             # any machine: sm_90 SASS of both layouts
     python3 pipelines/layout_study.py --time --m 16,4    # GPU: both layouts timed against cuBLAS fp16
+    python3 pipelines/layout_study.py --time --production --split 8 --stages 1   # and the project's kernel
 
 Session 7's profile put the M = 16 kernel on the L1/TEX pipe (65-70% busy, DRAM 16-19%). In the
 project's N-major layout (``qweight[K / 8, N]``, columns contiguous) the paired codes reach
@@ -34,6 +35,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
+from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward  # noqa: E402
+from efficientqat.kernels.tuning import Config  # noqa: E402
 
 STEP = 128  # K values a step: 16 chunks of 8 codes, one group of 128
 
@@ -134,6 +138,21 @@ def study_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
 LAYOUTS = ((False, 4), (True, 4), (True, 2))
 """(micro-tiles, the B-operand k width their chunk order is made for): N-major, micro for Triton 3.6, micro for 3.9."""
 
+PRODUCTION_LAUNCHES = (("in-kernel sum, PDL", dict(fixup=True, pdl=True)), ("in-kernel sum", dict(fixup=True)),
+                       ("atomics", {}))
+"""Write-backs of the project's kernel timed beside the prototype: the tuner's choice where decode launches chain
+(split-K summed by the last program, under PDL), the same unchained, and split-K by atomics into a zeroed
+output as the prototype does. Session 16: on the prototype's tile the project's kernel took 32.7 us, the prototype
+25.4 (M = 16, 8192^2 w4g128); these rows say how much of that the write-back and PDL are."""
+
+
+def production_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      block_n: int, split: int, stages: int, launch: dict) -> torch.Tensor:
+    """The project's tensor-core decode kernel (``kernels/gemv.py``, paired codes, 4 warps) on the
+    study's 4-bit g128 layer: N-major ``qweight``, ``scales`` / ``zeros`` ``[K / 128, N]``."""
+    cfg = Config(16, block_n, STEP // 8, split, 4, stages, PAIRED_CODES, **launch)
+    return gemv_tc_forward(x, qweight, scales, zeros, None, 4, STEP, cfg)
+
 
 def layout_name(micro: bool, k_width: int) -> str:
     return f"micro{k_width}" if micro else "N-major"
@@ -144,7 +163,7 @@ def sass_counts() -> list[dict]:
     import sass_stats
 
     rows = []
-    types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*i32", "y_ptr": "*fp32",
+    types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32",
              "M": "i32", "N": "i32", "K": "i32"}
     for (micro, k_width), stages in itertools.product(LAYOUTS, (1, 2, 3)):
         usage, sass = sass_stats.compile_for_hopper(_study_kernel, types,
@@ -157,9 +176,11 @@ def sass_counts() -> list[dict]:
     return rows
 
 
-def time_layouts(n: int, k: int, ms: list[int]) -> list[dict]:
-    """Every tile of both layouts at each M, as CUDA-graph replays over rotated copies (weights
-    from DRAM), with cuBLAS fp16 on the same rotation; each checked against the float32 product."""
+def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]], production: bool) -> list[dict]:
+    """Each ``(BLOCK_N, split, stages)`` of ``tiles`` in both layouts at each M (and with
+    ``production`` in the project's kernel, each of :data:`PRODUCTION_LAUNCHES`), as CUDA-graph
+    replays over rotated copies (weights from DRAM), with cuBLAS fp16 on the same rotation; each
+    checked against the float32 product. Zero points are bytes, as the project's layers hold them."""
     from bench_kernels import graph_median_ms
 
     copies = math.ceil((256 << 20) / (n * k // 2))
@@ -168,8 +189,15 @@ def time_layouts(n: int, k: int, ms: list[int]) -> list[dict]:
     for _ in range(copies):
         qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), device="cuda", dtype=torch.int32)
         layers.append((qweight, repack_micro(qweight), torch.rand(g, n, device="cuda", dtype=torch.float16) * 0.01,
-                       torch.randint(0, 16, (g, n), device="cuda", dtype=torch.int32)))
+                       torch.randint(0, 16, (g, n), device="cuda", dtype=torch.uint8)))
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(math.ceil((256 << 20) / (2 * n * k)))]
+    kernels = [(layout_name(micro, k_width), lambda xi, layer, tile, micro=micro, k_width=k_width:
+                study_matmul(xi, layer[1] if micro else layer[0], layer[2], layer[3], micro, tile[0], tile[1], 4,
+                             tile[2], k_width)) for micro, k_width in LAYOUTS]
+    if production:
+        kernels += [(f"production, {name}", lambda xi, layer, tile, launch=launch:
+                     production_matmul(xi, layer[0], layer[2], layer[3], *tile, launch))
+                    for name, launch in PRODUCTION_LAUNCHES]
     out = []
     for m in ms:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
@@ -179,25 +207,30 @@ def time_layouts(n: int, k: int, ms: list[int]) -> list[dict]:
         q = ((qweight.unsqueeze(1) >> shifts[None, :, None]) & 15).reshape(k, n).float()
         w = (q - zeros.float().repeat_interleave(STEP, 0)) * scales.float().repeat_interleave(STEP, 0)
         ref = xs[0].float() @ w
-        for (micro, k_width), block_n, split, stages in itertools.product(LAYOUTS, (128, 256), (4, 8, 16), (1, 2, 3)):
-            def call(i: int) -> torch.Tensor:
-                qw, mc, s, z = layers[i]
-                return study_matmul(xs[i], mc if micro else qw, s, z, micro, block_n, split, 4, stages, k_width)
-
-            err = ((call(0) - ref).norm() / ref.norm()).item()
-            t = graph_median_ms([lambda i=i: call(i) for i in range(len(layers))])
-            out.append(dict(m=m, layout=layout_name(micro, k_width), block_n=block_n, split=split, stages=stages,
+        for (layout, kernel), tile in itertools.product(kernels, tiles):
+            err = ((kernel(xs[0], layers[0], tile).float() - ref).norm() / ref.norm()).item()
+            t = graph_median_ms([lambda i=i: kernel(xs[i], layers[i], tile) for i in range(len(layers))])
+            out.append(dict(m=m, layout=layout, block_n=tile[0], split=tile[1], stages=tile[2],
                             us=t * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t, rel_err=err))
             print(json.dumps(out[-1]), flush=True)
     return out
+
+
+def int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sass", action="store_true", help="print the sm_90 SASS counts of both layouts (no GPU needed)")
     ap.add_argument("--time", action="store_true", help="time both layouts on the GPU")
+    ap.add_argument("--production", action="store_true",
+                    help="with --time: also the project's kernel on the same tiles (N-major, PRODUCTION_LAUNCHES)")
     ap.add_argument("--shape", default="8192,8192", help="N,K")
-    ap.add_argument("--m", default="16,4")
+    ap.add_argument("--m", default="16,4", type=int_list)
+    ap.add_argument("--block-n", default="128,256", type=int_list)
+    ap.add_argument("--split", default="4,8,16", type=int_list)
+    ap.add_argument("--stages", default="1,2,3", type=int_list)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as json here")
     args = ap.parse_args()
     rows = []
@@ -207,9 +240,10 @@ def main() -> None:
             print(json.dumps(row))
     if args.time:
         n, k = map(int, args.shape.split(","))
-        timed = time_layouts(n, k, [int(m) for m in args.m.split(",")])
+        timed = time_layouts(n, k, args.m, list(itertools.product(args.block_n, args.split, args.stages)),
+                             args.production)
         print("| M | layout | best tile (BLOCK_N, split, stages) | µs | cuBLAS µs | x cuBLAS |\n|---|---|---|---|---|---|")
-        for m, layout in itertools.product(sorted({r["m"] for r in timed}), [layout_name(*lay) for lay in LAYOUTS]):
+        for m, layout in itertools.product(sorted({r["m"] for r in timed}), dict.fromkeys(r["layout"] for r in timed)):
             best = min((r for r in timed if r["m"] == m and r["layout"] == layout), key=lambda r: r["us"])
             print(f"| {m} | {layout} | {best['block_n']}, {best['split']}, {best['stages']} | {best['us']:.1f} | "
                   f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")

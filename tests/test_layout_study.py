@@ -29,10 +29,9 @@ def test_micro_tiles_hold_each_columns_four_chunks_side_by_side(study):
         study.repack_micro(words[:6])
 
 
-@pytest.mark.parametrize("micro,k_width", [(False, 4), (True, 4), (True, 2)])
-def test_both_layouts_compute_the_layer(study, micro, k_width):
+def four_bit_layer(m: int, n: int, k: int):
+    """x, N-major 4-bit g128 codes, fp16 scales, byte zero points and the float64 product."""
     gen = torch.Generator().manual_seed(3)
-    m, n, k = 5, 64, 256
     q = torch.randint(0, 16, (k, n), generator=gen)
     z = torch.randint(0, 16, (k // 128, n), generator=gen)
     s = torch.rand(k // 128, n, generator=gen, dtype=torch.float64) * 0.05 + 0.005
@@ -40,14 +39,28 @@ def test_both_layouts_compute_the_layer(study, micro, k_width):
     qweight = torch.where(qweight >= 2**31, qweight - 2**32, qweight).to(torch.int32)
     x = torch.randn(m, k, generator=gen, dtype=torch.float64)
     ref = x @ ((q.double() - z.double().repeat_interleave(128, 0)) * s.half().double().repeat_interleave(128, 0))
+    return x.to(DEV, torch.float16), qweight.to(DEV), s.to(DEV, torch.float16), z.to(DEV, torch.uint8), ref
+
+
+@pytest.mark.parametrize("micro,k_width", [(False, 4), (True, 4), (True, 2)])
+def test_both_layouts_compute_the_layer(study, micro, k_width):
+    x, qweight, s, z, ref = four_bit_layer(5, 64, 256)
     codes = study.repack_micro(qweight) if micro else qweight
-    y = study.study_matmul(x.to(DEV, torch.float16), codes.to(DEV), s.to(DEV, torch.float16), z.to(DEV, torch.int32),
-                           micro, block_n=32, split=2, stages=1, k_width=k_width)
-    assert y.shape == (m, n)
+    y = study.study_matmul(x, codes, s, z, micro, block_n=32, split=2, stages=1, k_width=k_width)
+    assert y.shape == (5, 64)
     assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
     with pytest.raises(ValueError, match="K a multiple of 128"):
-        study.study_matmul(x[:, :192].to(DEV, torch.float16), codes.to(DEV), s.to(DEV, torch.float16),
-                           z.to(DEV, torch.int32), micro, block_n=32)
+        study.study_matmul(x[:, :192], codes, s, z, micro, block_n=32)
+
+
+@pytest.mark.parametrize("launch", ["in-kernel sum", "atomics"])
+def test_the_projects_kernel_timed_beside_the_study_computes_the_same_layer(study, launch):
+    """``--production`` times the project's kernel on the study's layer and tiles: it must read that
+    layer as the study kernel does (the PDL launch is the GPU's; the interpreter runs the others)."""
+    x, qweight, s, z, ref = four_bit_layer(5, 64, 256)
+    y = study.production_matmul(x, qweight, s, z, 32, 2, 1, dict(study.PRODUCTION_LAUNCHES)[launch])
+    assert y.shape == (5, 64)
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
 
 
 def test_micro_tiles_reach_the_tensor_cores_in_16_byte_copies_and_loads():
