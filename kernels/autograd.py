@@ -13,6 +13,7 @@ or bias.
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 
@@ -131,8 +132,10 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     return y if options else ops.after(y)
 
 
-def _on_copies(run, *weights: torch.Tensor):
-    """For the tuner's chained timing: ``run`` bound to each of :func:`tuning.weight_copies`."""
+def _on_copies(run: Callable[..., torch.Tensor], *weights: torch.Tensor
+               ) -> Callable[[], list[Callable[[tuning.Config], torch.Tensor]]]:
+    """For the tuner's chained timing (built only when it tunes): ``run`` bound to each of
+    :func:`tuning.weight_copies` of the layer's ``weights``."""
     return lambda: [lambda cfg, w=w: run(cfg, w) for w in tuning.weight_copies(*weights)]
 
 

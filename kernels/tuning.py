@@ -395,7 +395,11 @@ def _fastest(cands: list[Config], run: Callable[[Config], object],
     _precompile(cands, run)
     times: dict[Config, list[float]] = {}
     ref, flush_ms = None, []
-    runs = copies() if copies is not None else None
+    try:
+        runs = copies() if copies is not None else None
+    except torch.cuda.OutOfMemoryError:  # no room for the copies: cold timings still choose soundly
+        log.info("no memory for the weight copies of a chained timing: timing the tiles cold")
+        runs = None
 
     def time_ms(c: Config) -> float:
         if runs is not None:

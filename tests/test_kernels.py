@@ -725,7 +725,8 @@ def test_chained_choice_times_the_tiles_as_they_launch_under_pdl(monkeypatch, tm
 def test_chained_choice_times_each_tile_behind_itself_on_weight_copies(monkeypatch, tmp_path):
     """With ``copies``, a chained key's tiles are timed as a chain of the layer's launch over
     distinct copies of its weights (``chained_time_ms``), not behind an L2 flush; the copies are
-    built once a miss and never for an unchained key or a memoised one."""
+    built once a miss and never for an unchained key or a memoised one; where they do not fit in
+    memory the tiles are timed cold."""
     monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_MEMO", {})
     monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache())
@@ -760,6 +761,14 @@ def test_chained_choice_times_each_tile_behind_itself_on_weight_copies(monkeypat
     monkeypatch.setattr(tuning, "cold_time_ms", lambda fn, flush_ms: (fn(), cost[tiles_run[-1]])[1])
     assert tuning.choose("dev|gemv1|m=1|n=16", lambda: [slow, fast], run, copies=copies) == fast
     assert built == [1]  # unchained: timed cold, no copies
+
+    def no_room():
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    chains.clear()  # no memory for the copies: timed cold, still the faster tile
+    assert tuning.choose("dev|gemv1|m=1|n=32", lambda: [slow, fast], run, chain=True, copies=no_room) == \
+        replace(fast, pdl=True)
+    assert not chains
 
 
 def test_weight_copies_overflow_the_l2_with_distinct_equal_tensors():
