@@ -11,7 +11,7 @@ import triton
 
 from efficientqat.packing import chunk_values
 
-from .gemv import PAIRED_CODES, PAIRED_WGMMA, pairs_codes
+from .gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
 from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, Config, m_bucket
 
 
@@ -260,7 +260,10 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
     registers, where a pipelined tile copies them into shared memory 4 bytes at a time
     (``LDGSTS.E``, sm_90 SASS), the load that kept the L1/TEX pipe 65-70% busy in session 7's
     profile. The layout study's one-stage paired kernel (``pipelines/layout_study.py``, H200,
-    session 16) took 25.4 us at M = 16 on 8192^2 w4g128, where the tuned kernel took 35.3."""
+    session 16) took 25.4 us at M = 16 on 8192^2 w4g128, where the tuned kernel took 35.3. The
+    one-stage tile then won that key at 32.7; it comes once more reading x as the prototype does
+    (``gemv.PAIRED_XTILE``: one tile a step, split in registers; sm_90 SASS under Triton 3.6, 200
+    instead of 208 registers and 762 instead of 778 loop instructions; untimed)."""
     vpc = chunk_values(bits)
     out = []
     for c in tiles:
@@ -270,7 +273,7 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
         if pairs_codes(bits, group, dtype, block_c):
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
             paired = replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES)
-            out += [paired, replace(paired, num_stages=1)]
+            out += [paired, replace(paired, num_stages=1), replace(paired, num_stages=1, variant=PAIRED_XTILE)]
     wgmma = [replace(c, variant=PAIRED_WGMMA) for c in out] if compiles_register_wgmma() else []
     return list(dict.fromkeys(out + wgmma))
 

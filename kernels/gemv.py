@@ -149,6 +149,43 @@ def _x_pair(x_words, J: tl.constexpr, VPC: tl.constexpr, XPW: tl.constexpr, dtyp
 
 
 @triton.jit
+def _x_word_pairs(x_words, VPC: tl.constexpr, XPW: tl.constexpr, dtype: tl.constexpr):
+    """Every slot pair of :func:`_x_chunk_words`' tiles: pair ``J`` is :func:`_x_pair` ``J``."""
+    pairs = ()
+    for j in tl.static_range(VPC // 2):
+        pairs = pairs + (_x_pair(x_words, j, VPC, XPW, dtype),)
+    return pairs
+
+
+@triton.jit
+def _x_tile_pairs(x_ptr, offs_m, it, K, stride_xm, mask_m, BK: tl.constexpr, VPC: tl.constexpr):
+    """The slot pairs of :func:`_x_word_pairs` from one coalesced ``[BLOCK_M, BK]`` load of step
+    ``it``'s x, split in registers (values ``k >= K`` read 0), and each row's sum over the step.
+    A chunk's ``VPC`` values are ``2 x VPC / 2`` (half ``h``, slot ``j``), so pair ``J`` is
+    ``j = J`` of both halves; the splits peel ``j``'s bits, lowest first."""
+    BM: tl.constexpr = offs_m.shape[0]
+    BC: tl.constexpr = BK // VPC
+    offs_k = it * BK + tl.arange(0, BK)
+    xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None] & (offs_k < K)[None, :],
+                 other=0.0)
+    x_sum = tl.sum(xt.to(tl.float32), axis=1)[:, None]
+    if VPC == 8:  # j = 2 j1 + j0
+        j0_0, j0_1 = tl.split(tl.reshape(xt, (BM, BC, 2, 2, 2)))
+        x0, x2 = tl.split(j0_0)
+        x1, x3 = tl.split(j0_1)
+        return (x0, x1, x2, x3), x_sum
+    else:  # VPC == 16, j = 4 j2 + 2 j1 + j0
+        j0_0, j0_1 = tl.split(tl.reshape(xt, (BM, BC, 2, 2, 2, 2)))
+        j1_00, j1_01 = tl.split(j0_0)
+        j1_10, j1_11 = tl.split(j0_1)
+        x0, x4 = tl.split(j1_00)
+        x2, x6 = tl.split(j1_01)
+        x1, x5 = tl.split(j1_10)
+        x3, x7 = tl.split(j1_11)
+        return (x0, x1, x2, x3, x4, x5, x6, x7), x_sum
+
+
+@triton.jit
 def _code_pair(w0, J: tl.constexpr, BITS: tl.constexpr, PAIR_MAGIC: tl.constexpr, dtype: tl.constexpr):
     """Codes of slots ``J`` and ``J + 16 / BITS`` (bits ``J b`` and ``J b + 16`` of each word) as
     the 16-bit floats ``OFFSET + q``, ``[BLOCK_C, 2, BLOCK_N]``. One shift and one and-or make
@@ -164,18 +201,19 @@ def _code_pair(w0, J: tl.constexpr, BITS: tl.constexpr, PAIR_MAGIC: tl.constexpr
 
 
 @triton.jit
-def _paired_operands(w0, x_words, J: tl.constexpr, PAIRS: tl.constexpr, BITS: tl.constexpr, VPC: tl.constexpr,
-                     XPW: tl.constexpr, PAIR_MAGIC: tl.constexpr, dtype: tl.constexpr):
+def _paired_operands(w0, x_pairs, J: tl.constexpr, PAIRS: tl.constexpr, BITS: tl.constexpr,
+                     PAIR_MAGIC: tl.constexpr, dtype: tl.constexpr):
     """x ``[BLOCK_M, D]`` and codes ``[D, BLOCK_N]`` of one dot over ``PAIRS`` (1 or 2) slot pairs
     from slot pair ``J`` on, ``D = 2 PAIRS BLOCK_C`` (``PAIRS = 2`` gives 4-chunk steps the depth
     16 a dot needs, so a step of 2-bit codes fits a group of 64). Along D the two halves of a
-    pair stay adjacent (one B-fragment register), x in the same order."""
-    xs = _x_pair(x_words, J, VPC, XPW, dtype)
+    pair stay adjacent (one B-fragment register), x in the same order (``x_pairs``: the step's
+    pairs, :func:`_x_word_pairs` or :func:`_x_tile_pairs`)."""
+    xs = x_pairs[J]
     codes = _code_pair(w0, J, BITS, PAIR_MAGIC, dtype)
     if PAIRS == 2:
         # [C, 2 (half), *] twice -> [2 (pair), C, 2 (half), *]: pair-major, so each B-fragment
         # register is still one word's pair
-        xs = tl.permute(tl.join(xs, _x_pair(x_words, J + 1, VPC, XPW, dtype)), (0, 3, 1, 2))
+        xs = tl.permute(tl.join(xs, x_pairs[J + 1]), (0, 3, 1, 2))
         codes = tl.permute(tl.join(codes, _code_pair(w0, J + 1, BITS, PAIR_MAGIC, dtype)), (3, 0, 1, 2))
     D: tl.constexpr = 2 * PAIRS * w0.shape[0]
     return tl.reshape(xs, (xs.shape[0], D)), tl.reshape(codes, (D, w0.shape[1]))
@@ -201,7 +239,7 @@ def _dq_gemv_tc_kernel(
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
-    ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    X_TILE: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -221,7 +259,9 @@ def _dq_gemv_tc_kernel(
 
     ``PAIR_MAGIC`` (2/4 bits, fp16/bf16 x): the codes enter the dots two per register as
     ``PAIR_OFFSET + q`` (:func:`_code_pair`), ``PAIRS`` slot pairs per dot, offset and zero point
-    folded per step; ``W_AS_A`` turns each dot around so the codes are ``wgmma``'s register operand.
+    folded per step; ``W_AS_A`` turns each dot around so the codes are ``wgmma``'s register operand;
+    ``X_TILE``: x arrives as one ``[BLOCK_M, BK]`` load a step, split into its slot pairs in
+    registers (:func:`_x_tile_pairs`), as the layout study's prototype reads it.
 
     Without ``EVEN_K`` the last step is ragged (3-bit K = 11008: 344 chunks, steps of 16): its
     missing chunks read zero words and zero x, and never fold (a folded step ends a group).
@@ -255,21 +295,28 @@ def _dq_gemv_tc_kernel(
             mask_x = mask_x & (chunks < K // VPC)[None, :]
         w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n * stride_qn, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
-        x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
+        if not X_TILE:
+            x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
         if PAIR_MAGIC:
             # codes as OFFSET + q in pairs: sum x q = part - OFFSET sum x
-            x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
+            if X_TILE:
+                x_pairs, x_sum = _x_tile_pairs(x_ptr, offs_m, it, K, stride_xw * XPW, mask_m, BK, VPC)
+            else:
+                x_pairs = _x_word_pairs(x_words, VPC, XPW, dtype)
+                x_tot = tl.zeros((BLOCK_M, 2 * PAIRS * BLOCK_C), dtype=tl.float32)
             if W_AS_A:
                 part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             else:
                 part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(0, VPC // 2, PAIRS):
-                xj, codes = _paired_operands(w0, x_words, j, PAIRS, BITS, VPC, XPW, PAIR_MAGIC, dtype)
+                xj, codes = _paired_operands(w0, x_pairs, j, PAIRS, BITS, PAIR_MAGIC, dtype)
                 part = _paired_dot(xj, codes, part, W_AS_A, DOT_PREC)
-                x_tot += xj.to(tl.float32)
+                if not X_TILE:
+                    x_tot += xj.to(tl.float32)
             if W_AS_A:
                 part = tl.trans(part)
-            x_sum = tl.sum(x_tot, axis=1)[:, None]
+            if not X_TILE:
+                x_sum = tl.sum(x_tot, axis=1)[:, None]
             s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
         elif FOLD_SCALES:
@@ -316,6 +363,12 @@ PAIRED_WGMMA = 2
 its shared-memory operand (``y^T = W x^T``), instead of ``mma.sync`` with x as A: sm_90 SASS at
 128 columns 3.86 instead of 4.13 lane-instructions per weight and 116 instead of 124 registers (at
 256 both 3.12), and tensor-core work that does not hold the issuing warp."""
+PAIRED_XTILE = 3
+""":data:`PAIRED_CODES` with x read as one ``[BLOCK_M, BK]`` load a step and split into its slot
+pairs in registers (``X_TILE``), instead of as 64-bit words split by a shift and mask per slot:
+how the layout study's prototype (``pipelines/layout_study.py``) reads it, which took 25.4 us at
+M = 16 on 8192^2 w4g128 where this kernel took 32.7 on the same tile (H200, session 16)."""
+PAIRED_VARIANTS = (PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE)
 PAIR_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
 """Exponent bits that make a code field ``q`` the 16-bit float ``PAIR_OFFSET + q``."""
 PAIR_OFFSET = {torch.float16: 1024.0, torch.bfloat16: 128.0}
@@ -362,7 +415,7 @@ def gemv_tc_forward(
     ops: RowOps = NO_ROW_OPS,
 ) -> torch.Tensor:
     """M = 1..16 on tensor cores; ``cfg.block_k`` is BLOCK_C (chunks per step, >= 16; >= 4 with
-    ``cfg.variant`` :data:`PAIRED_CODES` or :data:`PAIRED_WGMMA`, the codes in fp16 / bf16 pairs,
+    ``cfg.variant`` in :data:`PAIRED_VARIANTS`, the codes in fp16 / bf16 pairs,
     see :func:`pairs_codes`). ``silu_mul``: ``silu(gate) * up`` of an interleaved gate/up layer,
     ``[M, N / 2]``, written by the kernel (split-K only with the in-kernel reduction). ``ops``:
     RMSNorm x first, add a residual (:mod:`.prologue`)."""
@@ -372,7 +425,7 @@ def gemv_tc_forward(
     # 1 + q 2^-8 needs 8 mantissa bits, bf16 has 7: 8-bit codes under bf16 are scaled per weight
     step = cfg.block_k * chunk_values(bits)
     fold = group % step == 0 and (bits < 8 or x.dtype != torch.bfloat16)
-    paired = cfg.variant in (PAIRED_CODES, PAIRED_WGMMA)
+    paired = cfg.variant in PAIRED_VARIANTS
     if paired and not pairs_codes(bits, group, x.dtype, cfg.block_k):
         raise ValueError(f"paired codes need 2/4-bit codes, fp16/bf16 x and a step of {step} values "
                          f"inside a group (got {bits} bits, group {group}, {x.dtype})")
@@ -392,7 +445,8 @@ def gemv_tc_forward(
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
-        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA, ACT=silu_mul, **row_constants,
+        PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA,
+        X_TILE=cfg.variant == PAIRED_XTILE, ACT=silu_mul, **row_constants,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

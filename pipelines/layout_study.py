@@ -36,7 +36,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
-from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward  # noqa: E402
+from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_XTILE, gemv_tc_forward  # noqa: E402
 from efficientqat.kernels.tuning import Config  # noqa: E402
 
 STEP = 128  # K values a step: 16 chunks of 8 codes, one group of 128
@@ -146,11 +146,16 @@ output as the prototype does. Session 16: on the prototype's tile the project's 
 25.4 (M = 16, 8192^2 w4g128); these rows say how much of that the write-back and PDL are."""
 
 
+PRODUCTION_X = (("x words", PAIRED_CODES), ("x tile", PAIRED_XTILE))
+"""The project's two ways of reading x in the paired kernel: 64-bit words split by shifts per slot, or
+one tile a step split in registers as the prototype does (``gemv.PAIRED_XTILE``)."""
+
+
 def production_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      block_n: int, split: int, stages: int, launch: dict) -> torch.Tensor:
-    """The project's tensor-core decode kernel (``kernels/gemv.py``, paired codes, 4 warps) on the
-    study's 4-bit g128 layer: N-major ``qweight``, ``scales`` / ``zeros`` ``[K / 128, N]``."""
-    cfg = Config(16, block_n, STEP // 8, split, 4, stages, PAIRED_CODES, **launch)
+                      block_n: int, split: int, stages: int, launch: dict, variant: int = PAIRED_CODES) -> torch.Tensor:
+    """The project's tensor-core decode kernel (``kernels/gemv.py``, paired codes ``variant``, 4
+    warps) on the study's 4-bit g128 layer: N-major ``qweight``, ``scales`` / ``zeros`` ``[K / 128, N]``."""
+    cfg = Config(16, block_n, STEP // 8, split, 4, stages, variant, **launch)
     return gemv_tc_forward(x, qweight, scales, zeros, None, 4, STEP, cfg)
 
 
@@ -178,7 +183,8 @@ def sass_counts() -> list[dict]:
 
 def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]], production: bool) -> list[dict]:
     """Each ``(BLOCK_N, split, stages)`` of ``tiles`` in both layouts at each M (and with
-    ``production`` in the project's kernel, each of :data:`PRODUCTION_LAUNCHES`), as CUDA-graph
+    ``production`` in the project's kernel, each of :data:`PRODUCTION_X` and
+    :data:`PRODUCTION_LAUNCHES`), as CUDA-graph
     replays over rotated copies (weights from DRAM), with cuBLAS fp16 on the same rotation; each
     checked against the float32 product. Zero points are bytes, as the project's layers hold them."""
     from bench_kernels import graph_median_ms
@@ -195,9 +201,9 @@ def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]
                 study_matmul(xi, layer[1] if micro else layer[0], layer[2], layer[3], micro, tile[0], tile[1], 4,
                              tile[2], k_width)) for micro, k_width in LAYOUTS]
     if production:
-        kernels += [(f"production, {name}", lambda xi, layer, tile, launch=launch:
-                     production_matmul(xi, layer[0], layer[2], layer[3], *tile, launch))
-                    for name, launch in PRODUCTION_LAUNCHES]
+        kernels += [(f"production, {x_name}, {name}", lambda xi, layer, tile, launch=launch, variant=variant:
+                     production_matmul(xi, layer[0], layer[2], layer[3], *tile, launch, variant))
+                    for (x_name, variant), (name, launch) in itertools.product(PRODUCTION_X, PRODUCTION_LAUNCHES)]
     out = []
     for m in ms:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
@@ -225,7 +231,7 @@ def main() -> None:
     ap.add_argument("--sass", action="store_true", help="print the sm_90 SASS counts of both layouts (no GPU needed)")
     ap.add_argument("--time", action="store_true", help="time both layouts on the GPU")
     ap.add_argument("--production", action="store_true",
-                    help="with --time: also the project's kernel on the same tiles (N-major, PRODUCTION_LAUNCHES)")
+                    help="with --time: also the project's kernel on the same tiles (N-major; PRODUCTION_X, PRODUCTION_LAUNCHES)")
     ap.add_argument("--shape", default="8192,8192", help="N,K")
     ap.add_argument("--m", default="16,4", type=int_list)
     ap.add_argument("--block-n", default="128,256", type=int_list)

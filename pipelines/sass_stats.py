@@ -62,7 +62,7 @@ def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, s
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
-               paired: bool, wgmma: bool = False, k_major: bool = False) -> tuple[str, str]:
+               paired: bool, wgmma: bool = False, k_major: bool = False, x_tile: bool = False) -> tuple[str, str]:
     """``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}",
@@ -79,7 +79,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma,
-                     ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512)
+                     X_TILE=x_tile, ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512)
     return compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
 
 
@@ -131,6 +131,7 @@ def main() -> None:
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
     p.add_argument("--wgmma", action="store_true", help="with --paired: codes as wgmma's register operand (PAIRED_WGMMA)")
+    p.add_argument("--x-tile", action="store_true", help="with --paired: x as one tile a step, split in registers (PAIRED_XTILE)")
     p.add_argument("--k-major", action="store_true", help="codes repacked K-major (qweight.t().contiguous().t())")
     p.add_argument("--half2", action="store_true",
                    help="the paired-fp16 M = 1 kernel instead (takes --split, --k, --lanes, --silu-mul; counts "
@@ -148,10 +149,10 @@ def main() -> None:
         return
     if args.paired and not gemv.pairs_codes(args.bits, args.group, DTYPES[args.dtype], args.block_c):
         raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
-    if args.wgmma and not args.paired:
-        raise SystemExit("--wgmma takes --paired")
+    if (args.wgmma or args.x_tile) and not args.paired:
+        raise SystemExit("--wgmma and --x-tile take --paired")
     usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages,
-                             args.paired, args.wgmma, args.k_major)
+                             args.paired, args.wgmma, args.k_major, args.x_tile)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
     weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step

@@ -32,7 +32,7 @@ from bench_kernels import copy_bandwidth, graph_median_ms, make_layer  # noqa: E
 import torch  # noqa: E402
 
 from efficientqat.kernels import candidates, tuning  # noqa: E402
-from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv1_forward, gemv_tc_forward  # noqa: E402
+from efficientqat.kernels.gemv import PAIRED_VARIANTS, gemv1_forward, gemv_tc_forward  # noqa: E402
 from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
 from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
@@ -88,7 +88,7 @@ def launcher(cfg: tuning.Config):
 def kernel_name(cfg: tuning.Config) -> str:
     """The family a tile belongs to, as the table and ``--kernels`` name it."""
     if cfg.block_m == 16:
-        return "tcp" if cfg.variant in (PAIRED_CODES, PAIRED_WGMMA) else "tc"
+        return "tcp" if cfg.variant in PAIRED_VARIANTS else "tc"
     return "half2" if cfg.variant == tuning.HALF2 else "gemv1"
 
 

@@ -433,11 +433,12 @@ def test_m1_lane_tiles_run(monkeypatch):
 def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
     """Triton 3.6 aborts compiling the codes as wgmma's register operand: its tuner must not be
     offered those tiles (the sweep and the GPU test stopped on them), while 3.9 gets both kinds."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE
 
     assert not candidates.compiles_register_wgmma("3.6.0") and candidates.compiles_register_wgmma("3.9.0")
     assert candidates.compiles_register_wgmma("4.0.1")
-    for version, wanted in (("3.6.0", {PAIRED_CODES}), ("3.9.0", {PAIRED_CODES, PAIRED_WGMMA})):
+    for version, wanted in (("3.6.0", {PAIRED_CODES, PAIRED_XTILE}),
+                            ("3.9.0", {PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE})):
         monkeypatch.setattr(candidates.triton, "__version__", version)
         tiles = candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16)
         assert {c.variant for c in tiles} - {0} == wanted
@@ -445,12 +446,16 @@ def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
 
 def test_paired_tiles_are_offered_pipelined_and_in_one_stage():
     """Each paired-code tile also comes with one stage (its codes loaded straight into registers:
-    the layout study's M = 16 kernel ran 25.4 against the tuned kernel's 35.3 us, session 16)."""
-    from efficientqat.kernels.gemv import PAIRED_CODES
+    the layout study's M = 16 kernel ran 25.4 against the tuned kernel's 35.3 us, session 16), and
+    that one once more with x read as one tile a step (the study kernel's way), nothing else."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_XTILE
 
-    paired = [c for c in candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16) if c.variant == PAIRED_CODES]
+    tiles = candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16)
+    paired = [c for c in tiles if c.variant == PAIRED_CODES]
+    x_tile = [c for c in tiles if c.variant == PAIRED_XTILE]
     assert any(c.num_stages > 1 for c in paired)
     assert all(replace(c, num_stages=1) in paired for c in paired)
+    assert x_tile == [replace(c, variant=PAIRED_XTILE) for c in paired if c.num_stages == 1]
 
 
 def test_paired_tiles_reach_the_tuner_with_both_write_backs():
@@ -559,7 +564,7 @@ def test_gemv_tc_silu_mul_epilogue(bits, group):
     or split-K reduced in the kernel, plain and paired codes, a partial column tile (N = 96 over
     64-column tiles), with bias."""
     from efficientqat.fused_mlp import silu_mul_interleaved
-    from efficientqat.kernels.gemv import PAIRED_CODES, gemv_tc_forward, pairs_codes
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_XTILE, gemv_tc_forward, pairs_codes
 
     gen = torch.Generator().manual_seed(bits + group)
     n, k = 96, 512
@@ -569,7 +574,8 @@ def test_gemv_tc_silu_mul_epilogue(bits, group):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         ref = silu_mul_interleaved(reference(x, q, z, scales, gl, bias)[0])
         for block_n, block_c, split, fixup, variant in ((64, 16, 1, False, 0), (32, 8, 2, True, 0),
-                                                        (64, 4, 2, True, PAIRED_CODES)):
+                                                        (64, 4, 2, True, PAIRED_CODES),
+                                                        (64, 4, 2, True, PAIRED_XTILE)):
             if variant and not pairs_codes(bits, gl, x.dtype, block_c):
                 continue
             cfg = tuning.Config(16, block_n, block_c, split, 4, 1, variant, fixup=fixup)
@@ -582,10 +588,10 @@ def test_gemv_tc_silu_mul_epilogue(bits, group):
 def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
     """The tensor-core kernel with codes taken as fp16 pairs ``1024 + q`` (two fields per and-or,
     no float conversion; the offset folded out per step with the zero point), as mma.sync's B or
-    wgmma's A operand, against float64, at M = 1, 5 and 16, split-K 1 and 3 (fixup workspace and
-    atomics), with bias; 4-chunk steps put
+    wgmma's A operand, and with x as one tile a step split in registers, against float64, at M =
+    1, 5 and 16, split-K 1 and 3 (fixup workspace and atomics), with bias; 4-chunk steps put
     two slot pairs in each dot (w2g64, w4g32). A clear error where pairs do not apply (float32 x)."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv_tc_forward, pairs_codes
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE, gemv_tc_forward, pairs_codes
 
     gen = torch.Generator().manual_seed(bits * 11 + group)
     n, k = 96, 1024
@@ -597,7 +603,8 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         ref = reference(x, q, z, scales, gl, bias)[0]
         for variant, split, fixup in ((PAIRED_CODES, 1, False), (PAIRED_CODES, 3, False), (PAIRED_CODES, 3, True),
-                                      (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True)):
+                                      (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True),
+                                      (PAIRED_XTILE, 1, False), (PAIRED_XTILE, 3, True)):
             cfg = tuning.Config(16, 32, block_c, split, 4, 1, variant, fixup=fixup)
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
             assert y.shape == (m, n) and y.dtype == torch.float16
@@ -1218,25 +1225,29 @@ def rms_norm64(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tenso
     return rms_norm(h, weight, eps).double()
 
 
-@pytest.mark.parametrize("kernel", ["gemv1", "tc", "half2"])
+@pytest.mark.parametrize("kernel", ["gemv1", "tc", "tc_x_tile", "half2"])
 def test_decode_kernels_normalise_their_input_and_add_the_residual(kernel):
     """``RowOps`` inside the decode kernels: x = RMSNorm(h), written by each program for the K
     range it reads (uneven split-K, one step a program, K lanes, half2's pair order at M > 4, a
-    ragged 3-bit last step on the tensor cores with its strided steps; rows that fit one load,
+    ragged 3-bit last step on the tensor cores with its strided steps, paired codes with x read
+    as one tile a step; rows that fit one load,
     normalised from registers, and longer rows in slices), and the
     residual added by the first K slice (atomic and in-kernel split-K reductions, with bias),
     against float64 of the same rounding; the caller's h is left as it was."""
-    from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward
+    from efficientqat.kernels.gemv import PAIRED_XTILE, gemv1_forward, gemv_tc_forward
     from efficientqat.kernels.half2 import gemv_half2_forward
     from efficientqat.kernels.prologue import row_block
     from efficientqat.row_ops import RowOps
 
-    bits, group = {"gemv1": (4, 128), "tc": (3, 128), "half2": (2, 64)}[kernel]
-    launch = {"gemv1": gemv1_forward, "tc": gemv_tc_forward, "half2": gemv_half2_forward}[kernel]
+    bits, group = {"gemv1": (4, 128), "tc": (3, 128), "tc_x_tile": (4, 128), "half2": (2, 64)}[kernel]
+    launch = {"gemv1": gemv1_forward, "tc": gemv_tc_forward, "tc_x_tile": gemv_tc_forward,
+              "half2": gemv_half2_forward}[kernel]
     C = tuning.Config
     cases = {"gemv1": [(1, 512, C(1, 32, 2, 3, 4, 1)), (1, 512, C(1, 64, 1, 2, 4, 1, fixup=True))],
              "tc": [(3, 1280, C(16, 32, 16, 2, 4, 1, fixup=True)), (9, 1280, C(16, 64, 16, 1, 4, 1)),
                     (2, 512, C(16, 32, 16, 1, 4, 1))],
+             "tc_x_tile": [(5, 512, C(16, 32, 16, 2, 4, 1, PAIRED_XTILE, fixup=True)),
+                           (3, 1280, C(16, 32, 16, 3, 4, 1, PAIRED_XTILE))],
              "half2": [(1, 512, C(1, 32, 2, 2, 4, 1, tuning.HALF2, lanes=2)), (1, 512, C(1, 64, 2, 8, 4, 1, tuning.HALF2)),
                        (3, 512, C(4, 32, 1, 3, 4, 1, tuning.HALF2, fixup=True)),
                        (6, 512, C(8, 32, 2, 1, 4, 1, tuning.HALF2))]}

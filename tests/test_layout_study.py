@@ -54,11 +54,13 @@ def test_both_layouts_compute_the_layer(study, micro, k_width):
 
 
 @pytest.mark.parametrize("launch", ["in-kernel sum", "atomics"])
-def test_the_projects_kernel_timed_beside_the_study_computes_the_same_layer(study, launch):
+@pytest.mark.parametrize("x_path", ["x words", "x tile"])
+def test_the_projects_kernel_timed_beside_the_study_computes_the_same_layer(study, launch, x_path):
     """``--production`` times the project's kernel on the study's layer and tiles: it must read that
     layer as the study kernel does (the PDL launch is the GPU's; the interpreter runs the others)."""
     x, qweight, s, z, ref = four_bit_layer(5, 64, 256)
-    y = study.production_matmul(x, qweight, s, z, 32, 2, 1, dict(study.PRODUCTION_LAUNCHES)[launch])
+    y = study.production_matmul(x, qweight, s, z, 32, 2, 1, dict(study.PRODUCTION_LAUNCHES)[launch],
+                                dict(study.PRODUCTION_X)[x_path])
     assert y.shape == (5, 64)
     assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
 

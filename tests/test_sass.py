@@ -73,6 +73,16 @@ def test_one_stage_paired_tile_loads_its_codes_without_async_copies():
     assert one["per_weight"] < two["per_weight"]
 
 
+def test_x_read_as_one_tile_a_step_costs_fewer_instructions_and_registers():
+    """``PAIRED_XTILE``: one load of x a step split in registers, against 64-bit words split by
+    shifts per slot, at the one-stage tile (Triton 3.6: 200 against 208 registers)."""
+    tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--paired",
+            "--stages", "1"]
+    words, x_tile = sass(*tile), sass(*tile, "--x-tile")
+    assert x_tile["local_stores"] == 0 and x_tile["loop_async_copies"] == 0
+    assert x_tile["per_weight"] < words["per_weight"] and x_tile["registers"] <= words["registers"]
+
+
 def test_k_lanes_issue_fewer_instructions_per_weight_than_the_split_k_tile_they_replace():
     """sm_90, 4096^2 at w4g128: the split-K tile the tuner picked on an H200 (512 columns, split
     128) against the K-lane tile that needs no split-K (32 lanes); both without spills."""
