@@ -35,6 +35,7 @@ import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a
 
 import torch  # noqa: E402
 
+from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.qlinear import PackedLinear  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
@@ -108,6 +109,12 @@ def set_kernels(on: bool) -> None:
     os.environ["EFFICIENTQAT_KERNELS"] = "1" if on else "0"
 
 
+def configs_since(before: set[str]) -> dict[str, dict]:
+    """The kernel configurations chosen since ``before`` (keys of :func:`tuning.chosen_configs`):
+    stored with a row, so that its time can be traced to the tiles and launch variants that ran."""
+    return {key: cfg for key, cfg in tuning.chosen_configs().items() if key not in before}
+
+
 def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy_bw: float, train: bool,
                 out_file: Path | None = None, row_ops: bool = False) -> None:
     """Time the layer (N, K) at each M against cuBLAS and the PyTorch path; ``row_ops``: at decode
@@ -127,6 +134,7 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
         xs = [torch.randn(m, k, device=dev, dtype=dt) for _ in range(len(layers))]
         graphs = m <= 256
         iters = 50 if m < TRAIN_M else 10
+        before = set(tuning.chosen_configs())
         with torch.no_grad():
             set_kernels(True)
             # correctness on this shape before timing: kernel vs torch path
@@ -151,7 +159,7 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
         row = dict(n=n, k=k, quant=spec.name, m=m, dtype=str(dt).replace("torch.", ""), rel_err=rel,
                    triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch, norm_ms=t_norm, bytes=moved,
                    bw_frac=moved / (t_tri * 1e-3) / copy_bw,
-                   speedup_cublas=t_cub / t_tri, speedup_torch=t_torch / t_tri)
+                   speedup_cublas=t_cub / t_tri, speedup_torch=t_torch / t_tri, configs=configs_since(before))
         if train and m >= TRAIN_M:
             row.update(bench_train(layers[0], xs[0], dense[0]))
         rows.append(row)

@@ -62,3 +62,14 @@ def test_fit_reads_stored_runs_later_files_winning(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "| w4g128 | 1 | float16 | 3 | 5.00 | 3.50 (0.88) | 0.00 |" in done.stdout
+
+
+def test_rows_record_the_configs_chosen_while_they_ran(bench, monkeypatch):
+    """A row stores the tiles its timings ran (chosen since it started), not those of earlier rows."""
+    from dataclasses import asdict
+
+    earlier, this_row = bench.tuning.Config(1, 64, 4), bench.tuning.Config(16, 256, 16, 8, 4, 1, fixup=True, pdl=True)
+    monkeypatch.setattr(bench.tuning, "_MEMO", {"dev|gemv1|m=1": earlier})
+    before = set(bench.tuning.chosen_configs())
+    bench.tuning._MEMO["dev|gemv_tc|m=16|pdl"] = this_row
+    assert bench.configs_since(before) == {"dev|gemv_tc|m=16|pdl": asdict(this_row)}
