@@ -189,7 +189,7 @@ def main() -> None:
     for q, m in cases:
         for r in sorted((r for r in rows if r["quant"] == q and r["m"] == m), key=lambda r: r["us"])[:8]:
             print(f"| {q} | {m} | {r['kernel']} | {r['block_n']} | {r['warps']} | {r['block_c']} | {r['split_k']} | "
-                  f"{r['lanes']} | {r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r.get('early', False)} | {r['us']:.1f} | {r['cold_us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
+                  f"{r['lanes']} | {r['variant']} | {r['stages']} | {r['fixup']} | {r['pdl']} | {r['early']} | {r['us']:.1f} | {r['cold_us']:.1f} | {r['x_cublas']:.2f} | {r['bw_frac']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -26,13 +26,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(2)
 
-try:  # not pip-installed (a bare GPU box, PYTHONPATH=.): map efficientqat.kernels onto ./kernels
-    import efficientqat.kernels  # noqa: F401
-except ImportError:
-    import efficientqat
-
-    efficientqat.__path__.append(str(Path(__file__).resolve().parents[1]))
-
 WORDS = (
     "the quick brown fox jumps over a lazy dog while seven bright stars shine above quiet hills and "
     "rivers carry old stories into the sea where sailors sing of distant lands and patient farmers "
@@ -143,6 +136,10 @@ def load_pipeline(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# not pip-installed (a bare GPU box): efficientqat.kernels mapped onto ./kernels, as for the pipelines
+load_pipeline("checkout_paths")
 
 
 def compose(config_name: str, overrides: list[str]):
