@@ -59,11 +59,25 @@ def _paired_codes(words, J: tl.constexpr):
 
 
 @triton.jit
-def _x_slots(x_ptr, rows, mask_m, it, K):
-    """x of step ``it`` (one coalesced ``[16, 128]`` load) as four ``[16, 16, 2]`` tiles, tile
-    ``J`` holding slots ``J`` and ``J + 4`` of every chunk (the pair order of the codes), and
-    each row's sum over the step."""
+def _step_loads(x_ptr, qw_ptr, s_ptr, z_ptr, rows, mask_m, offs_n, it, N, K, MICRO: tl.constexpr):
+    """Everything step ``it`` reads: its codes (``[a, n, b]`` words, chunk ``4 a + b``, in micro-tile
+    order, else ``[c, n]``), x (one coalesced ``[16, 128]`` load), scales and zero points."""
+    if MICRO:
+        a = tl.arange(0, 4)[:, None, None]
+        b = tl.arange(0, 4)[None, None, :]
+        words = tl.load(qw_ptr + it * 16 * N + a * (4 * N) + offs_n[None, :, None] * 4 + b)
+    else:
+        words = tl.load(qw_ptr + (it * 16 + tl.arange(0, 16))[:, None] * N + offs_n[None, :])
     xt = tl.load(x_ptr + rows[:, None] * K + it * 128 + tl.arange(0, 128)[None, :], mask=mask_m[:, None], other=0.0)
+    s = tl.load(s_ptr + it * N + offs_n)
+    z = tl.load(z_ptr + it * N + offs_n)
+    return words, xt, s, z
+
+
+@triton.jit
+def _x_slots(xt):
+    """A step's x tile as four ``[16, 16, 2]`` tiles, tile ``J`` holding slots ``J`` and ``J + 4``
+    of every chunk (the pair order of the codes), and each row's sum over the step."""
     even, odd = tl.split(tl.reshape(xt, (16, 16, 2, 2, 2)))  # [m, c, h, j1, j0], slot 4 h + 2 j1 + j0
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
@@ -82,28 +96,35 @@ def _in_row_order(t, MICRO: tl.constexpr, K_WIDTH: tl.constexpr):
 
 @triton.jit
 def _study_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
-                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, MICRO: tl.constexpr, K_WIDTH: tl.constexpr):
+                  BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, MICRO: tl.constexpr, K_WIDTH: tl.constexpr,
+                  PREFETCH: tl.constexpr):
     """``y += x @ W^T`` for the ``BLOCK_N`` columns of program 0 and the K steps ``pid_k, pid_k +
     SPLIT, ...`` (fp32 ``y`` zeroed before). Each step's 16 x 16 chunks enter four dots of depth
     32 (code pairs ``J``, ``J + 4``); operand row ``d`` holds chunk ``d // 2`` in N-major order.
     In micro-tile order a thread of ``mma.sync`` is to hold one column's four consecutive chunks
     ``4 a + b``: with Triton's B operand of ``K_WIDTH`` 4 (Triton 3.6: rows ``4 t .. 4 t + 3`` and
     16 on a thread) row ``d = 16 b1 + 4 a + 2 b0 + h`` (``b = 2 b1 + b0``), with ``K_WIDTH`` 2
-    (Triton 3.9: rows ``2 t, 2 t + 1`` and 8, 16 on) ``d = 8 b + 2 a + h``. x takes the same order."""
+    (Triton 3.9: rows ``2 t, 2 t + 1`` and 8, 16 on) ``d = 8 b + 2 a + h``. x takes the same order.
+    ``PREFETCH``: the loads of the program's next step are issued before this step's dots, into
+    registers (no shared memory, unlike ``num_stages`` > 1), so a program's loads overlap its own
+    arithmetic and not only the other programs' on the SM (the last step re-reads itself)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, 16)
     mask_m = rows < M
     acc = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    for it in range(pid_k, K // 128, SPLIT):
-        if MICRO:  # [a, n, b]: chunk 4 a + b
-            a = tl.arange(0, 4)[:, None, None]
-            b = tl.arange(0, 4)[None, None, :]
-            words = tl.load(qw_ptr + it * 16 * N + a * (4 * N) + offs_n[None, :, None] * 4 + b)
-        else:  # [c, n]
-            words = tl.load(qw_ptr + (it * 16 + tl.arange(0, 16))[:, None] * N + offs_n[None, :])
-        x_slots, x_sum = _x_slots(x_ptr, rows, mask_m, it, K)
+    steps = K // 128
+    if PREFETCH:
+        ahead = _step_loads(x_ptr, qw_ptr, s_ptr, z_ptr, rows, mask_m, offs_n, pid_k, N, K, MICRO)
+    for it in range(pid_k, steps, SPLIT):
+        if PREFETCH:
+            words, xt, s, z = ahead
+            ahead = _step_loads(x_ptr, qw_ptr, s_ptr, z_ptr, rows, mask_m, offs_n, tl.minimum(it + SPLIT, steps - 1),
+                                N, K, MICRO)
+        else:
+            words, xt, s, z = _step_loads(x_ptr, qw_ptr, s_ptr, z_ptr, rows, mask_m, offs_n, it, N, K, MICRO)
+        x_slots, x_sum = _x_slots(xt)
         part = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         for J in tl.static_range(4):
             codes = _paired_codes(words, J)
@@ -114,29 +135,31 @@ def _study_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, M, N, K,
             codes = tl.reshape(_in_row_order(codes, MICRO, K_WIDTH), (32, BLOCK_N)).to(tl.float16, bitcast=True)
             xj = tl.reshape(_in_row_order(tl.reshape(x_slots[J], (16, 16, 2, 1)), MICRO, K_WIDTH), (16, 32))
             part = tl.dot(xj, codes, part)
-        s = tl.load(s_ptr + it * N + offs_n).to(tl.float32)
-        z = tl.load(z_ptr + it * N + offs_n).to(tl.float32)
-        acc += (part - x_sum[:, None] * (z[None, :] + 1024.0)) * s[None, :]
+        acc += (part - x_sum[:, None] * (z.to(tl.float32)[None, :] + 1024.0)) * s.to(tl.float32)[None, :]
     tl.atomic_add(y_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None], sem="relaxed")
 
 
 def study_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, micro: bool,
-                 block_n: int = 256, split: int = 8, warps: int = 4, stages: int = 2, k_width: int = 4) -> torch.Tensor:
+                 block_n: int = 256, split: int = 8, warps: int = 4, stages: int = 2, k_width: int = 4,
+                 prefetch: bool = False) -> torch.Tensor:
     """``x [M <= 16, K]`` fp16 against 4-bit g128 codes (``qweight`` N-major, or
     :func:`repack_micro` of it), ``scales`` / ``zeros`` ``[K / 128, N]``; float32 ``[M, N]``.
-    ``k_width``: the B-operand layout the chunk order is made for (any order computes the layer)."""
+    ``k_width``: the B-operand layout the chunk order is made for (any order computes the layer);
+    ``prefetch``: each step's loads issued a step ahead, into registers."""
     m, k = x.shape
     n = codes.shape[1]
     if m > 16 or k % STEP or n % block_n:
         raise ValueError(f"the study kernel takes M <= 16, K a multiple of {STEP} and N of {block_n}; got {m}, {k}, {n}")
     y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
     _study_kernel[(n // block_n, split)](x, codes, scales, zeros, y, m, n, k, BLOCK_N=block_n, SPLIT=split,
-                                         MICRO=micro, K_WIDTH=k_width, num_warps=warps, num_stages=stages)
+                                         MICRO=micro, K_WIDTH=k_width, PREFETCH=prefetch, num_warps=warps,
+                                         num_stages=stages)
     return y
 
 
-LAYOUTS = ((False, 4), (True, 4), (True, 2))
-"""(micro-tiles, the B-operand k width their chunk order is made for): N-major, micro for Triton 3.6, micro for 3.9."""
+LAYOUTS = ((False, 4, False), (False, 4, True), (True, 4, False), (True, 4, True), (True, 2, False))
+"""(micro-tiles, the B-operand k width their chunk order is made for, loads a step ahead): N-major and micro for
+Triton 3.6 with and without the register prefetch, micro for 3.9."""
 
 PRODUCTION_LAUNCHES = (("in-kernel sum, PDL", dict(fixup=True, pdl=True)), ("in-kernel sum", dict(fixup=True)),
                        ("atomics", {}))
@@ -159,8 +182,8 @@ def production_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return gemv_tc_forward(x, qweight, scales, zeros, None, 4, STEP, cfg)
 
 
-def layout_name(micro: bool, k_width: int) -> str:
-    return f"micro{k_width}" if micro else "N-major"
+def layout_name(micro: bool, k_width: int, prefetch: bool) -> str:
+    return (f"micro{k_width}" if micro else "N-major") + (", prefetch" if prefetch else "")
 
 
 def sass_counts() -> list[dict]:
@@ -170,13 +193,14 @@ def sass_counts() -> list[dict]:
     rows = []
     types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "y_ptr": "*fp32",
              "M": "i32", "N": "i32", "K": "i32"}
-    for (micro, k_width), stages in itertools.product(LAYOUTS, (1, 2, 3)):
+    for (micro, k_width, prefetch), stages in itertools.product(LAYOUTS, (1, 2, 3)):
         usage, sass = sass_stats.compile_for_hopper(_study_kernel, types,
-                                                    dict(BLOCK_N=256, SPLIT=8, MICRO=micro, K_WIDTH=k_width), 4, stages)
+                                                    dict(BLOCK_N=256, SPLIT=8, MICRO=micro, K_WIDTH=k_width,
+                                                         PREFETCH=prefetch), 4, stages)
         ops = sass_stats.opcodes(sass_stats.k_loop(sass))
         memory = {op: count for op, count in sorted(ops.items())
                   if op.startswith(("LDGSTS", "LDG", "LDS", "STS", "SHFL", "BAR"))}
-        rows.append(dict(layout=layout_name(micro, k_width), stages=stages,
+        rows.append(dict(layout=layout_name(micro, k_width, prefetch), stages=stages,
                          registers=int(re.search(r"REG:(\d+)", usage).group(1)), loop=sum(ops.values()), **memory))
     return rows
 
@@ -197,9 +221,9 @@ def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]
         layers.append((qweight, repack_micro(qweight), torch.rand(g, n, device="cuda", dtype=torch.float16) * 0.01,
                        torch.randint(0, 16, (g, n), device="cuda", dtype=torch.uint8)))
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(math.ceil((256 << 20) / (2 * n * k)))]
-    kernels = [(layout_name(micro, k_width), lambda xi, layer, tile, micro=micro, k_width=k_width:
-                study_matmul(xi, layer[1] if micro else layer[0], layer[2], layer[3], micro, tile[0], tile[1], 4,
-                             tile[2], k_width)) for micro, k_width in LAYOUTS]
+    kernels = [(layout_name(*layout), lambda xi, layer, tile, layout=layout:
+                study_matmul(xi, layer[1] if layout[0] else layer[0], layer[2], layer[3], layout[0], tile[0], tile[1],
+                             4, tile[2], *layout[1:])) for layout in LAYOUTS]
     if production:
         kernels += [(f"production, {x_name}, {name}", lambda xi, layer, tile, launch=launch, variant=variant:
                      production_matmul(xi, layer[0], layer[2], layer[3], *tile, launch, variant))
