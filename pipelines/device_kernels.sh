@@ -106,4 +106,4 @@ case $stage in
     echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, layout, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
-cp -r "$EFFICIENTQAT_CACHE_DIR" "$out/tc"
+mkdir -p "$out/tc" && cp -r "$EFFICIENTQAT_CACHE_DIR"/. "$out/tc"/  # a second stage in one command overwrites, not nests
