@@ -366,8 +366,9 @@ its shared-memory operand (``y^T = W x^T``), instead of ``mma.sync`` with x as A
 PAIRED_XTILE = 3
 """:data:`PAIRED_CODES` with x read as one ``[BLOCK_M, BK]`` load a step and split into its slot
 pairs in registers (``X_TILE``), instead of as 64-bit words split by a shift and mask per slot:
-how the layout study's prototype (``pipelines/layout_study.py``) reads it, which took 25.4 us at
-M = 16 on 8192^2 w4g128 where this kernel took 32.7 on the same tile (H200, session 16)."""
+how the layout study's prototype (``pipelines/layout_study.py``) reads it. On an H200 at M = 16,
+8192^2 w4g128, one-stage 256-column tile, split 8: 26.8 us against 32.5 with x as words (session 17,
+the prototype 25.2); the shifts per slot were most of the gap."""
 PAIRED_VARIANTS = (PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE)
 PAIR_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
 """Exponent bits that make a code field ``q`` the 16-bit float ``PAIR_OFFSET + q``."""
