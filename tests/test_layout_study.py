@@ -42,11 +42,13 @@ def four_bit_layer(m: int, n: int, k: int):
     return x.to(DEV, torch.float16), qweight.to(DEV), s.to(DEV, torch.float16), z.to(DEV, torch.uint8), ref
 
 
-@pytest.mark.parametrize("micro,k_width", [(False, 4), (True, 4), (True, 2)])
-def test_both_layouts_compute_the_layer(study, micro, k_width):
-    x, qweight, s, z, ref = four_bit_layer(5, 64, 256)
+@pytest.mark.parametrize("micro,k_width,prefetch", [(False, 4, False), (True, 4, False), (True, 2, False),
+                                                    (False, 4, True), (True, 4, True)])
+def test_both_layouts_compute_the_layer(study, micro, k_width, prefetch):
+    """K = 512 at split 2: two steps a program, so the prefetch carries one step's loads into the next."""
+    x, qweight, s, z, ref = four_bit_layer(5, 64, 512)
     codes = study.repack_micro(qweight) if micro else qweight
-    y = study.study_matmul(x, codes, s, z, micro, block_n=32, split=2, stages=1, k_width=k_width)
+    y = study.study_matmul(x, codes, s, z, micro, block_n=32, split=2, stages=1, k_width=k_width, prefetch=prefetch)
     assert y.shape == (5, 64)
     assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
     with pytest.raises(ValueError, match="K a multiple of 128"):
