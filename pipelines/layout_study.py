@@ -4,6 +4,7 @@ tensor-core decode kernel?
     python3 pipelines/layout_study.py --sass             # any machine: sm_90 SASS of both layouts
     python3 pipelines/layout_study.py --time --m 16,4    # GPU: both layouts timed against cuBLAS fp16
     python3 pipelines/layout_study.py --time --production --split 8 --stages 1   # and the project's kernel
+    python3 pipelines/layout_study.py --m1               # GPU: what the micro-tiles cost an M = 1 kernel
 
 Session 7's profile put the M = 16 kernel on the L1/TEX pipe (65-70% busy, DRAM 16-19%). In the
 project's N-major layout (``qweight[K / 8, N]``, columns contiguous) the paired codes reach
@@ -28,6 +29,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -157,6 +159,55 @@ def study_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     return y
 
 
+@triton.jit
+def _m1_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K,
+               BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT: tl.constexpr, MICRO: tl.constexpr):
+    """``y += x @ W^T`` at M = 1 on the CUDA cores (float32 FMAs), for the ``BLOCK_N`` columns of
+    program 0 and the K steps ``pid_k, pid_k + SPLIT, ...`` of ``BLOCK_C`` chunks (a step inside a
+    group of 128). The question it answers: one codes layout serves every M, and at M = 1 the
+    project's kernels read a step as ``[BLOCK_C, BLOCK_N]`` words, neighbouring threads on
+    neighbouring columns. In micro-tiles a column's four chunks are one 16-byte vector instead,
+    so a thread would load a column's chunks, not a word row's columns (K-major codes, whose
+    chunks lie K/8 words apart, made the M = 1 kernels 4x slower in session 13)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for it in range(pid_k, K // (8 * BLOCK_C), SPLIT):
+        chunks = it * BLOCK_C + offs_c
+        if MICRO:  # [K / 32, N, 4]
+            words = tl.load(qw_ptr + ((chunks // 4) * (4 * N) + chunks % 4)[:, None] + offs_n[None, :] * 4)
+        else:  # [K / 8, N]
+            words = tl.load(qw_ptr + chunks[:, None] * N + offs_n[None, :])
+        part = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
+        x_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_ptr + chunks * 8 + j).to(tl.float32)  # slot j of every chunk (x is cache-resident)
+            part += xj[:, None] * ((words >> (4 * j)) & 15).to(tl.float32)
+            x_sum += xj
+        g = (it * 8 * BLOCK_C) // STEP
+        s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n).to(tl.float32)
+        acc += (tl.sum(part, axis=0) - tl.sum(x_sum) * z) * s
+    tl.atomic_add(y_ptr + offs_n, acc, sem="relaxed")
+
+
+def m1_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, micro: bool,
+              block_n: int = 512, block_c: int = 4, split: int = 64, warps: int = 4) -> torch.Tensor:
+    """``x [1, K]`` fp16 against the study's 4-bit g128 layer (``codes`` N-major or
+    :func:`repack_micro` of it) by :func:`_m1_kernel`; float32 ``[1, N]``."""
+    m, k = x.shape
+    n = codes.shape[1]
+    if m != 1 or block_c not in (4, 8, 16) or k % STEP or n % block_n:
+        raise ValueError(f"the M = 1 study kernel takes one row, 4, 8 or 16 chunks a step, K a multiple of {STEP} "
+                         f"and N of {block_n}; got M = {m}, {block_c} chunks, K = {k}, N = {n}")
+    y = torch.zeros(1, n, device=x.device, dtype=torch.float32)
+    _m1_kernel[(n // block_n, split)](x, codes, scales, zeros, y, n, k, BLOCK_N=block_n, BLOCK_C=block_c, SPLIT=split,
+                                      MICRO=micro, num_warps=warps, num_stages=1)
+    return y
+
+
 LAYOUTS = ((False, 4, False), (False, 4, True), (True, 4, False), (True, 4, True), (True, 2, False))
 """(micro-tiles, the B-operand k width their chunk order is made for, loads a step ahead): N-major and micro for
 Triton 3.6 with and without the register prefetch, micro for 3.9."""
@@ -205,22 +256,55 @@ def sass_counts() -> list[dict]:
     return rows
 
 
-def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]], production: bool) -> list[dict]:
-    """Each ``(BLOCK_N, split, stages)`` of ``tiles`` in both layouts at each M (and with
-    ``production`` in the project's kernel, each of :data:`PRODUCTION_X` and
-    :data:`PRODUCTION_LAUNCHES`), as CUDA-graph
-    replays over rotated copies (weights from DRAM), with cuBLAS fp16 on the same rotation; each
-    checked against the float32 product. Zero points are bytes, as the project's layers hold them."""
-    from bench_kernels import graph_median_ms
-
-    copies = math.ceil((256 << 20) / (n * k // 2))
+def study_layers(n: int, k: int) -> tuple[list[tuple], list[torch.Tensor]]:
+    """Copies of a random 4-bit g128 layer (N-major codes, their micro-tiles, fp16 scales, byte zero points,
+    as the project's layers hold them) and of a dense fp16 one, each set past 256 MiB: rotated through, every
+    call reads its weights from DRAM."""
     g = k // STEP
     layers = []
-    for _ in range(copies):
+    for _ in range(math.ceil((256 << 20) / (n * k // 2))):
         qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), device="cuda", dtype=torch.int32)
         layers.append((qweight, repack_micro(qweight), torch.rand(g, n, device="cuda", dtype=torch.float16) * 0.01,
                        torch.randint(0, 16, (g, n), device="cuda", dtype=torch.uint8)))
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(math.ceil((256 << 20) / (2 * n * k)))]
+    return layers, dense
+
+
+def layer_product(x: torch.Tensor, layer: tuple) -> torch.Tensor:
+    """The float32 product of ``x`` and a :func:`study_layers` layer, dequantized by PyTorch."""
+    qweight, _, scales, zeros = layer
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    q = ((qweight.unsqueeze(1) >> shifts[None, :, None]) & 15).reshape(-1, qweight.shape[1]).float()
+    w = (q - zeros.float().repeat_interleave(STEP, 0)) * scales.float().repeat_interleave(STEP, 0)
+    return x.float() @ w
+
+
+def time_kernels(kernels: list[tuple[str, Callable]], tiles: list[tuple[int, ...]], fields: tuple[str, ...], m: int,
+                 layers: list[tuple], dense: list[torch.Tensor]) -> list[dict]:
+    """Each ``(name, kernel(x, layer, tile))`` on each tile at M = ``m``, as CUDA-graph replays over the
+    rotated layer copies, with cuBLAS fp16 on the same rotation; each checked against :func:`layer_product`.
+    A row names the tile by ``fields``."""
+    from bench_kernels import graph_median_ms
+
+    k = layers[0][0].shape[0] * 8
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
+    t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
+    ref = layer_product(xs[0], layers[0])
+    out = []
+    for (name, kernel), tile in itertools.product(kernels, tiles):
+        err = ((kernel(xs[0], layers[0], tile).float() - ref).norm() / ref.norm()).item()
+        t = graph_median_ms([lambda i=i: kernel(xs[i], layers[i], tile) for i in range(len(layers))])
+        out.append(dict(m=m, layout=name, **dict(zip(fields, tile)), us=t * 1e3, cublas_us=t_cublas * 1e3,
+                        x_cublas=t_cublas / t, rel_err=err))
+        print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]], production: bool) -> list[dict]:
+    """Each ``(BLOCK_N, split, stages)`` of ``tiles`` in both layouts at each M (and with
+    ``production`` in the project's kernel, each of :data:`PRODUCTION_X` and
+    :data:`PRODUCTION_LAUNCHES`): :func:`time_kernels`."""
+    layers, dense = study_layers(n, k)
     kernels = [(layout_name(*layout), lambda xi, layer, tile, layout=layout:
                 study_matmul(xi, layer[1] if layout[0] else layer[0], layer[2], layer[3], layout[0], tile[0], tile[1],
                              4, tile[2], *layout[1:])) for layout in LAYOUTS]
@@ -228,22 +312,16 @@ def time_layouts(n: int, k: int, ms: list[int], tiles: list[tuple[int, int, int]
         kernels += [(f"production, {x_name}, {name}", lambda xi, layer, tile, launch=launch, variant=variant:
                      production_matmul(xi, layer[0], layer[2], layer[3], *tile, launch, variant))
                     for (x_name, variant), (name, launch) in itertools.product(PRODUCTION_X, PRODUCTION_LAUNCHES)]
-    out = []
-    for m in ms:
-        xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in layers]
-        t_cublas = graph_median_ms([lambda i=i: xs[i % len(xs)] @ dense[i].t() for i in range(len(dense))])
-        qweight, _, scales, zeros = layers[0]
-        shifts = torch.arange(0, 32, 4, device="cuda", dtype=torch.int32)
-        q = ((qweight.unsqueeze(1) >> shifts[None, :, None]) & 15).reshape(k, n).float()
-        w = (q - zeros.float().repeat_interleave(STEP, 0)) * scales.float().repeat_interleave(STEP, 0)
-        ref = xs[0].float() @ w
-        for (layout, kernel), tile in itertools.product(kernels, tiles):
-            err = ((kernel(xs[0], layers[0], tile).float() - ref).norm() / ref.norm()).item()
-            t = graph_median_ms([lambda i=i: kernel(xs[i], layers[i], tile) for i in range(len(layers))])
-            out.append(dict(m=m, layout=layout, block_n=tile[0], split=tile[1], stages=tile[2],
-                            us=t * 1e3, cublas_us=t_cublas * 1e3, x_cublas=t_cublas / t, rel_err=err))
-            print(json.dumps(out[-1]), flush=True)
-    return out
+    return [row for m in ms for row in time_kernels(kernels, tiles, ("block_n", "split", "stages"), m, layers, dense)]
+
+
+def time_m1(n: int, k: int, tiles: list[tuple[int, int, int]]) -> list[dict]:
+    """Each ``(BLOCK_N, BLOCK_C, split)`` of ``tiles`` in :func:`_m1_kernel` over both layouts at M = 1."""
+    layers, dense = study_layers(n, k)
+    kernels = [(f"M = 1 prototype, {layout_name(micro, 4, False)}", lambda xi, layer, tile, micro=micro:
+                m1_matmul(xi, layer[1] if micro else layer[0], layer[2], layer[3], micro, *tile))
+               for micro in (False, True)]
+    return time_kernels(kernels, tiles, ("block_n", "block_c", "split"), 1, layers, dense)
 
 
 def int_list(text: str) -> list[int]:
@@ -261,6 +339,11 @@ def main() -> None:
     ap.add_argument("--block-n", default="128,256", type=int_list)
     ap.add_argument("--split", default="4,8,16", type=int_list)
     ap.add_argument("--stages", default="1,2,3", type=int_list)
+    ap.add_argument("--m1", action="store_true",
+                    help="time the M = 1 prototype over both layouts (--m1-block-n x --m1-block-c x --m1-split)")
+    ap.add_argument("--m1-block-n", default="256,512,1024", type=int_list)
+    ap.add_argument("--m1-block-c", default="4,8,16", type=int_list)
+    ap.add_argument("--m1-split", default="16,32,64", type=int_list)
     ap.add_argument("--out", type=Path, default=None, help="write the rows as json here")
     args = ap.parse_args()
     rows = []
@@ -276,6 +359,15 @@ def main() -> None:
         for m, layout in itertools.product(sorted({r["m"] for r in timed}), dict.fromkeys(r["layout"] for r in timed)):
             best = min((r for r in timed if r["m"] == m and r["layout"] == layout), key=lambda r: r["us"])
             print(f"| {m} | {layout} | {best['block_n']}, {best['split']}, {best['stages']} | {best['us']:.1f} | "
+                  f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")
+        rows += timed
+    if args.m1:
+        n, k = map(int, args.shape.split(","))
+        timed = time_m1(n, k, list(itertools.product(args.m1_block_n, args.m1_block_c, args.m1_split)))
+        print("| layout | best tile (BLOCK_N, BLOCK_C, split) | µs | cuBLAS µs | x cuBLAS |\n|---|---|---|---|---|")
+        for layout in dict.fromkeys(r["layout"] for r in timed):
+            best = min((r for r in timed if r["layout"] == layout), key=lambda r: r["us"])
+            print(f"| {layout} | {best['block_n']}, {best['block_c']}, {best['split']} | {best['us']:.1f} | "
                   f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")
         rows += timed
     if args.out is not None:

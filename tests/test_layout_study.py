@@ -55,6 +55,25 @@ def test_both_layouts_compute_the_layer(study, micro, k_width, prefetch):
         study.study_matmul(x[:, :192], codes, s, z, micro, block_n=32)
 
 
+@pytest.mark.parametrize("micro", [False, True])
+@pytest.mark.parametrize("block_c,split", [(4, 3), (8, 2), (16, 1)])
+def test_the_m1_prototype_computes_the_layer_in_both_layouts(study, micro, block_c, split):
+    """K = 512: 16, 8 or 4 steps over 3, 2 or 1 programs (uneven ranges, several steps each)."""
+    x, qweight, s, z, ref = four_bit_layer(1, 64, 512)
+    codes = study.repack_micro(qweight) if micro else qweight
+    y = study.m1_matmul(x, codes, s, z, micro, block_n=32, block_c=block_c, split=split)
+    assert y.shape == (1, 64)
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
+    with pytest.raises(ValueError, match="one row"):
+        study.m1_matmul(x.expand(2, -1), codes, s, z, micro, block_n=32)
+
+
+def test_the_layer_product_is_the_float64_one(study):
+    x, qweight, s, z, ref = four_bit_layer(3, 64, 256)
+    y = study.layer_product(x, (qweight, None, s, z))
+    assert ((y.double().cpu() - ref).norm() / ref.norm()).item() < 2e-3
+
+
 @pytest.mark.parametrize("launch", ["in-kernel sum", "atomics"])
 @pytest.mark.parametrize("x_path", ["x words", "x tile"])
 def test_the_projects_kernel_timed_beside_the_study_computes_the_same_layer(study, launch, x_path):
