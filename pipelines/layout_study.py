@@ -186,7 +186,7 @@ def _m1_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K,
             xj = tl.load(x_ptr + chunks * 8 + j).to(tl.float32)  # slot j of every chunk (x is cache-resident)
             part += xj[:, None] * ((words >> (4 * j)) & 15).to(tl.float32)
             x_sum += xj
-        g = (it * 8 * BLOCK_C) // STEP
+        g = (it * 8 * BLOCK_C) // 128  # the group (STEP values)
         s = tl.load(s_ptr + g * N + offs_n).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n).to(tl.float32)
         acc += (tl.sum(part, axis=0) - tl.sum(x_sum) * z) * s
