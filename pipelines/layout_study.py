@@ -168,7 +168,7 @@ def _m1_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K,
     project's kernels read a step as ``[BLOCK_C, BLOCK_N]`` words, neighbouring threads on
     neighbouring columns. In micro-tiles a column's four chunks are one 16-byte vector instead,
     so a thread would load a column's chunks, not a word row's columns (K-major codes, whose
-    chunks lie K/8 words apart, made the M = 1 kernels 4x slower in session 13)."""
+    chunks lie K/8 words apart, made the M = 1 kernels 4x slower in session 9)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -324,6 +324,15 @@ def time_m1(n: int, k: int, tiles: list[tuple[int, int, int]]) -> list[dict]:
     return time_kernels(kernels, tiles, ("block_n", "block_c", "split"), 1, layers, dense)
 
 
+def print_best(timed: list[dict], fields: tuple[str, ...]) -> None:
+    """A markdown table of each (M, layout)'s fastest tile among the :func:`time_kernels` rows."""
+    print(f"| M | layout | best tile ({', '.join(fields)}) | µs | cuBLAS µs | x cuBLAS |\n|---|---|---|---|---|---|")
+    for m, layout in sorted(dict.fromkeys((r["m"], r["layout"]) for r in timed), key=lambda key: key[0]):
+        best = min((r for r in timed if r["m"] == m and r["layout"] == layout), key=lambda r: r["us"])
+        print(f"| {m} | {layout} | {', '.join(str(best[f]) for f in fields)} | {best['us']:.1f} | "
+              f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")
+
+
 def int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
@@ -355,20 +364,12 @@ def main() -> None:
         n, k = map(int, args.shape.split(","))
         timed = time_layouts(n, k, args.m, list(itertools.product(args.block_n, args.split, args.stages)),
                              args.production)
-        print("| M | layout | best tile (BLOCK_N, split, stages) | µs | cuBLAS µs | x cuBLAS |\n|---|---|---|---|---|---|")
-        for m, layout in itertools.product(sorted({r["m"] for r in timed}), dict.fromkeys(r["layout"] for r in timed)):
-            best = min((r for r in timed if r["m"] == m and r["layout"] == layout), key=lambda r: r["us"])
-            print(f"| {m} | {layout} | {best['block_n']}, {best['split']}, {best['stages']} | {best['us']:.1f} | "
-                  f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")
+        print_best(timed, ("block_n", "split", "stages"))
         rows += timed
     if args.m1:
         n, k = map(int, args.shape.split(","))
         timed = time_m1(n, k, list(itertools.product(args.m1_block_n, args.m1_block_c, args.m1_split)))
-        print("| layout | best tile (BLOCK_N, BLOCK_C, split) | µs | cuBLAS µs | x cuBLAS |\n|---|---|---|---|---|")
-        for layout in dict.fromkeys(r["layout"] for r in timed):
-            best = min((r for r in timed if r["layout"] == layout), key=lambda r: r["us"])
-            print(f"| {layout} | {best['block_n']}, {best['block_c']}, {best['split']} | {best['us']:.1f} | "
-                  f"{best['cublas_us']:.1f} | {best['x_cublas']:.2f} |")
+        print_best(timed, ("block_n", "block_c", "split"))
         rows += timed
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=1))

@@ -106,3 +106,14 @@ def test_micro_tiles_reach_the_tensor_cores_in_16_byte_copies_and_loads():
         for micro in fit:
             assert micro["LDGSTS.E.BYPASS.128"] == n_major.get("LDGSTS.E.BYPASS.128", 0) + 8
             assert micro.get("LDGSTS.E", 0) == 0 and micro["loop"] < n_major["loop"]
+
+
+def test_the_printed_table_keeps_each_layouts_fastest_tile_at_each_m(study, capsys):
+    rows = [dict(m=m, layout=layout, block_n=bn, split=8, us=us, cublas_us=35.0, x_cublas=35.0 / us)
+            for m, layout, bn, us in ((16, "N-major", 128, 30.0), (16, "N-major", 256, 25.0), (16, "micro4", 128, 21.0),
+                                      (4, "N-major", 128, 24.0), (4, "N-major", 256, 26.0))]
+    study.print_best(rows, ("block_n", "split"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| M | layout | best tile (block_n, split) |")
+    assert lines[2:] == ["| 4 | N-major | 128, 8 | 24.0 | 35.0 | 1.46 |", "| 16 | N-major | 256, 8 | 25.0 | 35.0 | 1.40 |",
+                         "| 16 | micro4 | 128, 8 | 21.0 | 35.0 | 1.67 |"]
