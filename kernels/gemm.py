@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import add_bias, grouped_tile, launcher, store_split
+from .tiling import add_bias, grouped_tile_ranges, launcher, store_split
 from .tuning import Config
 from .unpack import dequant_tile, load_codes, load_group_row
 
@@ -30,14 +30,8 @@ def _dq_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, EXPAND: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = grouped_tile_ranges(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -80,14 +74,8 @@ def _dq_gemm_wa_kernel(
     kernel above) every decoded tile is stored to shared memory and read back by the tensor
     cores; with W as A, Triton can decode straight into the register layout the instruction
     wants, and only x (loaded by the async copy engine) goes through shared memory."""
-    pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
+    offs_m, offs_n, mask_m, mask_n = grouped_tile_ranges(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     dtype = x_ptr.dtype.element_ty
     PW: tl.constexpr = 32 // BITS
 
@@ -96,9 +84,7 @@ def _dq_gemm_wa_kernel(
         k0 = it * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        g = k0 // GROUP
-        s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
         if BITS == 3:
             q = tl.trans(load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS))
         else:
@@ -132,24 +118,16 @@ def gemm_forward(
     y = torch.empty((M, N), device=x.device, dtype=x.dtype) if split == 1 else \
         torch.zeros((M, N), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), split)
-    if cfg.variant == 2:
-        launcher(_dq_gemm_wa_kernel, grid)(
-            x, qweight, scales, zeros, bias if bias is not None else x, y,
-            M, N, K,
-            x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
-            BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return y if split == 1 else y.to(x.dtype)
-    launcher(_dq_gemm_kernel, grid)(
+    # variant 2: W as the A operand; 1: words expanded once in registers (not for 3-bit); 0: codes per value
+    kernel, variant_args = ((_dq_gemm_wa_kernel, {}) if cfg.variant == 2
+                            else (_dq_gemm_kernel, dict(EXPAND=bool(cfg.variant) and bits != 3)))
+    launcher(kernel, grid)(
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,
         x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype), EXPAND=bool(cfg.variant) and bits != 3,
+        SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype), **variant_args,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if split == 1 else y.to(x.dtype)

@@ -34,6 +34,16 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def grouped_tile_ranges(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_N]`` output tile of program ``program_id(0)`` in :func:`grouped_tile`
+    order: its row and column offsets and their masks (``< M``, ``< N``)."""
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return offs_m, offs_n, offs_m < M, offs_n < N
+
+
+@triton.jit
 def add_in_first_slice(acc, ptrs, mask, pid_k, ON: tl.constexpr):
     """With ``ON``, ``acc`` plus the values at ``ptrs`` (broadcast to acc's shape), added by the
     first K slice only: split-K partial sums then include them once."""
