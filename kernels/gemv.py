@@ -25,6 +25,7 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
+from .prefetch import prefetch_code_rows, prefetch_steps
 from .prologue import NO_ROW_OPS, RowOps, launch_rows, normalize_steps
 from .tiling import (add_bias, add_in_first_slice, decode_output, launch_options, launcher, release_next_grid,
                      store_decode, wait_for_previous_grid)
@@ -240,6 +241,7 @@ def _dq_gemv_tc_kernel(
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
     X_TILE: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -270,12 +272,20 @@ def _dq_gemv_tc_kernel(
     columns and the kernel writes ``silu(gate) * up``, half as wide (:func:`.tiling.finish_tile`).
 
     ``NORM``: x is RMSNorm(h) of the rows at ``h_ptr``, which the program writes for the steps
-    it reads into ``x_ptr`` first; ``RESIDUAL``: the rows at ``res_ptr`` are added (:mod:`.prologue`)."""
-    wait_for_previous_grid(PDL)
+    it reads into ``x_ptr`` first; ``RESIDUAL``: the rows at ``res_ptr`` are added (:mod:`.prologue`).
+
+    ``PREFETCH`` > 0: the codes of this program's next ``PREFETCH`` steps are asked of L2 ahead of
+    their loads (:mod:`.prefetch`), the first ones before the wait for the previous grid."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
+    STEP_ROWS: tl.constexpr = BLOCK_C * (3 if BITS == 3 else 1)  # code word rows a step
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
+    code_rows = (K // VPC) * (3 if BITS == 3 else 1)
+    for j in tl.static_range(PREFETCH):
+        prefetch_code_rows(qw_ptr, (pid_k + j * SPLIT_K) * STEP_ROWS, STEP_ROWS, code_rows, pid_n * BLOCK_N, stride_qk,
+                           BLOCK_N, STEP_ROWS, True)
+    wait_for_previous_grid(PDL)
     offs_m = tl.arange(0, BLOCK_M)
     offs_c = tl.arange(0, BLOCK_C)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -287,6 +297,8 @@ def _dq_gemv_tc_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in range(pid_k, tl.cdiv(K, BK), SPLIT_K):
+        prefetch_code_rows(qw_ptr, (it + PREFETCH * SPLIT_K) * STEP_ROWS, STEP_ROWS, code_rows, pid_n * BLOCK_N,
+                           stride_qk, BLOCK_N, STEP_ROWS, PREFETCH > 0)
         chunks = it * BLOCK_C + offs_c
         mask_w = mask_n[None, :]
         mask_x = mask_m[:, None]
@@ -447,7 +459,7 @@ def gemv_tc_forward(
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
         PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA,
-        X_TILE=cfg.variant == PAIRED_XTILE, ACT=silu_mul, **row_constants,
+        X_TILE=cfg.variant == PAIRED_XTILE, ACT=silu_mul, **row_constants, PREFETCH=prefetch_steps(cfg, qweight, N),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -62,7 +62,8 @@ def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, s
 
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
-               paired: bool, wgmma: bool = False, k_major: bool = False, x_tile: bool = False) -> tuple[str, str]:
+               paired: bool, wgmma: bool = False, k_major: bool = False, x_tile: bool = False,
+               prefetch: int = 0) -> tuple[str, str]:
     """``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}",
@@ -79,12 +80,12 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma,
-                     X_TILE=x_tile, ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512)
+                     X_TILE=x_tile, ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512, PREFETCH=prefetch)
     return compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
 
 
 def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int, split: int, K: int,
-                  lanes: int = 1, silu_mul: bool = False) -> tuple[str, str]:
+                  lanes: int = 1, silu_mul: bool = False, prefetch: int = 0) -> tuple[str, str]:
     """``_dq_gemv_half2_kernel`` at M = 1 (x unpaired, split-K reduced in the kernel where split > 1)."""
     types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
              "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": "*fp16", "g_ptr": "*fp16", "res_ptr": "*fp16",
@@ -94,7 +95,7 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
     constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
                      SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False, EARLY=False,
                      ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes,
-                     NORM=False, RESIDUAL=False, ROW_BLOCK=512)
+                     NORM=False, RESIDUAL=False, ROW_BLOCK=512, PREFETCH=prefetch)
     return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 
@@ -105,6 +106,12 @@ def opcodes(lines: list[str]) -> collections.Counter:
         if match:
             ops[match.group(1)] += 1
     return ops
+
+
+def memory_ops(ops: collections.Counter) -> dict[str, int]:
+    """Global loads (``LDG*``: direct and async copies) and bulk L2 prefetches (``UBLKPF``) of a kernel."""
+    return {"global_loads": sum(n for op, n in ops.items() if op.startswith("LDG")),
+            "l2_prefetches": sum(n for op, n in ops.items() if op.startswith("UBLKPF"))}
 
 
 def k_loop(sass: str) -> list[str]:
@@ -140,6 +147,7 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
     p.add_argument("--silu-mul", action="store_true", help="--half2: with the SiLU epilogue")
+    p.add_argument("--prefetch", type=int, default=0, help="steps of codes asked of L2 ahead (kernels/prefetch.py)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -152,7 +160,7 @@ def main() -> None:
     if (args.wgmma or args.x_tile) and not args.paired:
         raise SystemExit("--wgmma and --x-tile take --paired")
     usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages,
-                             args.paired, args.wgmma, args.k_major, args.x_tile)
+                             args.paired, args.wgmma, args.k_major, args.x_tile, args.prefetch)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
     weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step
@@ -160,7 +168,7 @@ def main() -> None:
              "barriers": sum(n for op, n in whole.items() if op.startswith("BAR")),
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
              "tensor_ops": sorted(op for op in loop if "MMA" in op),
-             "loop_async_copies": sum(n for op, n in loop.items() if op.startswith("LDGSTS"))}
+             "loop_async_copies": sum(n for op, n in loop.items() if op.startswith("LDGSTS")), **memory_ops(whole)}
     report(stats, args.json, [
         f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}, barriers {stats['barriers']}",
         f"K loop: {stats['loop_instructions']} instructions per warp-step, {stats['per_weight']:.2f} lane-instructions per weight",
@@ -182,12 +190,12 @@ def half2_stats(args: argparse.Namespace) -> None:
         raise SystemExit(f"--split x --lanes must divide the {steps} steps, and a step of --block-c {args.block_c} "
                          f"chunks must fit inside --group {args.group}")
     usage, sass = compile_half2(args.bits, args.group, args.block_n, args.block_c, args.warps, args.split, args.k,
-                                args.lanes, args.silu_mul)
+                                args.lanes, args.silu_mul, args.prefetch)
     whole = opcodes(sass.splitlines())
     weights = args.block_n * args.k // args.split / (32 * args.warps)  # per thread, one program
     total = sum(n for op, n in whole.items() if op != "NOP")
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "local_stores": whole["STL"],
-             "instructions": total, "per_weight": total / weights}
+             "instructions": total, "per_weight": total / weights, **memory_ops(whole)}
     report(stats, args.json, [
         f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
         f"{total} instructions per thread, {stats['per_weight']:.2f} lane-instructions per weight",

@@ -1106,6 +1106,34 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
                 assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
 
 
+@pytest.mark.skipif(not GPU, reason="the bulk L2 prefetch is PTX: it runs on a GPU only")
+@pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
+def test_gpu_l2_prefetch_leaves_every_output_bit_alone(bits, group):
+    """``Config.prefetch`` is a hint: every decode tile gives the same bits with the codes of its
+    next 1 or 4 steps asked of L2 (past its last step, and 3-bit's ragged K, included) as without:
+    the paired-fp16 tiles at M = 1 (split-K, K lanes, codes loaded early under PDL) and the
+    tensor-core tiles at M = 16."""
+    from efficientqat.kernels.gemv import PAIRED_XTILE, gemv_tc_forward
+    from efficientqat.kernels.half2 import gemv_half2_forward
+
+    gen = torch.Generator().manual_seed(bits)
+    k = 11008 if bits == 3 else 4096
+    q, z, s, qw, zeros, scales, gl = rand_layer(1024, k, bits, group, gen, scale_dtype=torch.float16)
+    cases = []
+    if k == 4096:
+        half2 = candidates.half2_candidates(1, 1024, k, bits, gl)
+        lanes = [c for c in half2 if c.lanes > 1][:1]
+        cases += [(gemv_half2_forward, 1, c) for c in tuning.chained_twins(half2[:2] + lanes)]
+    tc = candidates.gemv_tc_candidates(1024, k, bits, gl, torch.float16)
+    cases += [(gemv_tc_forward, 16, c) for c in tc[:2] + [c for c in tc if c.variant == PAIRED_XTILE][:1]]
+    for forward, m, cfg in cases:
+        x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+        plain = forward(x, qw, scales, zeros, None, bits, gl, cfg)
+        for ahead in (1, 4):
+            assert torch.equal(forward(x, qw, scales, zeros, None, bits, gl, replace(cfg, prefetch=ahead)), plain), \
+                (cfg, ahead)
+
+
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
 def test_gpu_capture_without_a_workspace_falls_back(monkeypatch):
     """A fixup launch first seen inside a graph capture allocates nothing there: it takes the

@@ -95,3 +95,15 @@ def test_k_lanes_issue_fewer_instructions_per_weight_than_the_split_k_tile_they_
 def test_half2_stats_refuse_lanes_that_do_not_divide_the_steps():
     done = run_script("--half2", "--bits", "4", "--block-c", "16", "--split", "3", "--lanes", "4")
     assert done.returncode != 0 and "must divide the 32 steps" in done.stderr
+
+
+@pytest.mark.parametrize("kernel", [
+    ["--half2", "--bits", "4", "--block-n", "512", "--block-c", "4", "--split", "64", "--k", "8192"],
+    ["--half2", "--bits", "3", "--block-n", "512", "--block-c", "4", "--split", "64", "--k", "8192"],
+    ["--bits", "4", "--block-n", "256", "--block-c", "16", "--stages", "1", "--paired", "--x-tile"]])
+def test_l2_prefetch_adds_bulk_prefetches_and_no_load(kernel):
+    """``Config.prefetch``: the codes ahead go to L2 by ``cp.async.bulk.prefetch`` (``UBLKPF``),
+    which holds no register: the kernel's own loads stay as they were, and nothing spills."""
+    plain, ahead = sass(*kernel), sass(*kernel, "--prefetch", "2")
+    assert plain["l2_prefetches"] == 0 and ahead["l2_prefetches"] >= 2
+    assert ahead["global_loads"] == plain["global_loads"] and ahead["local_stores"] == 0

@@ -1,0 +1,61 @@
+"""Asking L2 for a decode program's next packed codes before it loads them (sm_90 bulk prefetch).
+
+A decode kernel is bound by how many DRAM bytes it keeps in flight, and on Hopper a Triton
+program keeps few: ptxas sinks the step's code loads to their first use (the sm_90 SASS of the
+M = 1 paired-fp16 kernel issues two of a step's four 16-byte loads, computes, then issues the
+other two), and the M = 16 tensor-core kernel fits two programs an SM, each waiting on one step
+at a time. A register prefetch of the next step (``pipelines/layout_study.py``, session 17)
+cost more in layout conversions and registers than it hid. ``cp.async.bulk.prefetch.L2`` asks
+L2 for a contiguous range and holds no register and no shared memory: one thread a code row,
+the rows of the next steps in flight while the program works on this one, its own loads then
+hitting L2.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+import triton.language as tl
+
+from .tuning import interpreting
+
+if TYPE_CHECKING:
+    from .tuning import Config
+
+
+@triton.jit
+def prefetch_rows(row0_ptr, rows, stride_bytes, ROW_BYTES: tl.constexpr, MAX_ROWS: tl.constexpr):
+    """The program asks L2 for the ``ROW_BYTES`` bytes at ``row0_ptr + r * stride_bytes`` for
+    ``r < rows <= MAX_ROWS`` (addresses and ``ROW_BYTES`` multiples of 16). The bulk prefetch
+    takes a warp-uniform address, so ptxas issues a warp's distinct addresses one after another:
+    row ``r`` goes to lane ``r // warps`` of warp ``r % warps``, the warps' turns side by side."""
+    tl.static_assert(ROW_BYTES % 16 == 0, "bulk prefetches move multiples of 16 bytes")
+    for p in tl.static_range(triton.cdiv(MAX_ROWS, 32)):  # enough passes for a one-warp program
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; .reg .u32 t, n, w; .reg .u64 a; "
+            "mov.u32 t, %tid.x; mov.u32 n, %ntid.x; shr.u32 w, n, 5; "  # w: warps
+            f"and.b32 n, t, 31; shr.u32 t, t, 5; mad.lo.u32 t, n, w, t; mad.lo.u32 t, w, {32 * p}, t; "
+            "setp.lt.u32 p, t, $2; mad.wide.u32 a, t, $3, $1; "
+            f"@p cp.async.bulk.prefetch.L2.global [a], {ROW_BYTES}; mov.u32 $0, 0; }}",
+            "=r,l,r,r", [row0_ptr, rows, stride_bytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def prefetch_code_rows(qw_ptr, row0, rows, row_end, col0, stride_qk, BLOCK_N: tl.constexpr, MAX_ROWS: tl.constexpr,
+                       ON: tl.constexpr):
+    """With ``ON``, ask L2 for int32 code rows ``row0 .. row0 + rows`` (cut at ``row_end``) of the
+    ``BLOCK_N`` columns from ``col0`` (N-major codes, row stride ``stride_qk`` words). A hint with
+    no result: off under the interpreter, which cannot run PTX, so a kernel computes the same
+    with it on or off."""
+    if ON:
+        prefetch_rows(qw_ptr + row0 * stride_qk + col0, tl.maximum(tl.minimum(rows, row_end - row0), 0),
+                      stride_qk * 4, BLOCK_N * 4, MAX_ROWS)
+
+
+def prefetch_steps(cfg: Config, qweight: torch.Tensor, N: int) -> int:
+    """``cfg.prefetch`` where a launch can take it, else 0: on the GPU, over N-major codes whose
+    rows of a tile are whole 16-byte blocks from a 16-byte aligned start (no partial last tile)."""
+    aligned = qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 16 == 0
+    return cfg.prefetch if aligned and N % cfg.block_n == 0 and not interpreting() else 0
