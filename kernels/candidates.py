@@ -11,7 +11,7 @@ import triton
 
 from efficientqat.packing import chunk_values
 
-from .gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
+from .gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
 from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, Config, m_bucket
 
 
@@ -264,7 +264,8 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
     one-stage tile then won that key at 32.7; it comes once more reading x as the prototype does
     (``gemv.PAIRED_XTILE``: one tile a step, split in registers; sm_90 SASS under Triton 3.6, 200
     instead of 208 registers and 762 instead of 778 loop instructions), which took that key to 26.9 us
-    (H200, session 17)."""
+    (H200, session 17). That tile then comes with its codes through the tensor-memory accelerator,
+    two and three stages deep (``gemv.PAIRED_TMA``): the next steps' codes in flight without registers."""
     vpc = chunk_values(bits)
     out = []
     for c in tiles:
@@ -275,6 +276,7 @@ def paired_code_twins(tiles: list[Config], K: int, bits: int, group: int, dtype:
             split = max(1, min(c.split_k, -(-K // (block_c * vpc))))
             paired = replace(c, block_k=block_c, split_k=split, variant=PAIRED_CODES)
             out += [paired, replace(paired, num_stages=1), replace(paired, num_stages=1, variant=PAIRED_XTILE)]
+            out += [replace(paired, num_stages=stages, variant=PAIRED_TMA) for stages in (2, 3)]
     wgmma = [replace(c, variant=PAIRED_WGMMA) for c in out] if compiles_register_wgmma() else []
     return list(dict.fromkeys(out + wgmma))
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
@@ -232,7 +233,7 @@ def _paired_dot(xj, codes, part, W_AS_A: tl.constexpr, DOT_PREC: tl.constexpr):
 
 @triton.jit
 def _dq_gemv_tc_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
+    x_ptr, qw_ptr, qw_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
     M, N, K,
     stride_xw, stride_qk, stride_qn, stride_g, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -241,7 +242,7 @@ def _dq_gemv_tc_kernel(
     FOLD_SCALES: tl.constexpr, EVEN_K: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, XPW: tl.constexpr,
     PAIR_MAGIC: tl.constexpr, PAIR_OFFSET: tl.constexpr, PAIRS: tl.constexpr, W_AS_A: tl.constexpr,
     X_TILE: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, ROW_BLOCK: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, CODES_TMA: tl.constexpr,
 ):
     """M = 1..16 on the tensor cores, loading each packed word once: for each value slot j of
     a chunk, the ``[BLOCK_C, BLOCK_N]`` tile of codes pairs with the x columns ``k = chunk*VPC + j``
@@ -274,6 +275,12 @@ def _dq_gemv_tc_kernel(
     ``NORM``: x is RMSNorm(h) of the rows at ``h_ptr``, which the program writes for the steps
     it reads into ``x_ptr`` first; ``RESIDUAL``: the rows at ``res_ptr`` are added (:mod:`.prologue`).
 
+    ``CODES_TMA`` (2/4-bit codes, one word row a chunk): the codes of a step come as one
+    ``[BLOCK_C, BLOCK_N]`` tile through the tensor-memory accelerator from ``qw_desc`` (a
+    ``TensorDescriptor`` of qweight), which with ``num_stages`` > 1 keeps the next steps' tiles in
+    flight into shared memory without registers or copy instructions; rows past K and columns past
+    N arrive as zeros.
+
     ``PREFETCH`` > 0: the codes of this program's next ``PREFETCH`` steps are asked of L2 ahead of
     their loads (:mod:`.prefetch`), the first ones before the wait for the previous grid."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
@@ -305,7 +312,12 @@ def _dq_gemv_tc_kernel(
         if not EVEN_K:
             mask_w = mask_w & (chunks < K // VPC)[:, None]
             mask_x = mask_x & (chunks < K // VPC)[None, :]
-        w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n * stride_qn, stride_qk, mask_w, BITS)
+        if CODES_TMA:
+            w0 = qw_desc.load([it * BLOCK_C, pid_n * BLOCK_N])
+            w1 = w0
+            w2 = w0
+        else:
+            w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n * stride_qn, stride_qk, mask_w, BITS)
         k_first = chunks * VPC
         if not X_TILE:
             x_words = _x_chunk_words(x_ptr, offs_m, chunks, stride_xw, mask_x, VPC, XPW)
@@ -381,10 +393,21 @@ pairs in registers (``X_TILE``), instead of as 64-bit words split by a shift and
 how the layout study's prototype (``pipelines/layout_study.py``) reads it. On an H200 at M = 16,
 8192^2 w4g128, one-stage 256-column tile, split 8: 26.8 us against 32.5 with x as words (session 17,
 the prototype 25.2); the shifts per slot were most of the gap."""
-PAIRED_VARIANTS = (PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE)
+PAIRED_TMA = 4
+""":data:`PAIRED_XTILE` with the codes brought in by the tensor-memory accelerator (``CODES_TMA``),
+pipelined over ``num_stages``: a one-stage program waits on each step's codes, and at two programs
+an SM (200 registers) nothing else hides that wait (session 17's profile: long-scoreboard stalls
+first, 12% occupancy)."""
+PAIRED_VARIANTS = (PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE, PAIRED_TMA)
 PAIR_MAGIC = {torch.float16: 0x64006400, torch.bfloat16: 0x43004300}
 """Exponent bits that make a code field ``q`` the 16-bit float ``PAIR_OFFSET + q``."""
 PAIR_OFFSET = {torch.float16: 1024.0, torch.bfloat16: 128.0}
+
+
+def tma_ready(qweight: torch.Tensor) -> bool:
+    """Whether the tensor-memory accelerator can read ``qweight``: N-major rows from a 16-byte
+    aligned start, 16-byte multiples apart (:data:`PAIRED_TMA`)."""
+    return qweight.stride(1) == 1 and qweight.data_ptr() % 16 == 0 and qweight.stride(0) * qweight.element_size() % 16 == 0
 
 
 def pairs_codes(bits: int, group: int, dtype: torch.dtype, block_c: int) -> bool:
@@ -449,8 +472,10 @@ def gemv_tc_forward(
         x = x.clone()
     xs, row_args, row_constants = launch_rows(ops, x, x, 16)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    tma = cfg.variant == PAIRED_TMA and tma_ready(qweight)  # else the same tile with pointer loads
+    codes = TensorDescriptor.from_tensor(qweight, [cfg.block_k, cfg.block_n]) if tma else qweight
     launcher(_dq_gemv_tc_kernel, grid)(
-        xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
+        xs, qweight, codes, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
         M, N, K,
         xs.stride(0) * xs.element_size() // 8, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
@@ -459,7 +484,8 @@ def gemv_tc_forward(
         FOLD_SCALES=fold, EVEN_K=K % step == 0, FIXUP=fixup, PDL=cfg.pdl, XPW=8 // x.element_size(),
         PAIR_MAGIC=PAIR_MAGIC[x.dtype] if paired else 0, PAIR_OFFSET=PAIR_OFFSET[x.dtype] if paired else 0.0,
         PAIRS=pairs_per_dot(cfg.block_k), W_AS_A=cfg.variant == PAIRED_WGMMA,
-        X_TILE=cfg.variant == PAIRED_XTILE, ACT=silu_mul, **row_constants, PREFETCH=prefetch_steps(cfg, qweight, N),
+        X_TILE=cfg.variant in (PAIRED_XTILE, PAIRED_TMA), ACT=silu_mul, **row_constants,
+        PREFETCH=prefetch_steps(cfg, qweight, N), CODES_TMA=tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(cfg),
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)

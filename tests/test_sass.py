@@ -107,3 +107,12 @@ def test_l2_prefetch_adds_bulk_prefetches_and_no_load(kernel):
     plain, ahead = sass(*kernel), sass(*kernel, "--prefetch", "2")
     assert plain["l2_prefetches"] == 0 and ahead["l2_prefetches"] >= 2
     assert ahead["global_loads"] == plain["global_loads"] and ahead["local_stores"] == 0
+
+
+@pytest.mark.parametrize("stages", ["2", "3"])
+def test_codes_through_tma_leave_the_global_loads_to_x_and_the_group_rows(stages):
+    """``PAIRED_TMA``: the codes reach shared memory by the tensor-memory accelerator, so the
+    pipelined tile issues fewer global loads than the x-tile tile it comes from, and spills nothing."""
+    tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--paired"]
+    x_tile, tma = sass(*tile, "--stages", "1", "--x-tile"), sass(*tile, "--stages", stages, "--tma")
+    assert tma["global_loads"] < x_tile["global_loads"] and tma["local_stores"] == 0
