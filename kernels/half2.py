@@ -41,7 +41,6 @@ import triton.language as tl
 from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
-from .prefetch import prefetch_code_rows, prefetch_steps
 from .prologue import NO_ROW_OPS, RowOps, launch_rows, normalize_steps
 from .tiling import (add_bias, add_in_first_slice, decode_output, launch_options, launcher, release_next_grid,
                      store_decode, wait_for_previous_grid)
@@ -279,7 +278,7 @@ def _dq_gemv_half2_kernel(
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
     ONE_STEP: tl.constexpr,
     X_PAIRED: tl.constexpr, ACT: tl.constexpr, LANES: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-    ROW_BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+    ROW_BLOCK: tl.constexpr,
 ):
     """M <= BLOCK_M rows on the CUDA cores: each program streams a contiguous K range of a
     ``BLOCK_N`` column slice in steps of ``BLOCK_C`` word rows (inside one group), and every
@@ -296,10 +295,7 @@ def _dq_gemv_half2_kernel(
 
     ``NORM``: x is RMSNorm(h) of the rows at ``h_ptr`` (weight ``g_ptr``), which the program
     writes for its K range into ``x_ptr`` first (:mod:`.prologue`); ``RESIDUAL``: the rows at
-    ``res_ptr`` are added to the output.
-
-    ``PREFETCH`` > 0: the codes of the next ``PREFETCH`` steps are asked of L2 ahead of their
-    loads (:mod:`.prefetch`), the first ones before the wait for the previous grid."""
+    ``res_ptr`` are added to the output."""
     BK: tl.constexpr = BLOCK_C * (32 if BITS == 3 else 32 // BITS)
     PAIR_HV: tl.constexpr = (8 if BITS == 3 else 16 // BITS) if X_PAIRED else 0  # x's pair order (pair_x)
     pid_n = tl.program_id(0)
@@ -331,11 +327,6 @@ def _dq_gemv_half2_kernel(
     # PEEL: the first step outside the loop (all of them with ONE_STEP).
     PEEL: tl.constexpr = ONE_STEP or EARLY
     first = s_lo
-    STEP_ROWS: tl.constexpr = BLOCK_C * (3 if BITS == 3 else 1)  # code word rows a step
-    col0 = pid_n * BLOCK_N
-    PEELED: tl.constexpr = LANES if PEEL else 0  # steps before the loop
-    prefetch_code_rows(qw_ptr, s_lo * STEP_ROWS, (PREFETCH + PEELED) * STEP_ROWS, s_hi * STEP_ROWS,
-                       col0, stride_qk, BLOCK_N, (PREFETCH + LANES) * STEP_ROWS, PREFETCH > 0)
     if EARLY:
         words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
     wait_for_previous_grid(PDL)
@@ -350,8 +341,6 @@ def _dq_gemv_half2_kernel(
         acc = tl.zeros((xw_rows.shape[0], BLOCK_N), dtype=tl.float32)
     if not ONE_STEP:
         for step in range(first, s_hi, LANES):
-            prefetch_code_rows(qw_ptr, (step + PREFETCH) * STEP_ROWS, LANES * STEP_ROWS, s_hi * STEP_ROWS, col0,
-                               stride_qk, BLOCK_N, LANES * STEP_ROWS, PREFETCH > 0)
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
             s, z = _group_row(s_ptr, z_ptr, ((step + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_x, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
@@ -406,7 +395,6 @@ def gemv_half2_forward(
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,
         EARLY=cfg.pdl and cfg.early,
         ONE_STEP=steps == cfg.split_k * cfg.lanes, X_PAIRED=paired, ACT=silu_mul, LANES=cfg.lanes, **row_constants,
-        PREFETCH=prefetch_steps(cfg, qweight, N),
         num_warps=cfg.num_warps, **launch_options(cfg),
     )
     return y

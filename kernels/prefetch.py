@@ -1,14 +1,16 @@
-"""Asking L2 for a decode program's next packed codes before it loads them (sm_90 bulk prefetch).
+"""Asking L2 for a decode program's next packed codes before it loads them.
 
-A decode kernel is bound by how many DRAM bytes it keeps in flight, and on Hopper a Triton
-program keeps few: ptxas sinks the step's code loads to their first use (the sm_90 SASS of the
-M = 1 paired-fp16 kernel issues two of a step's four 16-byte loads, computes, then issues the
-other two), and the M = 16 tensor-core kernel fits two programs an SM, each waiting on one step
-at a time. A register prefetch of the next step (``pipelines/layout_study.py``, session 17)
-cost more in layout conversions and registers than it hid. ``cp.async.bulk.prefetch.L2`` asks
-L2 for a contiguous range and holds no register and no shared memory: one thread a code row,
-the rows of the next steps in flight while the program works on this one, its own loads then
-hitting L2.
+The M = 16 tensor-core decode kernel fits two programs an SM (about 200 registers a thread), and
+each waits on one step's codes at a time: session 17's profile put long-scoreboard stalls first
+at 12% occupancy. A register prefetch of the next step (``pipelines/layout_study.py``) cost more in
+layout conversions and registers than it hid. ``prefetch.global.L2`` writes no register: one
+128-byte line a thread, the rows of a later step requested while the program works on this one,
+its own loads (or TMA copies) of that step then served from L2.
+
+Measured on an H200 at 8192^2 (``pipelines/prefetch_study.py``, session 18): with the codes through
+TMA at three stages, one step ahead took M = 16 w4g128 from 29.5 to 24.4 us. The paired-fp16 M = 1
+kernels only lost by it (13.3 -> 14.3 us one step ahead), as they did with ``cp.async.bulk.prefetch``,
+whose warp-uniform address ptxas issues one lane at a time; so only the tensor-core kernel takes it.
 """
 
 from __future__ import annotations
@@ -24,15 +26,17 @@ from .tuning import interpreting
 if TYPE_CHECKING:
     from .tuning import Config
 
+LINE = 128  # bytes a prefetch asks for
+
 
 @triton.jit
 def prefetch_rows(row0_ptr, rows, stride_bytes, ROW_BYTES: tl.constexpr, MAX_ROWS: tl.constexpr):
     """The program asks L2 for the ``ROW_BYTES`` bytes at ``row0_ptr + r * stride_bytes`` for
-    ``r < rows <= MAX_ROWS`` (addresses and ``ROW_BYTES`` multiples of 128): one 128-byte line
-    a thread (``prefetch.global.L2``), no register written."""
+    ``r < rows <= MAX_ROWS`` (addresses and ``ROW_BYTES`` multiples of 128): thread ``t`` takes
+    line ``t % LINES`` of row ``t // LINES``, as many passes as one warp would need."""
     tl.static_assert(ROW_BYTES % 128 == 0, "rows of whole 128-byte lines")
     LINES: tl.constexpr = ROW_BYTES // 128
-    for p in tl.static_range(triton.cdiv(MAX_ROWS * LINES, 32)):  # enough passes for a one-warp program
+    for p in tl.static_range(triton.cdiv(MAX_ROWS * LINES, 32)):
         tl.inline_asm_elementwise(
             "{ .reg .pred p; .reg .u32 t, n, r; .reg .u64 a, b; "
             f"mov.u32 t, %tid.x; mov.u32 n, %ntid.x; mad.lo.u32 t, n, {p}, t; div.u32 r, t, {LINES}; "
@@ -55,6 +59,7 @@ def prefetch_code_rows(qw_ptr, row0, rows, row_end, col0, stride_qk, BLOCK_N: tl
 
 def prefetch_steps(cfg: Config, qweight: torch.Tensor, N: int) -> int:
     """``cfg.prefetch`` where a launch can take it, else 0: on the GPU, over N-major codes whose
-    rows of a tile are whole 16-byte blocks from a 16-byte aligned start (no partial last tile)."""
+    rows of a tile are whole 128-byte lines from a 16-byte aligned start (no partial last tile)."""
     aligned = qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 16 == 0
-    return cfg.prefetch if aligned and N % cfg.block_n == 0 and not interpreting() else 0
+    whole = N % cfg.block_n == 0 and cfg.block_n * 4 % LINE == 0
+    return cfg.prefetch if aligned and whole and not interpreting() else 0

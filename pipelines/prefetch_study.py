@@ -1,9 +1,10 @@
 """Time the decode kernels with their next codes asked of L2 ahead of the loads (``Config.prefetch``,
 ``kernels/prefetch.py``) against the same tiles without, on one layer shape.
 
-    python3 pipelines/prefetch_study.py --shape 8192,8192 --cases w4g128:1,w4g128:16 --prefetch 0,1,2,4 --out FILE
+    python3 pipelines/prefetch_study.py --shape 8192,8192 --cases w4g128:16,w2g64:16 --prefetch 0,1,2 --out FILE
 
-For each ``quant:M`` case the tiles are the tuner's decode candidates as a chained launch runs
+Only the tensor-core kernel (M = 2..16) takes the hint; a paired-fp16 tile times the same at every
+distance. For each ``quant:M`` case the tiles are the tuner's decode candidates as a chained launch runs
 them (``tuning.chained_twins``; ``--tiles best`` keeps the tuned one from the config cache, or
 tunes it), each at every ``--prefetch`` distance. Every launch is checked to give the same
 output as the tile without prefetch (the hint changes no arithmetic), then timed as the tuner
@@ -109,7 +110,7 @@ def table(rows: list[dict], prefetches: list[int], top: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="8192,8192", help="N,K")
-    p.add_argument("--cases", default="w4g128:1,w4g128:16", help="quant:M, comma-separated")
+    p.add_argument("--cases", default="w4g128:16,w2g64:16", help="quant:M, comma-separated")
     p.add_argument("--prefetch", default="0,1,2,4", help="steps ahead, comma-separated (0: off)")
     p.add_argument("--tiles", choices=("best", "all"), default="best")
     p.add_argument("--repeats", type=int, default=3)

@@ -87,7 +87,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
 
 
 def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int, split: int, K: int,
-                  lanes: int = 1, silu_mul: bool = False, prefetch: int = 0) -> tuple[str, str]:
+                  lanes: int = 1, silu_mul: bool = False) -> tuple[str, str]:
     """``_dq_gemv_half2_kernel`` at M = 1 (x unpaired, split-K reduced in the kernel where split > 1)."""
     types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
              "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": "*fp16", "g_ptr": "*fp16", "res_ptr": "*fp16",
@@ -97,7 +97,7 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
     constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
                      SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False, EARLY=False,
                      ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes,
-                     NORM=False, RESIDUAL=False, ROW_BLOCK=512, PREFETCH=prefetch)
+                     NORM=False, RESIDUAL=False, ROW_BLOCK=512)
     return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 
@@ -111,9 +111,9 @@ def opcodes(lines: list[str]) -> collections.Counter:
 
 
 def memory_ops(ops: collections.Counter) -> dict[str, int]:
-    """Global loads (``LDG*``: direct and async copies) and bulk L2 prefetches (``UBLKPF``) of a kernel."""
+    """Global loads (``LDG*``: direct and async copies) and L2 line prefetches (``CCTL.E.PF2``) of a kernel."""
     return {"global_loads": sum(n for op, n in ops.items() if op.startswith("LDG")),
-            "l2_prefetches": sum(n for op, n in ops.items() if op.startswith("UBLKPF"))}
+            "l2_prefetches": sum(n for op, n in ops.items() if op.startswith("CCTL") and "PF" in op)}
 
 
 def k_loop(sass: str) -> list[str]:
@@ -150,7 +150,8 @@ def main() -> None:
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
     p.add_argument("--silu-mul", action="store_true", help="--half2: with the SiLU epilogue")
-    p.add_argument("--prefetch", type=int, default=0, help="steps of codes asked of L2 ahead (kernels/prefetch.py)")
+    p.add_argument("--prefetch", type=int, default=0,
+                   help="tensor-core kernel: steps of codes asked of L2 ahead (kernels/prefetch.py)")
     p.add_argument("--json", action="store_true", help="one JSON line instead of text")
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -194,12 +195,12 @@ def half2_stats(args: argparse.Namespace) -> None:
         raise SystemExit(f"--split x --lanes must divide the {steps} steps, and a step of --block-c {args.block_c} "
                          f"chunks must fit inside --group {args.group}")
     usage, sass = compile_half2(args.bits, args.group, args.block_n, args.block_c, args.warps, args.split, args.k,
-                                args.lanes, args.silu_mul, args.prefetch)
+                                args.lanes, args.silu_mul)
     whole = opcodes(sass.splitlines())
     weights = args.block_n * args.k // args.split / (32 * args.warps)  # per thread, one program
     total = sum(n for op, n in whole.items() if op != "NOP")
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)), "local_stores": whole["STL"],
-             "instructions": total, "per_weight": total / weights, **memory_ops(whole)}
+             "instructions": total, "per_weight": total / weights}
     report(stats, args.json, [
         f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
         f"{total} instructions per thread, {stats['per_weight']:.2f} lane-instructions per weight",

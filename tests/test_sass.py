@@ -97,14 +97,12 @@ def test_half2_stats_refuse_lanes_that_do_not_divide_the_steps():
     assert done.returncode != 0 and "must divide the 32 steps" in done.stderr
 
 
-@pytest.mark.parametrize("kernel", [
-    ["--half2", "--bits", "4", "--block-n", "512", "--block-c", "4", "--split", "64", "--k", "8192"],
-    ["--half2", "--bits", "3", "--block-n", "512", "--block-c", "4", "--split", "64", "--k", "8192"],
-    ["--bits", "4", "--block-n", "256", "--block-c", "16", "--stages", "1", "--paired", "--x-tile"]])
-def test_l2_prefetch_adds_bulk_prefetches_and_no_load(kernel):
-    """``Config.prefetch``: the codes ahead go to L2 by ``cp.async.bulk.prefetch`` (``UBLKPF``),
-    which holds no register: the kernel's own loads stay as they were, and nothing spills."""
-    plain, ahead = sass(*kernel), sass(*kernel, "--prefetch", "2")
+@pytest.mark.parametrize("tile", [["--stages", "1", "--x-tile"], ["--stages", "3", "--tma"]])
+def test_l2_prefetch_adds_line_prefetches_and_no_load(tile):
+    """``Config.prefetch``: the codes ahead are asked of L2 by ``prefetch.global.L2`` (``CCTL.E.PF2``),
+    which writes no register: the tile's own loads stay as they were, and nothing spills."""
+    kernel = ["--bits", "4", "--block-n", "256", "--block-c", "16", "--paired", *tile]
+    plain, ahead = sass(*kernel), sass(*kernel, "--prefetch", "1")
     assert plain["l2_prefetches"] == 0 and ahead["l2_prefetches"] >= 2
     assert ahead["global_loads"] == plain["global_loads"] and ahead["local_stores"] == 0
 
