@@ -1131,7 +1131,7 @@ def test_gpu_l2_prefetch_leaves_the_output_alone(bits, group):
         for ahead in (1, 4):
             # split-K sums by atomics in any order: a last fp16 bit may differ, nothing more
             out = gemv_tc_forward(x, qw, scales, zeros, None, bits, gl, replace(cfg, prefetch=ahead))
-            assert rel(out, plain) < 1e-3, (cfg, ahead, rel(out, plain))
+            assert rel(out, plain.double().cpu()) < 1e-3, (cfg, ahead)
 
 
 @pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
