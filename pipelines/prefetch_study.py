@@ -44,10 +44,28 @@ def launch(cfg: tuning.Config, x: torch.Tensor, weights: tuple[torch.Tensor, ...
     return fn(x, *weights, None, bits, group, cfg=cfg)
 
 
+def parse_tile(text: str) -> tuning.Config:
+    """``--tile`` text, ``field=value`` pairs of :class:`tuning.Config` joined by commas (block_m 16,
+    PDL and the in-kernel split-K reduction unless given), e.g. ``variant=4,block_n=128,block_k=16,split_k=8,num_stages=3``."""
+    fields = {"block_m": 16, "pdl": True, "fixup": True}
+    for pair in text.split(","):
+        name, _, value = pair.partition("=")
+        if name not in tuning.Config.__dataclass_fields__ or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--tile takes Config field=integer pairs, not {pair!r}")
+        fields[name] = int(value)
+    if "block_n" not in fields or "block_k" not in fields:
+        raise SystemExit(f"--tile needs block_n and block_k: {text!r}")
+    fields["pdl"], fields["fixup"] = bool(fields["pdl"]), bool(fields["fixup"])
+    return tuning.Config(**fields)
+
+
 def tiles_of(case_x: torch.Tensor, layer, bits: int, group: int, which: str) -> list[tuning.Config]:
-    """``best``: the tile the tuner launches for this key (cache or tuned now); ``all``: every chained candidate."""
+    """``best``: the tile the tuner launches for this key (cache or tuned now); ``all``: every chained
+    candidate; else ``;``-separated :func:`parse_tile` texts."""
     M, K = case_x.shape
     N = layer.qweight.shape[1]
+    if which not in ("best", "all"):
+        return [parse_tile(text) for text in which.split(";")]
     if which == "all":
         return tuning.chained_twins(autograd.decode_candidates(case_x, M, N, K, bits, group))
     before = set(tuning.chosen_configs())
@@ -112,7 +130,8 @@ def main() -> None:
     p.add_argument("--shape", default="8192,8192", help="N,K")
     p.add_argument("--cases", default="w4g128:16,w2g64:16", help="quant:M, comma-separated")
     p.add_argument("--prefetch", default="0,1,2,4", help="steps ahead, comma-separated (0: off)")
-    p.add_argument("--tiles", choices=("best", "all"), default="best")
+    p.add_argument("--tiles", default="best",
+                   help="best (the tuned tile), all (every chained candidate) or ';'-separated Config field=value lists")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=6, help="tiles a case in the printed table")
     p.add_argument("--out", type=Path)
