@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiling import aligned_code_rows
 from .tuning import interpreting
 
 if TYPE_CHECKING:
@@ -60,6 +61,5 @@ def prefetch_code_rows(qw_ptr, row0, rows, row_end, col0, stride_qk, BLOCK_N: tl
 def prefetch_steps(cfg: Config, qweight: torch.Tensor, N: int) -> int:
     """``cfg.prefetch`` where a launch can take it, else 0: on the GPU, over N-major codes whose
     rows of a tile are whole 128-byte lines from a 16-byte aligned start (no partial last tile)."""
-    aligned = qweight.stride(1) == 1 and qweight.stride(0) % 4 == 0 and qweight.data_ptr() % 16 == 0
     whole = N % cfg.block_n == 0 and cfg.block_n * 4 % LINE == 0
-    return cfg.prefetch if aligned and whole and not interpreting() else 0
+    return cfg.prefetch if aligned_code_rows(qweight) and whole and not interpreting() else 0

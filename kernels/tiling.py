@@ -23,6 +23,13 @@ except ImportError:
     PDL_IN_TRITON = False
 
 
+def aligned_code_rows(qweight: torch.Tensor) -> bool:
+    """Whether ``qweight``'s rows are N-major and start on 16-byte boundaries: what a TMA
+    descriptor of the codes (``gemv.PAIRED_TMA``) and the L2 prefetch of their rows (:mod:`.prefetch`) need."""
+    row_bytes = qweight.stride(0) * qweight.element_size()
+    return qweight.stride(1) == 1 and qweight.data_ptr() % 16 == 0 and row_bytes % 16 == 0
+
+
 @triton.jit
 def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` consecutive programs

@@ -35,7 +35,8 @@ from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 
-def launch(cfg: tuning.Config, x: torch.Tensor, weights: tuple[torch.Tensor, ...], bits: int, group: int) -> torch.Tensor:
+def launch(cfg: tuning.Config, x: torch.Tensor, weights: tuple[torch.Tensor, ...], bits: int,
+           group: int) -> torch.Tensor:
     """One decode launch of tile ``cfg`` on ``weights = (qweight, scales, zeros)``."""
     if cfg.variant == tuning.HALF2:
         fn = gemv_half2_forward
@@ -45,16 +46,17 @@ def launch(cfg: tuning.Config, x: torch.Tensor, weights: tuple[torch.Tensor, ...
 
 
 def parse_tile(text: str) -> tuning.Config:
-    """``--tile`` text, ``field=value`` pairs of :class:`tuning.Config` joined by commas (block_m 16,
-    PDL and the in-kernel split-K reduction unless given), e.g. ``variant=4,block_n=128,block_k=16,split_k=8,num_stages=3``."""
+    """``--tiles`` text for one tile, ``field=value`` pairs of :class:`tuning.Config` joined by commas
+    (block_m 16, PDL and the in-kernel split-K reduction unless given), e.g.
+    ``variant=4,block_n=128,block_k=16,split_k=8,num_stages=3``."""
     fields = {"block_m": 16, "pdl": True, "fixup": True}
     for pair in text.split(","):
         name, _, value = pair.partition("=")
         if name not in tuning.Config.__dataclass_fields__ or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--tile takes Config field=integer pairs, not {pair!r}")
+            raise SystemExit(f"--tiles takes Config field=integer pairs, not {pair!r}")
         fields[name] = int(value)
     if "block_n" not in fields or "block_k" not in fields:
-        raise SystemExit(f"--tile needs block_n and block_k: {text!r}")
+        raise SystemExit(f"--tiles needs block_n and block_k in each tile: {text!r}")
     fields["pdl"], fields["fixup"] = bool(fields["pdl"]), bool(fields["fixup"])
     return tuning.Config(**fields)
 
@@ -131,7 +133,8 @@ def main() -> None:
     p.add_argument("--cases", default="w4g128:16,w2g64:16", help="quant:M, comma-separated")
     p.add_argument("--prefetch", default="0,1,2,4", help="steps ahead, comma-separated (0: off)")
     p.add_argument("--tiles", default="best",
-                   help="best (the tuned tile), all (every chained candidate) or ';'-separated Config field=value lists")
+                   help="best (the tuned tile), all (every chained candidate) or ';'-separated lists of "
+                        "Config field=value pairs")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--top", type=int, default=6, help="tiles a case in the printed table")
     p.add_argument("--out", type=Path)
