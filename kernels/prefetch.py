@@ -9,7 +9,7 @@ its own loads (or TMA copies) of that step then served from L2.
 
 Measured on an H200 at 8192^2 (``pipelines/prefetch_study.py``, session 18): with the codes through
 TMA at three stages, one step ahead took M = 16 w4g128 from 29.5 to 24.4 us. The paired-fp16 M = 1
-kernels only lost by it (13.3 -> 14.3 us one step ahead), as they did with ``cp.async.bulk.prefetch``,
+kernels only lost by it (w4g128: 13.2 -> 14.4 us one step ahead), as they did with ``cp.async.bulk.prefetch``,
 whose warp-uniform address ptxas issues one lane at a time; so only the tensor-core kernel takes it.
 """
 
