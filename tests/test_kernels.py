@@ -609,8 +609,7 @@ def test_gemv_tc_paired_codes_match_float64(bits, group, block_c):
         ref = reference(x, q, z, scales, gl, bias)[0]
         for variant, split, fixup in ((PAIRED_CODES, 1, False), (PAIRED_CODES, 3, False), (PAIRED_CODES, 3, True),
                                       (PAIRED_WGMMA, 1, False), (PAIRED_WGMMA, 3, True),
-                                      (PAIRED_XTILE, 1, False), (PAIRED_XTILE, 3, True),
-                                      (PAIRED_TMA, 1, False), (PAIRED_TMA, 3, True)):
+                                      (PAIRED_XTILE, 1, False), (PAIRED_XTILE, 3, True), (PAIRED_TMA, 3, True)):
             cfg = tuning.Config(16, 32, block_c, split, 4, 1, variant, fixup=fixup)
             y = gemv_tc_forward(x, qw, scales, zeros, bias, bits, gl, cfg)
             assert y.shape == (m, n) and y.dtype == torch.float16

@@ -97,20 +97,14 @@ def test_half2_stats_refuse_lanes_that_do_not_divide_the_steps():
     assert done.returncode != 0 and "must divide the 32 steps" in done.stderr
 
 
-@pytest.mark.parametrize("tile", [["--stages", "1", "--x-tile"], ["--stages", "3", "--tma"]])
-def test_l2_prefetch_adds_line_prefetches_and_no_load(tile):
-    """``Config.prefetch``: the codes ahead are asked of L2 by ``prefetch.global.L2`` (``CCTL.E.PF2``),
-    which writes no register: the tile's own loads stay as they were, and nothing spills."""
-    kernel = ["--bits", "4", "--block-n", "256", "--block-c", "16", "--paired", *tile]
-    plain, ahead = sass(*kernel), sass(*kernel, "--prefetch", "1")
-    assert plain["l2_prefetches"] == 0 and ahead["l2_prefetches"] >= 2
-    assert ahead["global_loads"] == plain["global_loads"] and ahead["local_stores"] == 0
-
-
-@pytest.mark.parametrize("stages", ["2", "3"])
-def test_codes_through_tma_leave_the_global_loads_to_x_and_the_group_rows(stages):
+def test_codes_through_tma_and_the_l2_prefetch_add_no_global_load():
     """``PAIRED_TMA``: the codes reach shared memory by the tensor-memory accelerator, so the
-    pipelined tile issues fewer global loads than the x-tile tile it comes from, and spills nothing."""
+    three-stage tile issues fewer global loads than the x-tile tile it comes from; ``prefetch``
+    then asks L2 for the step after by ``prefetch.global.L2`` (``CCTL.E.PF2``), which writes no
+    register: the loads stay as they were, and nothing spills."""
     tile = ["--bits", "4", "--group", "128", "--block-n", "256", "--block-c", "16", "--warps", "4", "--paired"]
-    x_tile, tma = sass(*tile, "--stages", "1", "--x-tile"), sass(*tile, "--stages", stages, "--tma")
-    assert tma["global_loads"] < x_tile["global_loads"] and tma["local_stores"] == 0
+    x_tile = sass(*tile, "--stages", "1", "--x-tile")
+    tma, ahead = sass(*tile, "--stages", "3", "--tma"), sass(*tile, "--stages", "3", "--tma", "--prefetch", "1")
+    assert tma["global_loads"] < x_tile["global_loads"] and tma["l2_prefetches"] == x_tile["l2_prefetches"] == 0
+    assert ahead["l2_prefetches"] >= 2 and ahead["global_loads"] == tma["global_loads"]
+    assert tma["local_stores"] == ahead["local_stores"] == 0
