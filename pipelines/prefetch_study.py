@@ -26,23 +26,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 from bench_kernels import make_layer  # noqa: E402
+from sweep_decode import launcher  # noqa: E402
 
 import torch  # noqa: E402
 
 from efficientqat.kernels import autograd, tuning  # noqa: E402
-from efficientqat.kernels.gemv import gemv1_forward, gemv_tc_forward  # noqa: E402
-from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 
 def launch(cfg: tuning.Config, x: torch.Tensor, weights: tuple[torch.Tensor, ...], bits: int,
            group: int) -> torch.Tensor:
     """One decode launch of tile ``cfg`` on ``weights = (qweight, scales, zeros)``."""
-    if cfg.variant == tuning.HALF2:
-        fn = gemv_half2_forward
-    else:
-        fn = gemv1_forward if x.shape[0] == 1 else gemv_tc_forward
-    return fn(x, *weights, None, bits, group, cfg=cfg)
+    return launcher(cfg)(x, *weights, None, bits, group, cfg=cfg)
 
 
 def parse_tile(text: str) -> tuning.Config:
