@@ -285,10 +285,11 @@ def _dq_gemv_tc_kernel(
     their loads (:mod:`.prefetch`), the first ones before the wait for the previous grid."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     BK: tl.constexpr = BLOCK_C * VPC
-    STEP_ROWS: tl.constexpr = BLOCK_C * (3 if BITS == 3 else 1)  # code word rows a step
+    WORDS: tl.constexpr = 3 if BITS == 3 else 1  # code word rows a chunk
+    STEP_ROWS: tl.constexpr = BLOCK_C * WORDS
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    code_rows = (K // VPC) * (3 if BITS == 3 else 1)
+    code_rows = (K // VPC) * WORDS
     for j in tl.static_range(PREFETCH):
         prefetch_code_rows(qw_ptr, (pid_k + j * SPLIT_K) * STEP_ROWS, STEP_ROWS, code_rows, pid_n * BLOCK_N, stride_qk,
                            BLOCK_N, STEP_ROWS, True)

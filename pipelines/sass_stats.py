@@ -66,9 +66,9 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
                prefetch: int = 0, tma: bool = False) -> tuple[str, str]:
     """``_dq_gemv_tc_kernel`` for one tile (M = 16, split-K 8, fixup)."""
     codes = f"tensordesc<i32[{block_c},{block_n}]>" if tma else "*i32"
-    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qw_desc": codes, "s_ptr": f"*{dtype}", "z_ptr": "*u8", "b_ptr": f"*{dtype}",
-                "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": f"*{dtype}", "g_ptr": f"*{dtype}",
-                "res_ptr": f"*{dtype}", "stride_h": "i32", "stride_res": "i32", "eps": "fp32"}
+    pointers = {"x_ptr": f"*{dtype}", "qw_ptr": "*i32", "qw_desc": codes, "s_ptr": f"*{dtype}", "z_ptr": "*u8",
+                "b_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "ws_ptr": "*fp32", "count_ptr": "*i32", "h_ptr": f"*{dtype}",
+                "g_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "stride_h": "i32", "stride_res": "i32", "eps": "fp32"}
     # the unit stride of the codes (along N, or along K for the K-major repack) is specialised as
     # Triton does at run time for an int argument of 1
     unit_stride = "stride_qk" if k_major else "stride_qn"
@@ -157,6 +157,8 @@ def main() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
     if args.half2:
+        if args.tma or args.prefetch:
+            raise SystemExit("--tma and --prefetch apply to the tensor-core kernel, not to --half2")
         half2_stats(args)
         return
     if args.paired and not gemv.pairs_codes(args.bits, args.group, DTYPES[args.dtype], args.block_c):

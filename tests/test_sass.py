@@ -108,3 +108,8 @@ def test_codes_through_tma_and_the_l2_prefetch_add_no_global_load():
     assert tma["global_loads"] < x_tile["global_loads"] and tma["l2_prefetches"] == x_tile["l2_prefetches"] == 0
     assert ahead["l2_prefetches"] >= 2 and ahead["global_loads"] == tma["global_loads"]
     assert tma["local_stores"] == ahead["local_stores"] == 0
+
+
+def test_half2_stats_refuse_the_tensor_core_kernels_options():
+    done = run_script("--half2", "--bits", "4", "--prefetch", "1")
+    assert done.returncode != 0 and "not to --half2" in done.stderr
