@@ -153,19 +153,9 @@ def _group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n):
 
 
 @triton.jit
-def _step_dot(words, xw_rows, mask_m, z, row0, magic,
-              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, X_PAIRED: tl.constexpr):
-    """``sum_k x[m, k] (q[k, n] - z[n])`` (float32 ``[BLOCK_M, BLOCK_N]``) over the ``BLOCK_C``
-    word rows ``words`` (:func:`_step_words` from ``row0``); ``z``: int32 zero points (:func:`_group_row`);
-    ``magic`` is :data:`MAGIC`. Column
-    tensors come in as ``[1, BLOCK_N]`` and x rows as ``[BLOCK_M, 1]``: every tensor then shares
-    the words' blocked layout (all rows in each thread), where 1-D operands broadcast to 2-D took
-    a shared-memory round trip per pair."""
-    HV: tl.constexpr = 16 // BITS  # codes per 16-bit half word
-    LIMIT: tl.constexpr = 4 if BITS == 4 else 8  # FLUSH * HV * (2^b - 1) <= 256
-    FLUSH: tl.constexpr = BLOCK_C if BLOCK_C < LIMIT else LIMIT
-    EVEN_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    ODD_MASK: tl.constexpr = EVEN_MASK << BITS
+def pair_constants(z, magic, BITS: tl.constexpr, EMULATE: tl.constexpr):
+    """``(ce, co, ze, zo)`` in ``z``'s shape (int32 zero points): the fp16-pair scales of the even
+    and odd fields and the offsets that :func:`field_pairs` needs to make ``(q - z) / 256`` of them."""
     # scale 2^-8 / m as fp16 pairs: 2^-8 for even fields, 2^-12 (4-bit) / 2^-10 (2-bit) for odd ones
     ODD_SCALE: tl.constexpr = 0x0C000C00 if BITS == 4 else 0x14001400
     ODD_SHIFT: tl.constexpr = 0x43804380 if BITS == 4 else 0x42004200  # 4 - 1024 * 2^-8 / m: 3.75 / 3.0
@@ -178,6 +168,34 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
     ze = fma_h2(z_pair, tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32), tl.zeros(z.shape, tl.int32), EMULATE)
     zo = fma_h2(z_pair, tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32), tl.full(z.shape, ODD_SHIFT, tl.int32),
                 EMULATE)
+    return ce, co, ze, zo
+
+
+@triton.jit
+def field_pairs(w, shift: tl.constexpr, ce, co, ze, zo, magic, BITS: tl.constexpr, EMULATE: tl.constexpr):
+    """The fp16 pairs ``(q - z) / 256`` of the two b-bit fields of each half word of ``w`` at bits
+    ``shift`` ("even") and ``shift + b`` ("odd"), constants from :func:`pair_constants`."""
+    EVEN_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
+    ODD_MASK: tl.constexpr = EVEN_MASK << BITS
+    s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
+    even = fma_h2((s & EVEN_MASK) | magic, ce, ze, EMULATE)
+    odd = fma_h2((s & ODD_MASK) | magic, co, zo, EMULATE)
+    return even, odd
+
+
+@triton.jit
+def _step_dot(words, xw_rows, mask_m, z, row0, magic,
+              BITS: tl.constexpr, BLOCK_C: tl.constexpr, EMULATE: tl.constexpr, X_PAIRED: tl.constexpr):
+    """``sum_k x[m, k] (q[k, n] - z[n])`` (float32 ``[BLOCK_M, BLOCK_N]``) over the ``BLOCK_C``
+    word rows ``words`` (:func:`_step_words` from ``row0``); ``z``: int32 zero points (:func:`_group_row`);
+    ``magic`` is :data:`MAGIC`. Column
+    tensors come in as ``[1, BLOCK_N]`` and x rows as ``[BLOCK_M, 1]``: every tensor then shares
+    the words' blocked layout (all rows in each thread), where 1-D operands broadcast to 2-D took
+    a shared-memory round trip per pair."""
+    HV: tl.constexpr = 16 // BITS  # codes per 16-bit half word
+    LIMIT: tl.constexpr = 4 if BITS == 4 else 8  # FLUSH * HV * (2^b - 1) <= 256
+    FLUSH: tl.constexpr = BLOCK_C if BLOCK_C < LIMIT else LIMIT
+    ce, co, ze, zo = pair_constants(z, magic, BITS, EMULATE)
     shape: tl.constexpr = (xw_rows.shape[0], z.shape[1])
     part = tl.zeros(shape, dtype=tl.float32)
     for c0 in tl.static_range(0, BLOCK_C, FLUSH):
@@ -186,9 +204,7 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
             row = row0 + c
             w = words[c]
             for shift in tl.static_range(0, 16, 2 * BITS):
-                s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
-                even = fma_h2((s & EVEN_MASK) | magic, ce, ze, EMULATE)  # codes shift/b (+ HV)
-                odd = fma_h2((s & ODD_MASK) | magic, co, zo, EMULATE)  # codes shift/b + 1 (+ HV)
+                even, odd = field_pairs(w, shift, ce, co, ze, zo, magic, BITS, EMULATE)
                 x_even = _x_pair(xw_rows, mask_m, row, shift // BITS, HV, X_PAIRED, EMULATE)
                 x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV, X_PAIRED, EMULATE)
                 h = fma_h2(tl.broadcast_to(even, shape), tl.broadcast_to(x_even, shape), h, EMULATE)
