@@ -9,15 +9,14 @@ probe that only reads the layer's bytes 1.2-1.4 µs of 10-12, and split-K is the
 project's codes are N-major (``qweight [K b / 32, N]``): a program reading long contiguous rows
 must take many columns, so K has to be split across programs to fill the GPU.
 
-Codes repacked once K-major (``[N, K b / 32]``, each column's codes contiguous) let one program
-own ``BLOCK_N`` whole columns: ``BLOCK_N`` x ``K b / 8`` contiguous bytes, every thread a 16-byte
-vector of four code words a column and step, the K sum finished inside the program
-(``tl.sum``), one plain fp16 store, no atomics, no fence. Inside each word the repack also
-orders the codes so that the low half holds the codes of even k and the high half those of odd
-k: a decoded pair then meets the x pair ``(x[2j], x[2j + 1])``, which is simply word ``j`` of
-the fp16 x viewed as int32 (vector loads, no byte permutes). The decoding is the paired-fp16
-kernel's (``half2.pair_constants`` / ``field_pairs``: one lop3 and one ``fma.f16x2`` a pair).
-Scales and zero points are repacked ``[N, G]``. 2- and 4-bit codes.
+The project's codes transposed once (K-major, ``[N, K b / 32]``: the same words, each column's
+codes contiguous) let one program own ``BLOCK_N`` whole columns: ``BLOCK_N`` x ``K b / 8``
+contiguous bytes, every thread a 16-byte vector of four code words a column and step, the K sum
+finished inside the program (``tl.sum``), one plain fp16 store, no atomics, no fence. A thread's
+x pairs are built once a step from vector loads of x and serve all its columns. The decoding is
+the paired-fp16 kernel's (``half2.pair_constants`` / ``field_pairs``: one lop3 and one
+``fma.f16x2`` a pair of weights, one ``fma.f16x2`` with the x pair). Scales and zero points are
+transposed too (``[N, G]``). 2- and 4-bit codes, groups of at least 4 code words.
 
 Timed as the tuner times decode launches (CUDA-graph replays chained over rotated copies, PDL
 where the GPU has it), each row checked against the float64 product. Rows go to ``--out``
@@ -45,26 +44,20 @@ from prefetch_study import launch, tiles_of  # noqa: E402
 from read_floor import rotation  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
-from efficientqat.kernels.half2 import MAGIC, _unpack, field_pairs, fma_h2, pair_constants  # noqa: E402
+from efficientqat.kernels.half2 import MAGIC, _unpack, field_pairs, fma_h2, pair_constants, prmt  # noqa: E402
 from efficientqat.kernels.tiling import release_next_grid, wait_for_previous_grid  # noqa: E402
-from efficientqat.packing import pack_last_dim  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 VECTOR = 4
 """Code words a thread loads per column and step: one 16-byte vector."""
 
 
-def repack_kmajor(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int
+def repack_kmajor(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes ``[N, K]``, scales ``[G, N]`` and uint8 zero points ``[G, N]`` -> K-major int32
-    codes ``[N, K b / 32]`` (in each word the codes of even k in the low half, odd k in the high
-    half), scales and zero points ``[N, G]``."""
-    if bits not in (2, 4):
-        raise ValueError(f"the K-major study kernel takes 2- or 4-bit codes, not {bits}-bit")
-    N, K = codes.shape
-    half = 16 // bits
-    paired = codes.reshape(N, K // (2 * half), half, 2).transpose(-1, -2).reshape(N, K)
-    return pack_last_dim(paired, bits).contiguous(), scales.t().contiguous(), zeros.t().contiguous()
+    """The project's packed layer (``qweight [K b / 32, N]``, scales and uint8 zero points
+    ``[G, N]``) transposed once: K-major codes ``[N, K b / 32]`` (the same words), scales and zero
+    points ``[N, G]``."""
+    return qweight.t().contiguous(), scales.t().contiguous(), zeros.t().contiguous()
 
 
 @triton.jit
@@ -110,10 +103,13 @@ def _kmajor_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_qn, str
         first = w0 + thread  # [T, 1, 1]
         w = _unstack4(words, THREADS, BLOCK_N)
         words = tl.load(col_rows + first + STEP + lane, mask=first + STEP < n_words, other=0)  # the next step's
-        xs = ()
+        pairs = ()  # per code word v, its HV x pairs (x[k + i], x[k + i + HV]), k its first value
         for v in tl.static_range(4):
+            xv = ()
             for q in tl.static_range(0, HV, 4):
-                xs = xs + _unstack4(tl.load(xw + (first + v) * HV + q + lane), THREADS, 1)
+                xv = xv + _unstack4(tl.load(xw + (first + v) * HV + q + lane), THREADS, 1)
+            for i in tl.static_range(HV):  # int32 x word j holds (x[2j], x[2j + 1])
+                pairs = pairs + (prmt(xv[i // 2], xv[HV // 2 + i // 2], 0x5410 if i % 2 == 0 else 0x7632, EMULATE),)
         group = ((w0 + thread_words) * VALUES) // GROUP
         s = tl.load(s_ptr + cols * stride_sn + group).to(tl.float32)
         z = tl.load(z_ptr + cols * stride_sn + group).to(tl.int32)
@@ -122,8 +118,8 @@ def _kmajor_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, N, K, stride_qn, str
         for v in tl.static_range(4):
             for shift in tl.static_range(0, 16, 2 * BITS):
                 even, odd = field_pairs(w[v], shift, ce, co, ze, zo, magic, BITS, EMULATE)
-                h = fma_h2(even, tl.broadcast_to(xs[v * HV + shift // BITS], (THREADS, BLOCK_N)), h, EMULATE)
-                h = fma_h2(odd, tl.broadcast_to(xs[v * HV + shift // BITS + 1], (THREADS, BLOCK_N)), h, EMULATE)
+                h = fma_h2(even, tl.broadcast_to(pairs[v * HV + shift // BITS], (THREADS, BLOCK_N)), h, EMULATE)
+                h = fma_h2(odd, tl.broadcast_to(pairs[v * HV + shift // BITS + 1], (THREADS, BLOCK_N)), h, EMULATE)
         lo, hi = _unpack(h)
         acc += s * (lo.to(tl.float32) + hi.to(tl.float32))
     release_next_grid(PDL)
@@ -140,6 +136,9 @@ def kmajor_gemv(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor, torch
     N = codes.shape[0]
     K = x.shape[1]
     threads = 32 * warps
+    if bits not in (2, 4) or group % (4 * 32 // bits):
+        raise ValueError(f"the K-major study kernel takes 2- or 4-bit codes in groups of at least one thread's "
+                         f"4 code words, not {bits}-bit in groups of {group}")
     if x.shape[0] != 1 or x.dtype != torch.float16 or N % block_n or (K * bits // 32) % (4 * threads):
         raise ValueError(f"the K-major study kernel takes one fp16 row, N ({N}) a multiple of BLOCK_N ({block_n}) "
                          f"and K's {K * bits // 32} code words a multiple of {4 * threads}, not {tuple(x.shape)} "
@@ -166,7 +165,7 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int, bool]], 
     ref = x.double() @ layer.dequantize_weight().double().t()
     weights = (layer.qweight, layer.scales, layer.kernel_zeros())
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    packed = repack_kmajor(layer.int_codes(), layer.scales, layer.kernel_zeros(), spec.bits)
+    packed = repack_kmajor(*weights)
 
     def error(y: torch.Tensor) -> float:
         return ((y.double() - ref).norm() / ref.norm()).item()
