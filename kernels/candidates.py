@@ -130,8 +130,12 @@ HALF2_TABLE = [
     # ~250 instructions of set-up and reduction whatever its share, so the 4096^2 winner (512
     # columns, 4 weights rows x 4 columns a thread) issues 3.7 SASS lane-instructions per weight
     # against 3.1 / 2.6 for these (sm_90, ``pipelines/sass_stats.py --half2``, session 9).
+    # Last, 256 columns on 2 warps (4 columns a thread as at 512 x 4, twice the programs): H200,
+    # pipelines/prefetch_study.py at 8192^2, M = 1, session 19, against 512 x 4 warps at split 64:
+    # w4g128 12.8 against 13.0 us (both with the codes early), w3g128 11.8 against 12.2, w2g64
+    # 10.8 against 10.9; 15 programs an SM is split 64 there.
     (2048, 8, 16, 2), (2048, 4, 4, 4), (1024, 4, 16, 4), (2048, 4, 8, 2), (512, 4, 4, 4),
-    (1024, 4, 4, 4), (1024, 4, 8, 2),
+    (1024, 4, 4, 4), (1024, 4, 8, 2), (256, 2, 4, 15),
 ]
 
 
