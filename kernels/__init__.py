@@ -7,7 +7,8 @@ Public entry points:
 * :func:`check_supported` / :func:`is_supported` - the shape rules (K, N, group multiples of 32).
 
 Files: ``unpack`` (in-kernel decode), ``gemv`` (M = 1 on CUDA cores; M <= 16 on tensor cores;
-all split-K), ``half2`` (M <= 8 on paired fp16, offered to M = 4), ``gemm`` (M > 16), ``dequant`` (decode to a
+all split-K), ``half2`` (M <= 8 on paired fp16, offered to M = 4), ``kmajor`` (M = 1 over codes stored K-major,
+whole columns a program), ``gemm`` (M > 16), ``dequant`` (decode to a
 workspace + cuBLAS), ``backward`` (input and scale gradients), ``tiling`` (shared write-back and
 launch helpers), ``prologue`` (a decoder layer's RMSNorm and residual add inside the decode
 kernels), ``decode_attention`` (one decode step's rotary, cache write and attention),

@@ -3,7 +3,8 @@
 ``dequant_linear(x, qweight, scales, zeros, bias, bits, group)`` is what ``PackedLinear`` calls.
 M = 1 goes to the CUDA-core split-K kernel (the tensor-core one measured 30 against 16 us at
 8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, both with the
-paired-fp16 kernel (``half2.py``) as a challenger for fp16 x and M <= 4, larger M to the tiled
+paired-fp16 kernel (``half2.py``) as a challenger for fp16 x and M <= 4 (and at M = 1, for codes
+stored K-major, the whole-column kernel of ``kmajor.py``), larger M to the tiled
 GEMM or to decode + cuBLAS (``dequant.py``): whichever the tuner measured faster for the shape.
 When ``scales`` (or x) require grad, the call goes through :class:`DequantMatmulFn`, whose
 backward returns the input gradient and the scale gradient and nothing for codes, zero points
@@ -25,7 +26,9 @@ from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
 from .gemv import gemv1_forward, gemv_tc_forward
 from .half2 import gemv_half2_forward
+from .kmajor import gemv_kmajor_forward, takes
 from .prologue import NO_ROW_OPS, RowOps
+from .tiling import k_major_codes
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +69,21 @@ def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Te
     return z.to(torch.uint8).contiguous()
 
 
-def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> str:
-    return tuning.make_key(kernel, x.device, m=tuning.m_bucket(M), n=N, k=K, bits=bits, group=group,
-                           dtype=str(x.dtype).replace("torch.", ""))
+def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int, qweight: torch.Tensor) -> str:
+    """The tuned-config key of a launch; layers with K-major codes (:func:`tiling.k_major_codes`)
+    have keys of their own."""
+    return tuning.make_key(kernel + ("_kmajor" if k_major_codes(qweight) else ""), x.device, m=tuning.m_bucket(M),
+                           n=N, k=K, bits=bits, group=group, dtype=str(x.dtype).replace("torch.", ""))
 
 
-def _pick(default, variant: int, other):
-    """Launcher for a config: ``other`` for configs of ``variant`` (the dense decode + cuBLAS path,
-    the paired-fp16 kernel), else ``default``."""
-    return lambda *args, cfg, **options: (other if cfg.variant == variant else default)(*args, cfg, **options)
+def _pick(default, others: dict[int, Callable]):
+    """Launcher for a config: ``others[cfg.variant]`` where it has one (the dense decode + cuBLAS
+    path, the paired-fp16 kernel, the K-major M = 1 kernel), else ``default``."""
+    return lambda *args, cfg, **options: others.get(cfg.variant, default)(*args, cfg, **options)
 
 
-def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int) -> list[tuning.Config]:
+def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int,
+                      k_major: bool = False) -> list[tuning.Config]:
     """M <= 16: the CUDA-core kernel's tiles at M = 1, else the tensor-core kernel's; for fp16 x
     the paired-fp16 kernel's after them. Every split-K tile also comes as its twin that reduces
     split-K in the kernel (:func:`candidates.with_launch_variants`); where decode launches chain
@@ -89,12 +95,14 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     were a third to nearly half of what a key timed (35 of 78 on a 7B gate/up layer); a 3-bit 7B
     model's first start did not fit in 9 minutes.
     That one tile is the tuner's reference output and the fallback should the paired kernel's
-    inline PTX not build."""
+    inline PTX not build. ``k_major`` (M = 1, fp16 x, codes the K-major kernel takes): its tiles
+    last (``kmajor.py``)."""
     sms = tuning.sm_count(x.device)
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
     own = candidates.gemv1_candidates(N, K, bits, group, sms)[:1 if paired else None] if M == 1 else \
         candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
-    return candidates.with_launch_variants(own) + candidates.with_launch_variants(paired)
+    whole = candidates.kmajor_candidates(N, K, bits, group) if k_major and M == 1 and x.dtype == torch.float16 else []
+    return candidates.with_launch_variants(own) + candidates.with_launch_variants(paired) + whole
 
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -111,21 +119,25 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if silu_mul:
         return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops)
     if M <= SMALL_M:
-        cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group), \
-            _pick(gemv1_forward if M == 1 else gemv_tc_forward, tuning.HALF2, gemv_half2_forward), \
+        whole_columns = not ops.active and takes(qweight, bits, group)
+        cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group, whole_columns), \
+            _pick(gemv1_forward if M == 1 else gemv_tc_forward,
+                  {tuning.HALF2: gemv_half2_forward, tuning.KMAJOR: gemv_kmajor_forward}), \
             "gemv1" if M == 1 else "gemv_tc"
         options = {"ops": ops} if ops.active else {}
         if ops.norm_weight is not None:
             name += "_norm"
+        elif ops.active and k_major_codes(qweight):  # the K-major kernel takes no row ops: another choice
+            name += "_residual"
     else:
         cands, fn, name = lambda: candidates.gemm_candidates(M, N, K, group), \
-            _pick(gemm_forward, tuning.DENSE, dense_forward), "gemm"
+            _pick(gemm_forward, {tuning.DENSE: dense_forward}), "gemm"
         options = {}
         x = ops.before(x)
     def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
         return fn(x, *weights, bias, bits, group, cfg=cfg, **options)
 
-    cfg = tuning.choose(_key(name, x, M, N, K, bits, group), cands, run,
+    cfg = tuning.choose(_key(name, x, M, N, K, bits, group, qweight), cands, run,
                         chain=M <= SMALL_M and tuning.chains_decode_launches(x.device),
                         copies=_on_copies(run, qweight, scales, zeros))
     y = run(cfg)
@@ -151,7 +163,8 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     ``ops``' RMSNorm in the prologue, under a key of its own."""
     M, K = x.shape
     N = qweight.shape[1]
-    key = _key("gemv_silu_mul_norm" if ops.norm_weight is not None else "gemv_silu_mul", x, M, N, K, bits, group)
+    key = _key("gemv_silu_mul_norm" if ops.norm_weight is not None else "gemv_silu_mul", x, M, N, K, bits, group,
+               qweight)
 
     def unfused(weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
         return silu_mul_interleaved(forward_2d(x, *weights, bias, bits, group, ops=ops))
@@ -190,9 +203,9 @@ unfused path from then on, so the failure is paid and logged once."""
 def backward_input_2d(dy: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       bits: int, group: int, K: int) -> torch.Tensor:
     M, N = dy.shape
-    fn = _pick(grad_input, tuning.DENSE, dense_grad_input)
+    fn = _pick(grad_input, {tuning.DENSE: dense_grad_input})
     args = (dy, qweight, scales, zeros, bits, group, K)
-    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group),
+    cfg = tuning.choose(_key("grad_input", dy, M, N, K, bits, group, qweight),
                         lambda: candidates.grad_input_candidates(M, N, K, group), lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
 
@@ -201,9 +214,9 @@ def backward_scales_2d(x: torch.Tensor, dy: torch.Tensor, qweight: torch.Tensor,
                        bits: int, group: int) -> torch.Tensor:
     M, K = x.shape
     N = dy.shape[1]
-    fn = _pick(grad_scales, tuning.DENSE, dense_grad_scales)
+    fn = _pick(grad_scales, {tuning.DENSE: dense_grad_scales})
     args = (x, dy, qweight, zeros, bits, group)
-    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group),
+    cfg = tuning.choose(_key("grad_scales", x, M, N, K, bits, group, qweight),
                         lambda: candidates.grad_scales_candidates(M, N, K, group), lambda c: fn(*args, cfg=c))
     return fn(*args, cfg=cfg)
 

@@ -12,7 +12,8 @@ import triton
 from efficientqat.packing import chunk_values
 
 from .gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
-from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, Config, m_bucket
+from .kmajor import KMAJOR_BITS, VECTOR
+from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, KMAJOR, Config, m_bucket
 
 
 def _fits(group: int, block_k: int, K: int) -> bool:
@@ -189,6 +190,23 @@ def lane_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
         if steps % lanes == 0:
             out.append(Config(1, block_n, block_c, steps // lanes, warps, 1, HALF2, lanes=lanes))
     return list(dict.fromkeys(out))
+
+
+KMAJOR_TABLE = [
+    # (BLOCK_N, warps) of the K-major M = 1 kernel. H200, pipelines/kmajor_study.py, session 19:
+    # the best tiles at 8192^2 (8 x 2), 4096^2 (4 x 2 at w4g128), 12288 x 4096 and 22016 x 4096 at
+    # w2g64 (8 x 1), then the runners-up there.
+    (8, 2), (4, 2), (8, 1), (4, 1), (4, 4), (16, 2), (8, 4),
+]
+
+
+def kmajor_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
+    """Tiles of the K-major M = 1 kernel (``kmajor.py``) with BLOCK_N dividing N; none for codes it
+    does not take (3/8-bit, groups or K not of whole thread vectors)."""
+    vector_values = VECTOR.value * 32 // bits
+    if bits not in KMAJOR_BITS or group % vector_values or K % vector_values:
+        return []
+    return [Config(1, block_n, 0, 1, warps, 1, KMAJOR) for block_n, warps in KMAJOR_TABLE if N % block_n == 0]
 
 
 def balanced_split(cfg: Config, K: int, bits: int) -> Config:

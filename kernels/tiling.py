@@ -30,6 +30,13 @@ def aligned_code_rows(qweight: torch.Tensor) -> bool:
     return qweight.stride(1) == 1 and qweight.data_ptr() % 16 == 0 and row_bytes % 16 == 0
 
 
+def k_major_codes(qweight: torch.Tensor) -> bool:
+    """Whether ``qweight [K b / 32, N]`` is stored K-major (each column's words contiguous:
+    ``efficientqat.qlinear.store_codes_k_major``). Every kernel reads both layouts; the tuned
+    choices differ, so the dispatch keys them apart."""
+    return qweight.stride(0) == 1 and qweight.stride(1) != 1
+
+
 @triton.jit
 def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     """``(pid_m, pid_n)`` of program ``pid`` in grouped order: ``GROUP_M`` consecutive programs

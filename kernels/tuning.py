@@ -87,6 +87,9 @@ UNFUSED = 10
 """``Config.variant`` of an epilogue's challenger: the plain tuned matmul, then the epilogue in
 PyTorch (the SiLU epilogue runs in the paired-fp16 and tensor-core decode kernels, only in tiles
 that sum in one program; those can be slower than the best tile plus two elementwise launches)."""
+KMAJOR = 11
+"""``Config.variant`` of the M = 1 kernel over K-major codes (``kmajor.py``: whole columns a
+program, no split-K), offered only for layers whose codes are stored K-major."""
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 UNFUSED_CONFIG = Config(0, 0, 0, 1, 4, 1, UNFUSED)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)

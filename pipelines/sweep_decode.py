@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from efficientqat.kernels import candidates, tuning  # noqa: E402
 from efficientqat.kernels.gemv import PAIRED_VARIANTS, gemv1_forward, gemv_tc_forward  # noqa: E402
 from efficientqat.kernels.half2 import gemv_half2_forward  # noqa: E402
+from efficientqat.kernels.kmajor import gemv_kmajor_forward  # noqa: E402
 from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
@@ -82,6 +83,8 @@ def tc_grid(m: int, n: int, k: int, bits: int, group: int, sms: int) -> list[tun
 def launcher(cfg: tuning.Config):
     if cfg.variant == tuning.HALF2:
         return gemv_half2_forward
+    if cfg.variant == tuning.KMAJOR:
+        return gemv_kmajor_forward
     return gemv_tc_forward if cfg.block_m == 16 else gemv1_forward
 
 

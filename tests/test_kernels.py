@@ -1322,3 +1322,84 @@ def test_row_ops_dispatch_in_the_kernels_and_around_the_gemm():
         dequant_linear(h, qw, scales, zeros, None, 4, gl, ops=RowOps(residual=res[..., :-1]))
     with pytest.raises(ValueError, match="silu"):
         dequant_linear(h, qw, scales, zeros, None, 4, gl, silu_mul=True, ops=RowOps(residual=res[..., : n // 2]))
+
+
+@pytest.mark.parametrize("bits,group,k", [(4, 128, 2048), (4, 32, 1536), (2, 64, 4096), (4, -1, 1024)])
+def test_kmajor_kernel_matches_float64(bits, group, k):
+    """The M = 1 kernel over K-major codes (whole columns a program, no split-K) against float64:
+    several steps (the next step's codes in flight), a K its steps do not fill (1536: masked
+    thread slots), per-channel groups, a bias, columns of two programs."""
+    from efficientqat.kernels.kmajor import gemv_kmajor_forward
+
+    gen = torch.Generator().manual_seed(bits + k)
+    q, z, s, qw, zeros, scales, gl = rand_layer(16, k, bits, group, gen, scale_dtype=torch.float16)
+    x = torch.randn(1, k, generator=gen).to(DEV, torch.float16)
+    bias = torch.randn(16, generator=gen).to(DEV, torch.float16)
+    y = gemv_kmajor_forward(x, qw.t().contiguous().t(), scales, zeros, bias, bits, gl,
+                            tuning.Config(1, 8, 0, 1, 1, 1, tuning.KMAJOR))
+    assert y.shape == (1, 16) and rel(y, reference(x, q, z, scales, gl, bias)[0]) < 3e-3
+
+
+def test_kmajor_kernel_refuses_what_it_cannot_take():
+    from efficientqat.kernels.kmajor import gemv_kmajor_forward
+
+    gen = torch.Generator().manual_seed(3)
+    cfg = tuning.Config(1, 8, 0, 1, 1, 1, tuning.KMAJOR)
+    for bits, group, m, k_major, named in ((4, 128, 1, False, "strides"), (3, 128, 1, True, "3-bit"),
+                                            (2, 32, 1, True, "group 32"), (4, 128, 2, True, "not 2")):
+        q, z, s, qw, zeros, scales, gl = rand_layer(32, 1024, bits, group, gen, scale_dtype=torch.float16)
+        codes = qw.t().contiguous().t() if k_major else qw
+        x = torch.randn(m, 1024, generator=gen).to(DEV, torch.float16)
+        with pytest.raises(ValueError, match=named):
+            gemv_kmajor_forward(x, codes, scales, zeros, None, bits, gl, cfg)
+
+
+def test_dispatch_offers_the_kmajor_kernel_to_k_major_codes_at_m1_only(monkeypatch):
+    """A layer whose codes are stored K-major is tuned under keys of its own, and at M = 1 with fp16 x
+    and no row ops its candidates end with the K-major kernel's tiles, which then run; N-major
+    codes, row ops (under a key of their own, where the K-major kernel's choice cannot reach) and
+    M = 2 are not offered them."""
+    from efficientqat.kernels import autograd
+    from efficientqat.row_ops import RowOps
+
+    seen = {}
+
+    def record(key, candidates, run, chain=False, copies=None):
+        cands = list(candidates())
+        seen[key.split("|")[1] + "|" + key.split("|")[2]] = cands
+        return next((c for c in cands if c.variant == tuning.KMAJOR), cands[0])
+
+    monkeypatch.setattr(tuning, "choose", record)
+    gen = torch.Generator().manual_seed(5)
+    q, z, s, qw, zeros, scales, gl = rand_layer(64, 512, 4, 128, gen, scale_dtype=torch.float16)
+    k_major = qw.t().contiguous().t()
+    x = torch.randn(2, 512, generator=gen).to(DEV, torch.float16)
+    ref = reference(x, q, z, scales, gl)[0]
+    assert rel(autograd.forward_2d(x[:1], k_major, scales, zeros, None, 4, gl), ref[:1]) < 3e-3
+    autograd.forward_2d(x[:1], qw, scales, zeros, None, 4, gl)
+    autograd.forward_2d(x, k_major, scales, zeros, None, 4, gl)
+    residual = torch.zeros(1, 64, device=DEV, dtype=torch.float16)
+    autograd.forward_2d(x[:1], k_major, scales, zeros, None, 4, gl, ops=RowOps(residual=residual))
+    variants = [c.variant for c in seen["gemv1_kmajor|m=1"]]
+    first = variants.index(tuning.KMAJOR)
+    assert first > 0 and all(v == tuning.KMAJOR for v in variants[first:])
+    for key in ("gemv1|m=1", "gemv_tc_kmajor|m=2", "gemv1_residual_kmajor|m=1"):  # the residual: a key of its own
+        assert all(c.variant != tuning.KMAJOR for c in seen[key])
+    assert len(seen) == 4
+
+
+def test_codes_stored_k_major_change_no_output_and_save_as_n_major(tmp_path):
+    from efficientqat.packed_model import _unique_state_dict
+    from efficientqat.qlinear import store_codes_k_major
+
+    gen = torch.Generator().manual_seed(9)
+    layer = PackedLinear.from_codes(torch.randint(0, 16, (64, 256), generator=gen), torch.rand(64, 2, generator=gen) * 0.01,
+                                    torch.randint(0, 16, (64, 2), generator=gen), None, QuantSpec.from_name("w4g128"))
+    n_major = layer.qweight.clone()
+    x = torch.randn(3, 256, generator=gen)
+    before = layer(x)
+    model = torch.nn.Sequential(layer)
+    assert store_codes_k_major(model) is model and layer.qweight.stride() == (1, 32)
+    assert torch.equal(layer.qweight, n_major) and torch.equal(layer(x), before)
+    saved = _unique_state_dict(model)["0.qweight"]
+    assert saved.is_contiguous() and torch.equal(saved, n_major)

@@ -1,6 +1,5 @@
-"""``pipelines/kmajor_study.py``: its K-major M = 1 kernel (Triton interpreter) matches the float64
-product of the codes it was given, read from the project's packed words transposed, over several
-steps (the next step's codes in flight) and groups; what it cannot take is refused."""
+"""``pipelines/kmajor_study.py``: its tile launch runs the K-major kernel on a layer's codes stored
+K-major, and its table puts cuBLAS and the tuned layers first, then the fastest K-major tiles."""
 
 from __future__ import annotations
 
@@ -9,7 +8,8 @@ import torch
 
 from conftest import load_pipeline
 
-from efficientqat.packing import pack_qweight
+from efficientqat.qlinear import PackedLinear, store_codes_k_major
+from efficientqat.quantizer import QuantSpec
 
 
 @pytest.fixture(scope="module")
@@ -17,37 +17,25 @@ def study():
     return load_pipeline("kmajor_study")
 
 
-def random_layer(n: int, k: int, bits: int, group: int, seed: int):
-    """Integer codes ``[N, K]``, the project's packed codes of them, scales and uint8 zero points."""
-    gen = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 2**bits, (n, k), generator=gen)
-    scales = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half()
-    zeros = torch.randint(0, 2**bits, (k // group, n), generator=gen, dtype=torch.uint8)
-    return codes, pack_qweight(codes, bits), scales, zeros
+def test_a_tile_launch_matches_the_layers_product(study):
+    gen = torch.Generator().manual_seed(2)
+    layer = PackedLinear.from_codes(torch.randint(0, 16, (16, 1024), generator=gen),
+                                    torch.rand(16, 8, generator=gen) * 0.01 + 0.001,
+                                    torch.randint(0, 16, (16, 8), generator=gen), None, QuantSpec.from_name("w4g128"))
+    layer = store_codes_k_major(layer.half())
+    x = torch.randn(1, 1024, generator=gen).half()
+    y = study.kmajor_gemv(x, (layer.qweight, layer.scales, layer.kernel_zeros()), 4, 128, block_n=8, warps=1)
+    ref = x.double() @ layer.dequantize_weight().double().t()
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
 
 
-@pytest.mark.parametrize("bits,group,k", [(4, 128, 2048), (4, 32, 1024), (2, 64, 4096)])
-def test_the_kmajor_kernel_matches_the_float64_product(study, bits, group, k):
-    n = 8
-    codes, qweight, scales, zeros = random_layer(n, k, bits, group, seed=bits + k)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).half()
-    g = torch.arange(k) // group
-    w = (codes.double() - zeros.double().t()[:, g]) * scales.double().t()[:, g]
-    ref = x.double() @ w.t()
-    y = study.kmajor_gemv(x, study.repack_kmajor(qweight, scales, zeros), bits, group, block_n=4, warps=1)
-    assert y.dtype == torch.float16 and y.shape == (1, n)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+def test_the_table_lists_the_references_then_the_fastest_kmajor_tiles(study):
+    def row(what, us, tile=None):
+        return {"quant": "w4g128", "what": what, "us": us, "bytes": 35e6, **({"tile": tile} if tile else {})}
 
-
-def test_what_the_kmajor_kernel_cannot_take_is_refused(study):
-    _, qweight, scales, zeros = random_layer(8, 1024, 4, 128, seed=0)
-    packed = study.repack_kmajor(qweight, scales, zeros)
-    x = torch.zeros(1, 1024).half()
-    with pytest.raises(ValueError, match="3-bit"):
-        study.kmajor_gemv(x, packed, 3, 128, block_n=4, warps=1)
-    with pytest.raises(ValueError, match="groups of 16"):
-        study.kmajor_gemv(x, packed, 4, 16, block_n=4, warps=1)
-    with pytest.raises(ValueError, match="BLOCK_N"):
-        study.kmajor_gemv(x, packed, 4, 128, block_n=3, warps=1)
-    with pytest.raises(ValueError, match="multiple of 512"):
-        study.kmajor_gemv(x, packed, 4, 128, block_n=4, warps=4)
+    rows = [row("cuBLAS fp16", 38.0), row("tuned N-major layer", 13.0, [256, 2]), row("tuned K-major layer", 11.5, [8, 2])]
+    rows += [row("K-major kernel", us, [n, 2]) for n, us in ((2, 20.0), (4, 11.9), (8, 11.5), (16, 12.5), (32, 14.0))]
+    lines = study.table(rows).splitlines()[2:]
+    assert [line.split(" | ")[1] for line in lines[:3]] == ["cuBLAS fp16", "tuned N-major layer", "tuned K-major layer"]
+    assert [line.split(" | ")[2] for line in lines[3:]] == ["8, 2", "4, 2", "16, 2", "32, 2"]
+    assert lines[2].endswith("| 11.50 | 3.04 | 3.30x | - |")
