@@ -24,12 +24,8 @@ where the GPU has it), each row checked against the float64 product. Rows go to 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import functools
-import itertools
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,24 +35,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 from bench_kernels import make_layer  # noqa: E402
 from prefetch_study import launch, tiles_of  # noqa: E402
-from read_floor import rotation  # noqa: E402
+from read_floor import chained_us, rate_cells, rotation, run_study  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.kmajor import gemv_kmajor_forward  # noqa: E402
 from efficientqat.qlinear import store_codes_k_major  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
-from efficientqat.quantizer import QuantSpec  # noqa: E402
+
 
 def kmajor_gemv(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bits: int, group: int, block_n: int,
                 warps: int) -> torch.Tensor:
     """One launch of the K-major kernel's tile ``(block_n, warps)``, under PDL where the GPU has it."""
     cfg = tuning.Config(1, block_n, 0, 1, warps, 1, tuning.KMAJOR, pdl=tuning.pdl_supported(x.device))
     return gemv_kmajor_forward(x, *weights, None, bits, group, cfg)
-
-
-def chained_us(fn, copies: list, repeats: int) -> float:
-    calls = [functools.partial(fn, w) for w in copies]
-    return statistics.median(tuning.chained_time_ms(calls) for _ in range(repeats)) * 1e3
 
 
 def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int]], repeats: int) -> list[dict]:
@@ -108,35 +99,13 @@ def table(rows: list[dict]) -> str:
         cublas = next(r["us"] for r in mine if r["what"] == "cuBLAS fp16")
         kmajor = sorted((r for r in mine if r["what"] == "K-major kernel"), key=lambda r: r["us"])[:4]
         for r in [r for r in mine if r["what"] != "K-major kernel"] + kmajor:  # references first
-            tile = ", ".join(map(str, r.get("tile", []))) or "-"
             err = f"{r['rel_error']:.1e}" if "rel_error" in r else "-"
-            lines.append(f"| {quant} | {r['what']} | {tile} | {r['us']:.2f} | {r['bytes'] / r['us'] / 1e6:.2f} | "
-                         f"{cublas / r['us']:.2f}x | {err} |")
+            lines.append(f"| {quant} | {r['what']} | {rate_cells(r, cublas)} | {err} |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="8192,8192", help="N,K")
-    p.add_argument("--quants", default="w4g128,w2g64")
-    p.add_argument("--block-n", default="2,4,8,16")
-    p.add_argument("--warps", default="1,2,4")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path)
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("kmajor_study.py times kernels: it needs a CUDA GPU")
-    n, k = (int(v) for v in args.shape.split(","))
-    tiles = list(itertools.product(*([int(v) for v in text.split(",")] for text in (args.block_n, args.warps))))
-    rows = []
-    for quant in args.quants.split(","):
-        rows += study_quant(n, k, quant, tiles, args.repeats)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": [n, k], "rows": rows},
-                                           indent=1))
-    print(f"device {torch.cuda.get_device_name()}, {n}x{k}, M = 1")
-    print(table(rows))
+    run_study(__doc__, "w4g128,w2g64", {"block-n": "2,4,8,16", "warps": "1,2,4"}, study_quant, table)
 
 
 if __name__ == "__main__":

@@ -179,28 +179,34 @@ def table(rows: list[dict]) -> str:
             shown += [r for r in probes if tuned and r["tile"] == tuned[0]["tile"]]
             best = min(probes, key=lambda r: r["us"], default=None)
             shown += [best] if best is not None and best not in shown else []
-        for row in shown:
-            tile = ", ".join(map(str, row.get("tile", []))) or "-"
-            lines.append(f"| {quant} | {row['what']} | {tile} | {row['us']:.2f} | {row['bytes'] / row['us'] / 1e6:.2f} "
-                         f"| {cublas / row['us']:.2f}x |")
+        lines += [f"| {quant} | {row['what']} | {rate_cells(row, cublas)} |" for row in shown]
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def rate_cells(row: dict, cublas_us: float) -> str:
+    """A row's tile, µs, TB/s of its ``bytes`` and ratio to cuBLAS, as table cells."""
+    tile = ", ".join(map(str, row.get("tile", []))) or "-"
+    return f"{tile} | {row['us']:.2f} | {row['bytes'] / row['us'] / 1e6:.2f} | {cublas_us / row['us']:.2f}x"
+
+
+def run_study(doc: str, quants: str, tile_options: dict[str, str], study_quant, table_of) -> None:
+    """The command line of the M = 1 studies: ``--shape N,K``, ``--quants``, one comma-separated
+    list a tile field (``tile_options``: option name -> default), ``--repeats``, ``--out``. Runs
+    ``study_quant(n, k, quant, tiles, repeats)`` for every quantisation over every combination of
+    the tile fields, writes the rows to ``--out`` (JSON) after each, prints ``table_of(rows)``."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--shape", default="8192,8192", help="N,K")
-    p.add_argument("--quants", default="w4g128,w3g128,w2g64")
-    p.add_argument("--block-n", default="256,512,1024,2048")
-    p.add_argument("--block-c", default="2,4,8")
-    p.add_argument("--split", default="16,32,64,128")
+    p.add_argument("--quants", default=quants)
+    for name, default in tile_options.items():
+        p.add_argument(f"--{name}", default=default)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("read_floor.py times kernels: it needs a CUDA GPU")
+        raise SystemExit(f"{p.prog} times kernels: it needs a CUDA GPU")
     n, k = (int(v) for v in args.shape.split(","))
-    tiles = list(itertools.product(*([int(v) for v in text.split(",")] for text in (args.block_n, args.block_c,
-                                                                                        args.split))))
+    fields = ([int(v) for v in getattr(args, name.replace("-", "_")).split(",")] for name in tile_options)
+    tiles = list(itertools.product(*fields))
     rows = []
     for quant in args.quants.split(","):
         rows += study_quant(n, k, quant, tiles, args.repeats)
@@ -209,7 +215,12 @@ def main() -> None:
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": [n, k], "rows": rows},
                                            indent=1))
     print(f"device {torch.cuda.get_device_name()}, {n}x{k}, M = 1")
-    print(table(rows))
+    print(table_of(rows))
+
+
+def main() -> None:
+    run_study(__doc__, "w4g128,w3g128,w2g64", {"block-n": "256,512,1024,2048", "block-c": "2,4,8",
+                                                 "split": "16,32,64,128"}, study_quant, table)
 
 
 if __name__ == "__main__":
