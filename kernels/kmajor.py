@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .half2 import MAGIC, _unpack, field_pairs, fma_h2, pair_constants, prmt
-from .tiling import add_bias, launch_options, launcher, release_next_grid, wait_for_previous_grid
+from .tiling import add_bias, k_major_codes, launch_options, launcher, release_next_grid, wait_for_previous_grid
 from .tuning import Config, interpreting
 
 VECTOR = tl.constexpr(4)
@@ -46,10 +46,10 @@ KMAJOR_BITS = (2, 4)
 
 
 def takes(qweight: torch.Tensor, bits: int, group: int) -> bool:
-    """Whether this kernel can run the layer: K-major codes (unit stride along K) of 2 or 4 bits,
+    """Whether this kernel can run the layer: K-major codes (:func:`tiling.k_major_codes`) of 2 or 4 bits,
     groups and K holding whole thread vectors, 16-byte aligned columns."""
     vector_values = VECTOR.value * 32 // bits
-    return (bits in KMAJOR_BITS and qweight.stride(0) == 1 and group % vector_values == 0
+    return (bits in KMAJOR_BITS and k_major_codes(qweight) and group % vector_values == 0
             and qweight.shape[0] % VECTOR.value == 0 and qweight.stride(1) % VECTOR.value == 0
             and qweight.data_ptr() % 16 == 0)
 
