@@ -247,8 +247,8 @@ def store_codes_k_major(model: nn.Module) -> nn.Module:
     H200 (session 19) a tuned 8192^2 w4g128 layer took 12.43 µs at M = 1 this way against 12.79
     N-major (11.66 in a study that also stored the scales column-major); the other kernels are
     tuned for N-major codes and have not been timed on K-major ones, so this is an opt-in for
-    batch-1 decoding. A checkpoint saved from the
-    model is N-major as always (its state dict is made contiguous when saved)."""
+    batch-1 decoding. A checkpoint saved from the model is N-major as always (its state dict is
+    made contiguous when saved)."""
     for module in model.modules():
         if isinstance(module, PackedLinear) and not module.qweight.t().is_contiguous():
             module.qweight = module.qweight.t().contiguous().t()

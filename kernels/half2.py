@@ -53,7 +53,7 @@ pair: 2.8 instead of 2.2 instructions per weight in the sm_90 SASS)."""
 
 
 @triton.jit
-def _unpack(h2):
+def unpack_h2(h2):
     """An int32 holding an fp16 pair -> (low, high) fp16."""
     lo = (h2 & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = ((h2 >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
@@ -70,9 +70,9 @@ def _pack(lo, hi):
 def fma_h2(a, b, c, EMULATE: tl.constexpr):
     """``a * b + c`` on fp16 pairs packed in int32 tensors of one shape (``fma.rn.f16x2``)."""
     if EMULATE:
-        al, ah = _unpack(a)
-        bl, bh = _unpack(b)
-        cl, ch = _unpack(c)
+        al, ah = unpack_h2(a)
+        bl, bh = unpack_h2(b)
+        cl, ch = unpack_h2(c)
         return _pack(al * bl + cl, ah * bh + ch)
     else:
         return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
@@ -209,7 +209,7 @@ def _step_dot(words, xw_rows, mask_m, z, row0, magic,
                 x_odd = _x_pair(xw_rows, mask_m, row, shift // BITS + 1, HV, X_PAIRED, EMULATE)
                 h = fma_h2(tl.broadcast_to(even, shape), tl.broadcast_to(x_even, shape), h, EMULATE)
                 h = fma_h2(tl.broadcast_to(odd, shape), tl.broadcast_to(x_odd, shape), h, EMULATE)
-        lo, hi = _unpack(h)
+        lo, hi = unpack_h2(h)
         part += lo.to(tl.float32) + hi.to(tl.float32)
     return part * 256.0
 
@@ -268,9 +268,9 @@ def _step_dot3(words, xw_rows, mask_m, z, row0, magic,
                     xp = _x_pair(xw_rows, mask_m, 2 * (row0 + c) + half, a, 8, X_PAIRED, EMULATE)
                     h = fma_h2(tl.broadcast_to(w, shape), tl.broadcast_to(xp, shape), h, EMULATE)
                     hx = fma_h2(xp, inv256, hx, EMULATE)
-        lo, hi = _unpack(h)
+        lo, hi = unpack_h2(h)
         part += lo.to(tl.float32) + hi.to(tl.float32)
-        lo, hi = _unpack(hx)
+        lo, hi = unpack_h2(hx)
         x_sum += lo.to(tl.float32) + hi.to(tl.float32)
     return (part - x_sum * z.to(tl.float32)) * 256.0
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .half2 import MAGIC, _unpack, field_pairs, fma_h2, pair_constants, prmt
+from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, prmt, unpack_h2
 from .tiling import add_bias, k_major_codes, launch_options, launcher, release_next_grid, wait_for_previous_grid
 from .tuning import Config, interpreting
 
@@ -130,7 +130,7 @@ def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stri
                 even, odd = field_pairs(w[v], shift, ce, co, ze, zo, magic, BITS, EMULATE)
                 h = fma_h2(even, tl.broadcast_to(pairs[v * HV + shift // BITS], (THREADS, BLOCK_N)), h, EMULATE)
                 h = fma_h2(odd, tl.broadcast_to(pairs[v * HV + shift // BITS + 1], (THREADS, BLOCK_N)), h, EMULATE)
-        lo, hi = _unpack(h)
+        lo, hi = unpack_h2(h)
         acc += s * (lo.to(tl.float32) + hi.to(tl.float32))
     release_next_grid(PDL)
     offs_y = pid * BLOCK_N + tl.arange(0, BLOCK_N)
