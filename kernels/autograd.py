@@ -95,13 +95,13 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     were a third to nearly half of what a key timed (35 of 78 on a 7B gate/up layer); a 3-bit 7B
     model's first start did not fit in 9 minutes.
     That one tile is the tuner's reference output and the fallback should the paired kernel's
-    inline PTX not build. ``k_major`` (M = 1, fp16 x, codes the K-major kernel takes): its tiles
-    last (``kmajor.py``)."""
+    inline PTX not build. ``k_major`` (M = 1, fp16 x, a layer ``kmajor.takes``): the K-major
+    kernel's tiles last."""
     sms = tuning.sm_count(x.device)
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
     own = candidates.gemv1_candidates(N, K, bits, group, sms)[:1 if paired else None] if M == 1 else \
         candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
-    whole = candidates.kmajor_candidates(N, K, bits, group) if k_major and M == 1 and x.dtype == torch.float16 else []
+    whole = candidates.kmajor_candidates(N) if k_major and M == 1 and x.dtype == torch.float16 else []
     return candidates.with_launch_variants(own) + candidates.with_launch_variants(paired) + whole
 
 
@@ -119,8 +119,8 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if silu_mul:
         return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops)
     if M <= SMALL_M:
-        whole_columns = not ops.active and takes(qweight, bits, group)
-        cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group, whole_columns), \
+        cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group,
+                                                    not ops.active and takes(qweight, bits, group)), \
             _pick(gemv1_forward if M == 1 else gemv_tc_forward,
                   {tuning.HALF2: gemv_half2_forward, tuning.KMAJOR: gemv_kmajor_forward}), \
             "gemv1" if M == 1 else "gemv_tc"

@@ -12,7 +12,6 @@ import triton
 from efficientqat.packing import chunk_values
 
 from .gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
-from .kmajor import KMAJOR_BITS, VECTOR
 from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, KMAJOR, Config, m_bucket
 
 
@@ -200,12 +199,9 @@ KMAJOR_TABLE = [
 ]
 
 
-def kmajor_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
-    """Tiles of the K-major M = 1 kernel (``kmajor.py``) with BLOCK_N dividing N; none for codes it
-    does not take (3/8-bit, groups or K not of whole thread vectors)."""
-    vector_values = VECTOR.value * 32 // bits
-    if bits not in KMAJOR_BITS or group % vector_values or K % vector_values:
-        return []
+def kmajor_candidates(N: int) -> list[Config]:
+    """Tiles of the K-major M = 1 kernel (``kmajor.py``) with BLOCK_N dividing N, for a layer that
+    ``kmajor.takes`` (the caller's check: codes, bits, groups and K)."""
     return [Config(1, block_n, 0, 1, warps, 1, KMAJOR) for block_n, warps in KMAJOR_TABLE if N % block_n == 0]
 
 

@@ -265,12 +265,12 @@ def cold_time_ms(fn: Callable[[], object], flush_ms: list[float]) -> float:
         return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
-def weight_copies(*weights: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-    """``weights`` and clones of them, enough that together they overflow the L2
-    (:data:`FLUSH_BYTES`): a chain of calls rotating over them streams every call's weights from
-    DRAM, as consecutive layers of a model do."""
+def weight_copies(*weights: torch.Tensor, total: int = FLUSH_BYTES) -> list[tuple[torch.Tensor, ...]]:
+    """``weights`` and clones of them, enough that together they hold ``total`` bytes (default
+    :data:`FLUSH_BYTES`, more than the L2): a chain of calls rotating over them streams every
+    call's weights from DRAM, as consecutive layers of a model do."""
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    count = min(64, max(2, -(-FLUSH_BYTES // max(1, nbytes))))
+    count = min(64, max(2, -(-total // max(1, nbytes))))
     return [weights] + [tuple(w.clone() for w in weights) for _ in range(count - 1)]
 
 

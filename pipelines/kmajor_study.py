@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 from bench_kernels import make_layer  # noqa: E402
 from prefetch_study import launch, tiles_of  # noqa: E402
-from read_floor import chained_us, rate_cells, rotation, run_study  # noqa: E402
+from read_floor import ROTATION_BYTES, chained_us, rate_cells, run_study  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.kmajor import gemv_kmajor_forward  # noqa: E402
@@ -68,7 +68,7 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int]], repeat
              "bytes": 2 * n * k}]
     k_major = store_codes_k_major(copy.deepcopy(layer))
     own = (k_major.qweight, k_major.scales, k_major.kernel_zeros())
-    copies = rotation(own)
+    copies = tuning.weight_copies(*own, total=ROTATION_BYTES)
     for block_n, warps in tiles:
         fn = functools.partial(kmajor_gemv, x, bits=spec.bits, group=spec.group_size, block_n=block_n, warps=warps)
         try:
@@ -79,12 +79,12 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int]], repeat
         rows.append({"quant": quant, "what": "K-major kernel", "us": chained_us(lambda w: fn(weights=w), copies, repeats),
                      "bytes": nbytes, "tile": [block_n, warps], "rel_error": err})
         print(f"{quant} K-major {block_n} cols {warps} warps: {rows[-1]['us']:.2f} us, error {err:.1e}", flush=True)
-    for what, module, weights_of in (("tuned N-major layer", layer, weights), ("tuned K-major layer", k_major, own)):
+    n_major = tuning.weight_copies(*weights, total=ROTATION_BYTES)
+    for what, module, rotated in (("tuned N-major layer", layer, n_major), ("tuned K-major layer", k_major, copies)):
         for cfg in tiles_of(x, module, spec.bits, spec.group_size, "best"):
             fn = functools.partial(launch, cfg, x, bits=spec.bits, group=spec.group_size)
-            rows.append({"quant": quant, "what": what, "us": chained_us(lambda w: fn(weights=w), rotation(weights_of),
-                                                                        repeats),
-                         "bytes": nbytes, "tile": [cfg.block_n, cfg.num_warps], "rel_error": error(fn(weights=weights_of)),
+            rows.append({"quant": quant, "what": what, "us": chained_us(lambda w: fn(weights=w), rotated, repeats),
+                         "bytes": nbytes, "tile": [cfg.block_n, cfg.num_warps], "rel_error": error(fn(weights=rotated[0])),
                          "config": cfg.__dict__})
             print(f"{quant} {what}: {rows[-1]['us']:.2f} us", flush=True)
     return rows

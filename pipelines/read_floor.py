@@ -50,8 +50,8 @@ from efficientqat.packing import chunk_values, chunk_words  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 ROTATION_BYTES = 256 << 20
-"""Bytes of layer copies a chained replay rotates over: four times an H200's L2, so every call
-reads its bytes from DRAM as consecutive layers of a model do."""
+"""Bytes of layer copies a chained replay rotates over (``tuning.weight_copies``): four times an
+H200's L2, so every call reads its bytes from DRAM as consecutive layers of a model do."""
 
 
 @triton.jit
@@ -124,12 +124,6 @@ def read_layer(weights: tuple[torch.Tensor, ...], bits: int, group: int, block_n
     return y if fixup else part
 
 
-def rotation(weights: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
-    """``weights`` and clones of them, :data:`ROTATION_BYTES` in all (at least two sets)."""
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    return [weights] + [tuple(w.clone() for w in weights) for _ in range(max(1, ROTATION_BYTES // nbytes - 1))]
-
-
 def chained_us(fn, copies: list, repeats: int) -> float:
     calls = [functools.partial(fn, w) for w in copies]
     return statistics.median(tuning.chained_time_ms(calls) for _ in range(repeats)) * 1e3
@@ -143,7 +137,7 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int, int]], r
     x = torch.randn(1, k, device="cuda", dtype=torch.float16)
     weights = (layer.qweight, layer.scales, layer.kernel_zeros())
     nbytes = sum(w.numel() * w.element_size() for w in weights)
-    copies = rotation(weights)
+    copies = tuning.weight_copies(*weights, total=ROTATION_BYTES)
     dense = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(2)]
     rows = [{"quant": quant, "what": "cuBLAS fp16", "us": chained_us(lambda w: torch.matmul(x, w.t()), dense, repeats),
              "bytes": 2 * n * k}]
