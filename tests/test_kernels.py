@@ -1388,7 +1388,7 @@ def test_dispatch_offers_the_kmajor_kernel_to_k_major_codes_at_m1_only(monkeypat
     assert len(seen) == 4
 
 
-def test_codes_stored_k_major_change_no_output_and_save_as_n_major(tmp_path):
+def test_codes_stored_k_major_change_no_output_and_save_as_n_major():
     from efficientqat.packed_model import _unique_state_dict
     from efficientqat.qlinear import store_codes_k_major
 
