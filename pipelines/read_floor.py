@@ -183,6 +183,14 @@ def rate_cells(row: dict, cublas_us: float) -> str:
     return f"{tile} | {row['us']:.2f} | {row['bytes'] / row['us'] / 1e6:.2f} | {cublas_us / row['us']:.2f}x"
 
 
+def int_list(option: str, text: str) -> list[int]:
+    """A comma-separated list of positive integers given to ``option``; anything else exits naming it."""
+    values = [v.strip() for v in text.split(",")]
+    if not all(v.isdigit() and int(v) > 0 for v in values):
+        raise SystemExit(f"{option} takes positive integers separated by commas, not {text!r}")
+    return [int(v) for v in values]
+
+
 def run_study(doc: str, quants: str, tile_options: dict[str, str], study_quant, table_of) -> None:
     """The command line of the M = 1 studies: ``--shape N,K``, ``--quants``, one comma-separated
     list a tile field (``tile_options``: option name -> default), ``--repeats``, ``--out``. Runs
@@ -199,8 +207,8 @@ def run_study(doc: str, quants: str, tile_options: dict[str, str], study_quant, 
     if not torch.cuda.is_available():
         raise SystemExit(f"{p.prog} times kernels: it needs a CUDA GPU")
     n, k = (int(v) for v in args.shape.split(","))
-    fields = ([int(v) for v in getattr(args, name.replace("-", "_")).split(",")] for name in tile_options)
-    tiles = list(itertools.product(*fields))
+    tiles = list(itertools.product(*(int_list(f"--{name}", getattr(args, name.replace("-", "_")))
+                                     for name in tile_options)))
     rows = []
     for quant in args.quants.split(","):
         rows += study_quant(n, k, quant, tiles, args.repeats)

@@ -83,3 +83,10 @@ def test_the_table_shows_the_probe_at_the_tuned_tile_and_its_best(floor):
     lines = floor.table(rows).splitlines()[2:]
     assert [line.split(" | ")[2] for line in lines] == ["-", "512, 4, 64", "512, 4, 64", "1024, 8, 32", "512, 4, 64"]
     assert lines[1].endswith("| 13.00 | 2.69 | 2.77x |") and lines[3].endswith("| 11.00 | 3.18 | 3.27x |")
+
+
+def test_a_tile_list_that_is_not_positive_integers_exits_naming_the_option(floor):
+    assert floor.int_list("--split", "16, 32,64") == [16, 32, 64]
+    for text in ("16,x", "16,,32", "0,8", "-4"):
+        with pytest.raises(SystemExit, match="--split takes positive integers"):
+            floor.int_list("--split", text)
