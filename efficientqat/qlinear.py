@@ -179,8 +179,11 @@ class PackedLinear(nn.Module):
         from efficientqat.kernels.tiling import reserve_split_k_workspace
 
         reserve_split_k_workspace(self.qzeros.device)
-        self._kernel_zeros_cache = (self._zeros_stamp(), unpack_zeros(self.qzeros, self.spec.bits, self.out_features))
-        return self._kernel_zeros_cache[1]
+        zeros = unpack_zeros(self.qzeros, self.spec.bits, self.out_features)
+        if not self.scales.is_contiguous():  # column-major beside K-major codes (store_codes_k_major)
+            zeros = torch.empty_like(self.scales, dtype=zeros.dtype).copy_(zeros)
+        self._kernel_zeros_cache = (self._zeros_stamp(), zeros)
+        return zeros
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """Triton path: CUDA, fp16/bf16 activations, triton importable, shapes the kernels take.
@@ -240,16 +243,19 @@ def prepare_kernel_zeros_(model: nn.Module) -> nn.Module:
 
 def store_codes_k_major(model: nn.Module) -> nn.Module:
     """Store every packed layer's codes K-major, in place: the same ``qweight [K b / 32, N]`` with
-    transposed storage (``qweight.t().contiguous().t()``, each output column's words contiguous).
+    transposed storage (``qweight.t().contiguous().t()``, each output column's words contiguous),
+    and its scales and kernel zero points column-major beside them (``[G, N]`` with strides
+    ``(1, G)``: a column's groups contiguous).
 
     The M = 1 decode kernel over whole columns (``kernels/kmajor.py``: no split-K, no atomics)
-    then applies at 2 and 4 bits; every other kernel and the PyTorch path read either layout. On an
-    H200 (session 19) a tuned 8192^2 w4g128 layer took 12.43 µs at M = 1 this way against 12.79
-    N-major (11.66 in a study that also stored the scales column-major); the other kernels are
-    tuned for N-major codes and have not been timed on K-major ones, so this is an opt-in for
-    batch-1 decoding. A checkpoint saved from the model is N-major as always (its state dict is
-    made contiguous when saved)."""
+    then applies at 2 and 4 bits, and reads each column's codes, scales and zero points as
+    contiguous runs; every other kernel and the PyTorch path read either layout through strides.
+    The other kernels are tuned for N-major layers, so this is an opt-in for batch-1 decoding
+    (timings in BENCHMARKS.md). A checkpoint saved from the model is N-major as always (its state
+    dict is made contiguous when saved)."""
     for module in model.modules():
         if isinstance(module, PackedLinear) and not module.qweight.t().is_contiguous():
             module.qweight = module.qweight.t().contiguous().t()
+            module.scales.data = module.scales.data.t().contiguous().t()
+            module.__dict__.pop("_kernel_zeros_cache", None)  # rebuilt in the scales' layout
     return model

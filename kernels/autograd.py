@@ -28,7 +28,7 @@ from .gemv import gemv1_forward, gemv_tc_forward
 from .half2 import gemv_half2_forward
 from .kmajor import gemv_kmajor_forward, takes
 from .prologue import NO_ROW_OPS, RowOps
-from .tiling import k_major_codes
+from .tiling import group_strides, k_major_codes
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,8 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
     ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout; any strides: every kernel takes both, so the
     codes may be stored K-major, ``qweight.t().contiguous().t()``); ``scales``: ``[G, N]`` (any float dtype,
-    may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`; ``group``: the
+    may require grad); ``zeros``: uint8 ``[G, N]`` from :func:`unpack_zeros`, in the scales' layout
+    (both N-major, or both column-major: :func:`.tiling.group_strides`); ``group``: the
     group length in columns (K for per-channel); ``silu_mul``: return ``silu(gate) * up``,
     ``[..., N / 2]``, of a gate/up layer in ``efficientqat.fused_mlp``'s interleaved order;
     ``ops``: ``RMSNorm(x)`` as the input and / or a residual ``[..., N]`` added to the output
@@ -270,7 +271,7 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     x2d = x.reshape(-1, K).contiguous()
     if ops.residual is not None:
         ops = RowOps(ops.norm_weight, ops.eps, ops.residual.reshape(-1, N).contiguous())
-    scales = scales.contiguous()
+    group_strides(scales, zeros)  # raises unless both share one layout, N-major or column-major
     if bias is not None:
         bias = bias.contiguous()
     if x2d.shape[0] == 0 or torch.is_grad_enabled() and (x2d.requires_grad or scales.requires_grad):

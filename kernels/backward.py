@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .gemm import dot_precision
-from .tiling import grouped_tile, launcher
+from .tiling import group_strides, grouped_tile, launcher
 from .tuning import Config
 from .unpack import dequant_tile, load_codes, load_group_row
 
@@ -28,7 +28,7 @@ from .unpack import dequant_tile, load_codes, load_group_row
 def _dq_grad_input_kernel(
     dy_ptr, qw_ptr, s_ptr, z_ptr, dx_ptr,
     M, N, K,
-    stride_dym, stride_qk, stride_qn, stride_g, stride_dxm,
+    stride_dym, stride_qk, stride_qn, stride_g, stride_gn, stride_dxm,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -49,7 +49,7 @@ def _dq_grad_input_kernel(
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :],
                      mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         q = load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS)
-        s, z = load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n)
+        s, z = load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, stride_gn, mask_n)
         w_t = dequant_tile(q, s, z, dtype)  # [BLOCK_K, BLOCK_N] = W^T tile
         acc = tl.dot(dy, tl.trans(w_t), acc, input_precision=DOT_PREC)
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :],
@@ -60,7 +60,7 @@ def _dq_grad_input_kernel(
 def _dq_grad_scales_kernel(
     x_ptr, dy_ptr, qw_ptr, z_ptr, ds_ptr,
     M, N, K,
-    stride_xm, stride_dym, stride_qk, stride_qn, stride_g,
+    stride_xm, stride_dym, stride_qk, stride_qn, stride_g, stride_gn,
     BITS: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ATOMIC: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -84,20 +84,20 @@ def _dq_grad_scales_kernel(
     q = load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS).to(tl.float32)
     if BLOCK_K <= GROUP:
         g = (pid_k * BLOCK_K) // GROUP
-        z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+        z = tl.load(z_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0).to(tl.float32)
         part = tl.sum((q - z[None, :]) * p, axis=0)
         if ATOMIC:
-            tl.atomic_add(ds_ptr + g * stride_g + offs_n, part, mask=mask_n)
+            tl.atomic_add(ds_ptr + g * stride_g + offs_n * stride_gn, part, mask=mask_n)
         else:
-            tl.store(ds_ptr + g * stride_g + offs_n, part, mask=mask_n)
+            tl.store(ds_ptr + g * stride_g + offs_n * stride_gn, part, mask=mask_n)
     else:
         # Several whole groups in this tile: fold rows group by group.
         NG: tl.constexpr = BLOCK_K // GROUP
         offs_g = (pid_k * BLOCK_K) // GROUP + tl.arange(0, NG)
-        z = tl.load(z_ptr + offs_g[:, None] * stride_g + offs_n[None, :], mask=mask_n[None, :], other=0)
+        z = tl.load(z_ptr + offs_g[:, None] * stride_g + offs_n[None, :] * stride_gn, mask=mask_n[None, :], other=0)
         qz = tl.reshape(q, (NG, GROUP, BLOCK_N)) - z.to(tl.float32)[:, None, :]
         part = tl.sum(qz * tl.reshape(p, (NG, GROUP, BLOCK_N)), axis=1)
-        tl.store(ds_ptr + offs_g[:, None] * stride_g + offs_n[None, :], part, mask=mask_n[None, :])
+        tl.store(ds_ptr + offs_g[:, None] * stride_g + offs_n[None, :] * stride_gn, part, mask=mask_n[None, :])
 
 
 def grad_input(
@@ -111,7 +111,7 @@ def grad_input(
     launcher(_dq_grad_input_kernel, grid)(
         dy, qweight, scales, zeros, dx,
         M, N, K,
-        dy.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), dx.stride(0),
+        dy.stride(0), qweight.stride(0), qweight.stride(1), *group_strides(scales, zeros), dx.stride(0),
         BITS=bits, GROUP=group,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=8,
         DOT_PREC=dot_precision(dy.dtype),
@@ -129,12 +129,14 @@ def grad_scales(
     N = dy.shape[1]
     G = K // group
     atomic = cfg.block_k < group
-    ds = (torch.zeros if atomic else torch.empty)((G, N), device=x.device, dtype=torch.float32)
+    ds = torch.empty_strided((G, N), zeros.stride(), device=x.device, dtype=torch.float32)  # zeros' layout
+    if atomic:
+        ds.zero_()
     grid = (triton.cdiv(N, cfg.block_n), K // cfg.block_k)
     launcher(_dq_grad_scales_kernel, grid)(
         x, dy, qweight, zeros, ds,
         M, N, K,
-        x.stride(0), dy.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0),
+        x.stride(0), dy.stride(0), qweight.stride(0), qweight.stride(1), *zeros.stride(),
         BITS=bits, GROUP=group,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         ATOMIC=atomic, DOT_PREC=dot_precision(x.dtype),

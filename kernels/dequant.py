@@ -22,7 +22,7 @@ import triton.language as tl
 
 from efficientqat.packing import chunk_values
 
-from .tiling import launcher
+from .tiling import group_strides, launcher
 from .tuning import Config
 from .unpack import load_chunk_words, slot_code
 
@@ -30,7 +30,7 @@ from .unpack import load_chunk_words, slot_code
 @triton.jit
 def _decode_kernel(
     qw_ptr, s_ptr, z_ptr, w_ptr,
-    N, stride_qk, stride_qn, stride_g, stride_wk,
+    N, stride_qk, stride_qn, stride_g, stride_gn, stride_wk,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``W^T[k, n] = (q[k, n] - z[g, n]) * s[g, n]`` for ``BLOCK_C`` chunks x ``BLOCK_N`` columns;
@@ -44,7 +44,7 @@ def _decode_kernel(
     w0, w1, w2 = load_chunk_words(qw_ptr, chunks, offs_n * stride_qn, stride_qk, mask_n[None, :], BITS)
     # One chunk (VPC values) never straddles a group: the group is a multiple of 32 >= VPC.
     g = (chunks * VPC) // GROUP
-    sz = g[:, None] * stride_g + offs_n[None, :]
+    sz = g[:, None] * stride_g + offs_n[None, :] * stride_gn
     s = tl.load(s_ptr + sz, mask=mask_n[None, :], other=0.0).to(tl.float32)
     z = tl.load(z_ptr + sz, mask=mask_n[None, :], other=0).to(tl.float32) + 8388608.0
     rows = w_ptr + (chunks * VPC)[:, None] * stride_wk + offs_n[None, :]
@@ -67,7 +67,7 @@ def decode_weight_t(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     grid = (chunks // block_c, triton.cdiv(N, block_n))
     launcher(_decode_kernel, grid)(
         qweight, scales, zeros, w_t,
-        N, qweight.stride(0), qweight.stride(1), scales.stride(0), w_t.stride(0),
+        N, qweight.stride(0), qweight.stride(1), *group_strides(scales, zeros), w_t.stride(0),
         BITS=bits, GROUP=group, BLOCK_N=block_n, BLOCK_C=block_c,
         num_warps=4,
     )
@@ -97,7 +97,7 @@ def dense_grad_input(
 @triton.jit
 def _fold_scale_grad_kernel(
     p_ptr, qw_ptr, z_ptr, ds_ptr,
-    N, n0, stride_pk, stride_qk, stride_qn, stride_g,
+    N, n0, stride_pk, stride_qk, stride_qn, stride_g, stride_gn,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``ds[g, n0 + n] = sum_{k in g} (q[k, n0 + n] - z[g, n0 + n]) * P[k, n]`` for one group and
@@ -107,7 +107,7 @@ def _fold_scale_grad_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     cols = n0 + offs_n
-    z = tl.load(z_ptr + g * stride_g + cols, mask=mask_n, other=0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + cols * stride_gn, mask=mask_n, other=0).to(tl.float32)
     acc = tl.zeros((BLOCK_C, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, GROUP // VPC, BLOCK_C):
         chunks = g * (GROUP // VPC) + c0 + tl.arange(0, BLOCK_C)
@@ -116,7 +116,7 @@ def _fold_scale_grad_kernel(
         for j in tl.static_range(VPC):
             p = tl.load(rows + j * stride_pk, mask=mask_n[None, :], other=0.0).to(tl.float32)
             acc += (slot_code(w0, w1, w2, j, BITS).to(tl.float32) - z[None, :]) * p
-    tl.store(ds_ptr + g * stride_g + cols, tl.sum(acc, axis=0), mask=mask_n)
+    tl.store(ds_ptr + g * stride_g + cols * stride_gn, tl.sum(acc, axis=0), mask=mask_n)
 
 
 def _slab(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -147,7 +147,7 @@ def dense_grad_scales(
     The full ``[N, K]`` weight gradient never exists; the slab is the only workspace."""
     K = x.shape[1]
     N = dy.shape[1]
-    ds = torch.empty((K // group, N), device=x.device, dtype=torch.float32)
+    ds = torch.empty_strided((K // group, N), zeros.stride(), device=x.device, dtype=torch.float32)  # zeros' layout
     slab = max(128, SLAB_BYTES // (4 * K) // 128 * 128)
     block_c = next(c for c in (8, 4, 2, 1) if (group // chunk_values(bits)) % c == 0)
     x_t = x.t()
@@ -157,7 +157,7 @@ def dense_grad_scales(
         grid = (K // group, triton.cdiv(ns, 128))
         launcher(_fold_scale_grad_kernel, grid)(
             p, qweight, zeros, ds,
-            ns, n0, p.stride(0), qweight.stride(0), qweight.stride(1), zeros.stride(0),
+            ns, n0, p.stride(0), qweight.stride(0), qweight.stride(1), *zeros.stride(),
             BITS=bits, GROUP=group, BLOCK_N=128, BLOCK_C=block_c, num_warps=4,
         )
     return ds

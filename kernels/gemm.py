@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiling import add_bias, grouped_tile_ranges, launcher, store_split
+from .tiling import add_bias, group_strides, grouped_tile_ranges, launcher, store_split
 from .tuning import Config
 from .unpack import dequant_tile, load_codes, load_group_row
 
@@ -25,7 +25,7 @@ from .unpack import dequant_tile, load_codes, load_group_row
 def _dq_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_qn, stride_g, stride_ym,
+    stride_xm, stride_qk, stride_qn, stride_g, stride_gn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr, EXPAND: tl.constexpr,
@@ -50,7 +50,7 @@ def _dq_gemm_kernel(
             q = tl.reshape(q, (BLOCK_K, BLOCK_N))
         else:
             q = load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS)
-        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
+        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, stride_gn, mask_n)
         w = dequant_tile(q, s, z, dtype)
         acc = tl.dot(x, w, acc, input_precision=DOT_PREC)
 
@@ -63,7 +63,7 @@ def _dq_gemm_kernel(
 def _dq_gemm_wa_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr,
     M, N, K,
-    stride_xm, stride_qk, stride_qn, stride_g, stride_ym,
+    stride_xm, stride_qk, stride_qn, stride_g, stride_gn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -84,7 +84,7 @@ def _dq_gemm_wa_kernel(
         k0 = it * BLOCK_K
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, mask_n)
+        s, z = load_group_row(s_ptr, z_ptr, k0 // GROUP, offs_n, stride_g, stride_gn, mask_n)
         if BITS == 3:
             q = tl.trans(load_codes(qw_ptr, offs_k, offs_n * stride_qn, stride_qk, mask_n, BITS))
         else:
@@ -124,7 +124,7 @@ def gemm_forward(
     launcher(kernel, grid)(
         x, qweight, scales, zeros, bias if bias is not None else x, y,
         M, N, K,
-        x.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
+        x.stride(0), qweight.stride(0), qweight.stride(1), *group_strides(scales, zeros), y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         SPLIT_K=split, GROUP_M=8, DOT_PREC=dot_precision(x.dtype), **variant_args,

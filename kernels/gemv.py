@@ -28,8 +28,8 @@ from efficientqat.packing import chunk_values
 
 from .prefetch import prefetch_code_rows, prefetch_steps
 from .prologue import NO_ROW_OPS, RowOps, launch_rows, normalize_steps
-from .tiling import (add_bias, add_in_first_slice, aligned_code_rows, decode_output, launch_options, launcher,
-                     release_next_grid, store_decode, wait_for_previous_grid)
+from .tiling import (add_bias, add_in_first_slice, aligned_code_rows, decode_output, group_strides, launch_options,
+                     launcher, release_next_grid, store_decode, wait_for_previous_grid)
 from .tuning import Config
 from .unpack import load_chunk_words, load_group_row, slot_unit, unit_constants
 
@@ -44,13 +44,13 @@ def _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BL
 
 
 @triton.jit
-def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g, field_mask, one_bits,
-                BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g, stride_gn, field_mask,
+                one_bits, BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_C: tl.constexpr):
     """One step's contribution ``s (sum_k x q - z sum_k x)`` per column from its words."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     g = (step * BLOCK_C * VPC) // GROUP
-    s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+    s = tl.load(s_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0).to(tl.float32)
     k_first = (step * BLOCK_C + offs_c) * VPC
     x_row = tl.load(x_ptr + k_first).to(tl.float32)
     t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)
@@ -67,7 +67,7 @@ def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, s
 @triton.jit
 def _dq_gemv1_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
-    N, K, stride_qk, stride_qn, stride_g, field_mask, one_bits,
+    N, K, stride_qk, stride_qn, stride_g, stride_gn, field_mask, one_bits,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr,
     STAGES: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -112,7 +112,7 @@ def _dq_gemv1_kernel(
             n0, n1, n2 = _gemv1_words(qw_ptr, step + 1, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
         else:
             w0, w1, w2 = _gemv1_words(qw_ptr, step, s_hi, offs_c, offs_n, stride_qk, stride_qn, N, BLOCK_C, BITS)
-        acc += _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g,
+        acc += _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, stride_g, stride_gn,
                            field_mask, one_bits, BITS, GROUP, BLOCK_C)
 
     release_next_grid(PDL)
@@ -235,7 +235,7 @@ def _paired_dot(xj, codes, part, W_AS_A: tl.constexpr, DOT_PREC: tl.constexpr):
 def _dq_gemv_tc_kernel(
     x_ptr, qw_ptr, qw_desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res,
     eps, M, N, K,
-    stride_xw, stride_qk, stride_qn, stride_g, stride_ym,
+    stride_xw, stride_qk, stride_qn, stride_g, stride_gn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_PREC: tl.constexpr, FIELD_MASK: tl.constexpr, ONE_BITS: tl.constexpr,
@@ -342,7 +342,7 @@ def _dq_gemv_tc_kernel(
                 part = tl.trans(part)
             if not X_TILE:
                 x_sum = tl.sum(x_tot, axis=1)[:, None]
-            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
+            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, stride_gn, mask_n)
             acc += (part - x_sum * (z[None, :] + PAIR_OFFSET)) * s[None, :]
         elif FOLD_SCALES:
             part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -353,10 +353,10 @@ def _dq_gemv_tc_kernel(
                 part = tl.dot(xj, f, part, input_precision=DOT_PREC)
                 x_tot += xj.to(tl.float32)
             x_sum = tl.sum(x_tot, axis=1)[:, None]
-            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, mask_n)
+            s, z = load_group_row(s_ptr, z_ptr, (it * BK) // GROUP, offs_n, stride_g, stride_gn, mask_n)
             acc += ((part - x_sum) * (1 << BITS) - x_sum * z[None, :]) * s[None, :]
         else:
-            sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :]
+            sz_off = (k_first // GROUP)[:, None] * stride_g + offs_n[None, :] * stride_gn
             s = tl.load(s_ptr + sz_off, mask=mask_w, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sz_off, mask=mask_w, other=0).to(tl.float32)
             # (q - z) s = f * s 2^b - (1 + z 2^-b) s 2^b with f = 1 + q 2^-b: one FMA per weight.
@@ -433,7 +433,7 @@ def gemv1_forward(
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv1_kernel, grid)(
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
-        N, K, qweight.stride(0), qweight.stride(1), scales.stride(0), *unit_constants(bits),
+        N, K, qweight.stride(0), qweight.stride(1), *group_strides(scales, zeros), *unit_constants(bits),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k, PREFETCH=cfg.variant == 1,
         STAGES=cfg.num_stages, FIXUP=fixup, PDL=cfg.pdl, **row_constants,
@@ -474,7 +474,8 @@ def gemv_tc_forward(
     launcher(_dq_gemv_tc_kernel, grid)(
         xs, qweight, codes, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
         M, N, K,
-        xs.stride(0) * xs.element_size() // 8, qweight.stride(0), qweight.stride(1), scales.stride(0), y.stride(0),
+        xs.stride(0) * xs.element_size() // 8, qweight.stride(0), qweight.stride(1), *group_strides(scales, zeros),
+        y.stride(0),
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,

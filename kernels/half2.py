@@ -42,8 +42,8 @@ from efficientqat.fused_mlp import silu_mul_interleaved
 from efficientqat.packing import chunk_values
 
 from .prologue import NO_ROW_OPS, RowOps, launch_rows, normalize_steps
-from .tiling import (add_bias, add_in_first_slice, decode_output, launch_options, launcher, release_next_grid,
-                     store_decode, wait_for_previous_grid)
+from .tiling import (add_bias, add_in_first_slice, decode_output, group_strides, launch_options, launcher,
+                     release_next_grid, store_decode, wait_for_previous_grid)
 from .tuning import HALF2_BITS, Config, interpreting
 
 MAGIC = 0x64006400
@@ -144,11 +144,11 @@ def _step_words(qw_ptr, row0, offs_n, mask_n, stride_qk, BLOCK_C: tl.constexpr, 
 
 
 @triton.jit
-def _group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n):
+def _group_row(s_ptr, z_ptr, g, offs_n, stride_g, stride_gn, mask_n):
     """Group ``g``'s scales (float32) and zero points (int32, as stored: the fp16 offsets are
     built from the integer, :func:`_step_dot`) for the ``[1, BLOCK_N]`` columns ``offs_n``."""
-    s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.int32)
+    s = tl.load(s_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0).to(tl.int32)
     return s, z
 
 
@@ -288,7 +288,7 @@ def _chunk_dot(words, xw_rows, mask_m, z, row0, magic,
 @triton.jit
 def _dq_gemv_half2_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, h_ptr, g_ptr, res_ptr, stride_h, stride_res, eps,
-    M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_ym, magic,
+    M, N, K, stride_xw, stride_qk, stride_qn, stride_g, stride_gn, stride_ym, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, SPLIT_K: tl.constexpr,
     EVEN_N: tl.constexpr, EMULATE: tl.constexpr, FIXUP: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
@@ -350,7 +350,7 @@ def _dq_gemv_half2_kernel(
     if PEEL:
         if not EARLY:
             words = _step_words(qw_ptr, s_lo * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
-        s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
+        s, z = _group_row(s_ptr, z_ptr, ((s_lo + lane) * BK) // GROUP, offs_n, stride_g, stride_gn, mask_n)
         acc = s * _chunk_dot(words, xw_rows, mask_x, z, s_lo * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
         first += LANES
     else:
@@ -358,7 +358,7 @@ def _dq_gemv_half2_kernel(
     if not ONE_STEP:
         for step in range(first, s_hi, LANES):
             words = _step_words(qw_ptr, step * BLOCK_C, cols, mask_n, stride_qk, BLOCK_C, EVEN_N, BITS)
-            s, z = _group_row(s_ptr, z_ptr, ((step + lane) * BK) // GROUP, offs_n, stride_g, mask_n)
+            s, z = _group_row(s_ptr, z_ptr, ((step + lane) * BK) // GROUP, offs_n, stride_g, stride_gn, mask_n)
             acc += s * _chunk_dot(words, xw_rows, mask_x, z, step * BLOCK_C, magic, BITS, BLOCK_C, EMULATE, X_PAIRED)
     release_next_grid(PDL)
     if LANES > 1:
@@ -404,8 +404,8 @@ def gemv_half2_forward(
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     launcher(_dq_gemv_half2_kernel, grid)(
         xs, qweight, scales, zeros, bias if bias is not None else x, y, ws, count, *row_args,
-        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1), scales.stride(0),
-        y.stride(0), MAGIC,
+        M, N, K, xs.stride(0) * xs.element_size() // 4, qweight.stride(0), qweight.stride(1),
+        *group_strides(scales, zeros), y.stride(0), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_C=cfg.block_k, SPLIT_K=cfg.split_k,
         EVEN_N=N % cfg.block_n == 0, EMULATE=interpreting(), FIXUP=fixup, PDL=cfg.pdl,

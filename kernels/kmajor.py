@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, prmt, unpack_h2
-from .tiling import add_bias, k_major_codes, launch_options, launcher, release_next_grid, wait_for_previous_grid
+from .tiling import (add_bias, group_strides, k_major_codes, launch_options, launcher, release_next_grid,
+                     wait_for_previous_grid)
 from .tuning import Config, interpreting
 
 VECTOR = tl.constexpr(4)
@@ -90,7 +91,7 @@ def _x_pairs(xw, first, lane, n_words, HV: tl.constexpr, THREADS: tl.constexpr, 
 
 
 @triton.jit
-def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_g, magic,
+def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_g, stride_gn, magic,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            THREADS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
     """``y[0, n] = sum_k x[0, k] W[n, k] (+ bias)`` for program 0's ``BLOCK_N`` columns over the whole
@@ -121,8 +122,8 @@ def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stri
         pairs = _x_pairs(xw, first, lane, n_words, HV, THREADS, EVEN, EMULATE)
         slot = w0 + thread_words
         group = (slot * VALUES) // GROUP
-        s = _load(s_ptr + group * stride_g + cols, slot < n_words, 0.0, EVEN).to(tl.float32)
-        z = _load(z_ptr + group * stride_g + cols, slot < n_words, 0, EVEN).to(tl.int32)
+        s = _load(s_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0.0, EVEN).to(tl.float32)
+        z = _load(z_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0, EVEN).to(tl.int32)
         ce, co, ze, zo = pair_constants(z, magic, BITS, EMULATE)
         h = tl.zeros((THREADS, BLOCK_N), tl.int32)  # 4 words x 32/b products of at most (2^b - 1)/256 |x|
         for v in tl.static_range(VECTOR):
@@ -152,7 +153,8 @@ def gemv_kmajor_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                          f"BLOCK_N = {cfg.block_n}, K = {K}")
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     launcher(_dq_gemv_kmajor_kernel, (N // cfg.block_n,))(
-        x, qweight, scales, zeros, bias if bias is not None else x, y, N, K, qweight.stride(1), scales.stride(0), MAGIC,
+        x, qweight, scales, zeros, bias if bias is not None else x, y, N, K, qweight.stride(1),
+        *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, THREADS=32 * cfg.num_warps,
         EVEN=(K * bits // 32) % (VECTOR.value * 32 * cfg.num_warps) == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))

@@ -30,6 +30,22 @@ def aligned_code_rows(qweight: torch.Tensor) -> bool:
     return qweight.stride(1) == 1 and qweight.data_ptr() % 16 == 0 and row_bytes % 16 == 0
 
 
+def group_strides(scales: torch.Tensor, zeros: torch.Tensor) -> tuple[int, int]:
+    """The (group, column) element strides of ``scales`` and ``zeros`` ``[G, N]``, which every
+    kernel reads through one pair: ``(N, 1)`` as a layer holds them, ``(1, G)`` where they are stored
+    column-major beside K-major codes (``efficientqat.qlinear.store_codes_k_major``: a program of the
+    K-major kernel then reads its columns' groups contiguously). Triton specialises a stride of 1,
+    so the N-major kernels compile as before. A dimension of size 1 (per-channel groups) may have
+    any stride."""
+    def layout(t: torch.Tensor) -> tuple[int, ...]:
+        return tuple(stride if size > 1 else 0 for size, stride in zip(t.shape, t.stride()))
+
+    if scales.shape != zeros.shape or layout(scales) != layout(zeros):
+        raise ValueError(f"scales and zero points must share shape and strides, got {tuple(scales.shape)} "
+                         f"strides {scales.stride()} and {tuple(zeros.shape)} strides {zeros.stride()}")
+    return scales.stride(0), scales.stride(1)
+
+
 def k_major_codes(qweight: torch.Tensor) -> bool:
     """Whether ``qweight [K b / 32, N]`` is stored K-major (each column's words contiguous:
     ``efficientqat.qlinear.store_codes_k_major``). Every kernel reads both layouts; the tuned

@@ -52,10 +52,10 @@ def load_codes(qw_ptr, offs_k, offs_n, stride_qk, mask_n, BITS: tl.constexpr):
 
 
 @triton.jit
-def load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, mask_n):
+def load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, stride_gn, mask_n):
     """Scale and zero point of group ``g`` for columns ``offs_n``, both as float32 ``[BLOCK_N]``."""
-    s = tl.load(s_ptr + g * stride_g + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * stride_g + offs_n, mask=mask_n, other=0).to(tl.float32)
+    s = tl.load(s_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0).to(tl.float32)
     return s, z
 
 

@@ -17,7 +17,9 @@ and is compared with a device-to-device copy measured in the same run. Raw rows 
 ``<out>/bench_kernels.json``; the table is printed last, then, per quantization setting and M
 timed on three or more shapes, the fit ``time = fixed cost + bytes / marginal rate``
 (``cost_model``). ``--fit FILE...`` prints that fit from stored runs (no GPU; a later file's
-row replaces an earlier one of the same shape, setting and M).
+row replaces an earlier one of the same shape, setting and M). ``--k-major`` times layers stored
+as ``efficientqat.qlinear.store_codes_k_major`` leaves them (codes K-major, scales and zero points
+column-major: the batch-1 decode layout), a setting of its own in the table and the fit.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a
 import torch  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
-from efficientqat.qlinear import PackedLinear  # noqa: E402
+from efficientqat.qlinear import PackedLinear, store_codes_k_major  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
@@ -45,12 +47,20 @@ TRAIN_M = 2048
 L2_FLUSH_BYTES = 256 << 20
 
 
-def make_layer(n: int, k: int, spec: QuantSpec, dev: str) -> PackedLinear:
+def make_layer(n: int, k: int, spec: QuantSpec, dev: str, k_major: bool = False) -> PackedLinear:
+    """A random packed layer; ``k_major``: stored as :func:`store_codes_k_major` leaves it."""
     g = spec.n_groups(k)
     codes = torch.randint(0, 2**spec.bits, (n, k), device=dev, dtype=torch.int32)
     zero = torch.randint(0, 2**spec.bits, (n, g), device=dev, dtype=torch.int32)
     scale = torch.rand(n, g, device=dev) * 0.01 + 0.001
-    return PackedLinear.from_codes(codes, scale, zero, None, spec)
+    layer = PackedLinear.from_codes(codes, scale, zero, None, spec)
+    return store_codes_k_major(layer) if k_major else layer
+
+
+def setting(row: dict) -> str:
+    """A row's quantization setting as the table and the fit name it: ``w4g128``, or
+    ``w4g128 K-major`` for a layer timed with ``--k-major``."""
+    return row["quant"] + (" K-major" if row.get("layout") == "k-major" else "")
 
 
 def event_median_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -116,17 +126,17 @@ def configs_since(before: set[str]) -> dict[str, dict]:
 
 
 def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy_bw: float, train: bool,
-                out_file: Path | None = None, row_ops: bool = False) -> None:
+                out_file: Path | None = None, row_ops: bool = False, k_major: bool = False) -> None:
     """Time the layer (N, K) at each M against cuBLAS and the PyTorch path; ``row_ops``: at decode
     sizes also with an RMSNorm of its input in the kernel's prologue (``efficientqat.row_ops``),
-    what a decoder layer's q/k/v and gate/up calls pay."""
+    what a decoder layer's q/k/v and gate/up calls pay; ``k_major``: the layer stored K-major."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     dev = "cuda"
-    layer = make_layer(n, k, spec, dev)
+    layer = make_layer(n, k, spec, dev, k_major)
     packed_bytes = layer.qweight.numel() * 4 + layer.scales.numel() * 2 + layer.scales.numel()
     n_copies = max(2, math.ceil(L2_FLUSH_BYTES / packed_bytes))
-    layers = [layer] + [make_layer(n, k, spec, dev) for _ in range(min(n_copies, 64) - 1)]
+    layers = [layer] + [make_layer(n, k, spec, dev, k_major) for _ in range(min(n_copies, 64) - 1)]
     dense_copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))
     for m in ms:
         dt = torch.float16 if m < TRAIN_M else torch.bfloat16
@@ -156,7 +166,8 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
                 if m < TRAIN_M or n * k <= 8192 * 8192 else float("nan")
             set_kernels(True)
         moved = packed_bytes + m * k * 2 + m * n * 2
-        row = dict(n=n, k=k, quant=spec.name, m=m, dtype=str(dt).replace("torch.", ""), rel_err=rel,
+        row = dict(n=n, k=k, quant=spec.name, layout="k-major" if k_major else "n-major", m=m,
+                   dtype=str(dt).replace("torch.", ""), rel_err=rel,
                    triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch, norm_ms=t_norm, bytes=moved,
                    bw_frac=moved / (t_tri * 1e-3) / copy_bw,
                    speedup_cublas=t_cub / t_tri, speedup_torch=t_torch / t_tri, configs=configs_since(before))
@@ -233,7 +244,7 @@ def table(rows: list, copy_bw: float, device: str) -> str:
                   f"{r['triton_fb_gpu_ms']:.3f} / {r['cublas_fb_gpu_ms']:.3f} ({r['cublas_fb_gpu_ms'] / r['triton_fb_gpu_ms']:.2f}) |")
         else:
             fb = " | | | | | | |"
-        lines.append(f"| {r['n']}x{r['k']} | {r['quant']} | {r['m']} | {r['dtype']} | {r['triton_ms'] * 1e3:.1f} | "
+        lines.append(f"| {r['n']}x{r['k']} | {setting(r)} | {r['m']} | {r['dtype']} | {r['triton_ms'] * 1e3:.1f} | "
                      f"{r['cublas_ms'] * 1e3:.1f} | {r['torch_ms'] * 1e3:.1f} | {r['speedup_cublas']:.2f} | "
                      f"{r['speedup_torch']:.2f} | {r['bw_frac']:.2f} |{fb} {r.get('norm_ms', float('nan')) * 1e3:.1f} |")
     return "\n".join(lines)
@@ -263,7 +274,7 @@ def stored_rows(paths: list[Path]) -> tuple[list[dict], float]:
         run = json.loads(path.read_text())
         copy_bw = run["copy_bw"]
         for r in run["rows"]:
-            rows[(r["n"], r["k"], r["quant"], r["m"], r["dtype"])] = dict(r, copy_bw=run["copy_bw"])
+            rows[(r["n"], r["k"], setting(r), r["m"], r["dtype"])] = dict(r, copy_bw=run["copy_bw"])
     return list(rows.values()), copy_bw
 
 
@@ -274,7 +285,7 @@ def cost_model(rows: list) -> list[dict]:
     reduction) or a streaming rate below the copy rate (instructions or latency per byte)."""
     groups: dict[tuple, list] = {}
     for r in rows:
-        groups.setdefault((r["quant"], r["m"], r["dtype"]), []).append(r)
+        groups.setdefault((setting(r), r["m"], r["dtype"]), []).append(r)
     fits = []
     for (quant, m, dtype), rs in groups.items():
         if len({(r["n"], r["k"]) for r in rs}) < 3:
@@ -309,6 +320,8 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--row-ops", action="store_true",
                     help="at M <= 16 also time each layer with the RMSNorm prologue of a fused decoder layer")
+    ap.add_argument("--k-major", action="store_true",
+                    help="time layers stored K-major (store_codes_k_major), the batch-1 decode layout")
     ap.add_argument("--fit", nargs="+", type=Path, metavar="FILE", help="print the cost model of stored runs and stop")
     args = ap.parse_args()
     if args.fit:
@@ -328,7 +341,7 @@ def main() -> None:
         spec = QuantSpec.from_name(q)
         for n, k in shapes:
             bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train,
-                        out / "bench_kernels.partial.json", args.row_ops)
+                        out / "bench_kernels.partial.json", args.row_ops, args.k_major)
     fits = cost_model(rows)
     (out / "bench_kernels.json").write_text(json.dumps(
         {"device": device, "copy_bw": copy_bw, "rows": rows, "cost_model": fits}, indent=1))

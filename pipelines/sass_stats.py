@@ -75,7 +75,7 @@ def compile_tc(bits: int, dtype: str, group: int, block_n: int, block_c: int, wa
     scalars = {n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_qn", "stride_g", "stride_ym")
                if n != unit_stride}
     field_mask, one_bits = unit_constants(bits)
-    constants = dict({unit_stride: 1}, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n,
+    constants = dict({unit_stride: 1}, stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=16, BLOCK_N=block_n,
                      BLOCK_C=block_c, SPLIT_K=8,
                      DOT_PREC="tf32", FIELD_MASK=field_mask, ONE_BITS=one_bits,
                      FOLD_SCALES=group % (block_c * chunk_values(bits)) == 0, EVEN_K=True, FIXUP=True, PDL=False,
@@ -94,7 +94,7 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
              "stride_h": "i32", "stride_res": "i32", "eps": "fp32",
              **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_qk", "stride_g", "stride_ym", "magic")}}
     steps = K // (block_c * chunk_values(bits))
-    constants = dict(stride_qn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
+    constants = dict(stride_qn=1, stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_M=1, BLOCK_N=block_n, BLOCK_C=block_c,
                      SPLIT_K=split, EVEN_N=True, EMULATE=False, FIXUP=split > 1, PDL=False, EARLY=False,
                      ONE_STEP=steps == split * lanes, X_PAIRED=False, ACT=silu_mul, LANES=lanes,
                      NORM=False, RESIDUAL=False, ROW_BLOCK=512)
