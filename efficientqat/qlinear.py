@@ -248,7 +248,7 @@ def store_codes_k_major(model: nn.Module) -> nn.Module:
     ``(1, G)``: a column's groups contiguous).
 
     The M = 1 decode kernel over whole columns (``kernels/kmajor.py``: no split-K, no atomics)
-    then applies at 2 and 4 bits, and reads each column's codes, scales and zero points as
+    then applies at 2, 3 and 4 bits, and reads each column's codes, scales and zero points as
     contiguous runs; every other kernel and the PyTorch path read either layout through strides.
     The other kernels are tuned for N-major layers, so this is an opt-in for batch-1 decoding
     (timings in BENCHMARKS.md). A checkpoint saved from the model is N-major as always (its state

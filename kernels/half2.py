@@ -228,7 +228,7 @@ def _pair3(lo_word, hi_word, A: tl.constexpr, HALF: tl.constexpr, EMULATE: tl.co
 
 
 @triton.jit
-def _unit3(lo_word, hi_word, A: tl.constexpr, HALF: tl.constexpr, magic, SHAPE: tl.constexpr, EMULATE: tl.constexpr):
+def unit3(lo_word, hi_word, A: tl.constexpr, HALF: tl.constexpr, magic, SHAPE: tl.constexpr, EMULATE: tl.constexpr):
     """The fp16 pair ``(q_a / 256, q_{a+8} / 256)`` of :func:`_pair3`: ``1024 + 2^OFF q`` times
     ``2^(-8 - OFF)`` plus ``-2^(2 - OFF)``, both exact (2^-15 is an fp16 subnormal, 0x0200)."""
     OFF: tl.constexpr = (3 * A) % 8
@@ -264,7 +264,7 @@ def _step_dot3(words, xw_rows, mask_m, z, row0, magic,
                 lo_word = words[3 * c + half]
                 hi_word = words[3 * c + half + 1]
                 for a in tl.static_range(8):
-                    w = _unit3(lo_word, hi_word, a, half, magic, z.shape, EMULATE)
+                    w = unit3(lo_word, hi_word, a, half, magic, z.shape, EMULATE)
                     xp = _x_pair(xw_rows, mask_m, 2 * (row0 + c) + half, a, 8, X_PAIRED, EMULATE)
                     h = fma_h2(tl.broadcast_to(w, shape), tl.broadcast_to(xp, shape), h, EMULATE)
                     hx = fma_h2(xp, inv256, hx, EMULATE)

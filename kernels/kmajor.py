@@ -1,4 +1,4 @@
-"""M = 1 decode over K-major codes: whole columns a program, no split-K (fp16 x, 2/4-bit codes).
+"""M = 1 decode over K-major codes: whole columns a program, no split-K (fp16 x, 2/3/4-bit codes).
 
 The project's codes are N-major (``qweight [K b / 32, N]``, columns contiguous). A program that
 reads long contiguous rows of them must take many columns, so the M = 1 kernels split K across
@@ -7,26 +7,23 @@ GPU-scope fence, the arrival count, the last program's sum) cost a read-only pro
 a 10-12 µs call at 8192^2 (``pipelines/read_floor.py``, session 19).
 
 Stored K-major, the same logical tensor with transposed storage (``qweight.t().contiguous().t()``,
-each column's words contiguous; :func:`efficientqat.qlinear.store_codes_k_major`), the codes let
-one program own ``BLOCK_N`` whole columns, ``BLOCK_N x K b / 8`` contiguous bytes:
+each column's words contiguous), with the scales and zero points column-major beside them
+(:func:`efficientqat.qlinear.store_codes_k_major`), the codes let one program own ``BLOCK_N``
+whole columns, ``BLOCK_N x K b / 8`` contiguous bytes:
 
-* every thread loads 16-byte vectors of 4 code words a column and step, the next step's in flight
-  while this one is summed;
+* every thread takes a slot of whole groups a column and step (one 16-byte vector of 4 code
+  words at 2/4 bits, three vectors, four 32-value chunks, at 3 bits: :func:`slot_words`), the
+  next step's in flight while this one is summed, and its columns' scales and zero points as
+  contiguous runs along K;
 * it builds its x pairs once a step from vector loads of x (byte permutes, :func:`half2.prmt`)
   and spends them on all its columns;
-* the decoding is the paired-fp16 kernel's (:func:`half2.pair_constants`, :func:`half2.field_pairs`);
+* the decoding is the paired-fp16 kernel's (:func:`half2.pair_constants` / :func:`half2.field_pairs`,
+  :func:`half2.unit3` for 3-bit with the zero point folded per slot);
 * the K sum ends inside the program (``tl.sum``) and the output is one plain store.
 
-Timed as a study (``pipelines/kmajor_study.py``, session 19, H200, CUDA-graph chains), in a first
-version that read scales and zero points transposed: 8192^2 w4g128 11.66 µs against 13.05 for the
-N-major kernel's then-tuned tile (12.59 with this session's), w2g64 10.34 against 10.96; faster on
-7 of 8 layer shapes and bit widths (by 3-15%), slower on the 22016-row gate/up layer at w4g128
-(16.08 against 15.38). This version reads them as the layer holds them (``[G, N]``): a thread's
-columns are contiguous there, one vector load each (sm_90 SASS, 8 columns on 2 warps: 80
-registers and 2.30 loop instructions a weight at w4g128, 2.06 at w2g64, against 128 and 2.54 /
-2.25 for the study's version), but it took 12.38 µs at 8192^2 w4g128 where the study's took 11.66
-(session 19, run 6), likely because the 64 group rows a program reads lie 16 KB apart. Scales
-and zero points stored column-major too are the next step.
+Timings (H200, ``pipelines/kmajor_study.py``) are in BENCHMARKS.md. Session 19 found the layout of
+the scales worth 0.7 µs at 8192^2 w4g128: read ``[G, N]``, the 64 group rows of a program lie 16
+KB apart (12.38 µs); column-major, a thread's run of groups is contiguous (11.8 µs, session 20).
 """
 
 from __future__ import annotations
@@ -35,23 +32,29 @@ import torch
 import triton
 import triton.language as tl
 
-from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, prmt, unpack_h2
+from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, prmt, unit3, unpack_h2
 from .tiling import (add_bias, group_strides, k_major_codes, launch_options, launcher, release_next_grid,
                      wait_for_previous_grid)
 from .tuning import Config, interpreting
 
 VECTOR = tl.constexpr(4)
-"""Code words a thread loads per column and step: one 16-byte vector (a ``tl.constexpr``, which
-the kernels may read; ``VECTOR.value`` on the host)."""
-KMAJOR_BITS = (2, 4)
+"""Code words in one 16-byte vector load (a ``tl.constexpr``, which the kernels may read;
+``VECTOR.value`` on the host)."""
+KMAJOR_BITS = (2, 3, 4)
+
+
+def slot_words(bits: int) -> int:
+    """Code words a thread takes per column and step: one vector (2/4-bit: 64 / 32 values), three
+    for 3-bit (four 32-value chunks of 3 words: 128 values)."""
+    return 3 * VECTOR.value if bits == 3 else VECTOR.value
 
 
 def takes(qweight: torch.Tensor, bits: int, group: int) -> bool:
-    """Whether this kernel can run the layer: K-major codes (:func:`tiling.k_major_codes`) of 2 or 4 bits,
-    groups and K holding whole thread vectors, 16-byte aligned columns."""
-    vector_values = VECTOR.value * 32 // bits
-    return (bits in KMAJOR_BITS and k_major_codes(qweight) and group % vector_values == 0
-            and qweight.shape[0] % VECTOR.value == 0 and qweight.stride(1) % VECTOR.value == 0
+    """Whether this kernel can run the layer: K-major codes (:func:`tiling.k_major_codes`) of 2-4
+    bits, groups and K holding whole thread slots (:func:`slot_words`), 16-byte aligned columns."""
+    words = slot_words(bits)
+    return (bits in KMAJOR_BITS and k_major_codes(qweight) and group % (words * 32 // bits) == 0
+            and qweight.shape[0] % words == 0 and qweight.stride(1) % VECTOR.value == 0
             and qweight.data_ptr() % 16 == 0)
 
 
@@ -74,20 +77,75 @@ def _load(ptrs, mask, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(xw, first, lane, n_words, HV: tl.constexpr, THREADS: tl.constexpr, EVEN: tl.constexpr,
-             EMULATE: tl.constexpr):
-    """Per code word ``v`` of a thread's vector (``first``: its first word, ``[T, 1, 1]``), the
-    ``HV`` x pairs ``(x[k + i], x[k + i + HV])`` its half words meet (``k`` its first value), as
-    ``[T, 1]`` tensors in one flat tuple: vector loads of the int32 view of x (word ``j`` holds
-    ``(x[2j], x[2j + 1])``; zeros for slots past ``n_words`` unless ``EVEN``), then one byte permute a pair."""
+def _slot_vectors(ptrs, mask, SW: tl.constexpr, EVEN: tl.constexpr):
+    """A slot's ``SW`` code words a column as ``SW / 4`` vector loads (``ptrs``: ``[T, BN, 4]``
+    pointers to its first vector), requested together."""
+    vectors = ()
+    for v in tl.static_range(0, SW, VECTOR):
+        vectors = vectors + (_load(ptrs + v, mask, 0, EVEN),)
+    return vectors
+
+
+@triton.jit
+def _x_pairs(xw, row0, valid, lane, ROWS: tl.constexpr, HV: tl.constexpr, THREADS: tl.constexpr,
+             EVEN: tl.constexpr, EMULATE: tl.constexpr):
+    """For each of ``ROWS`` rows of ``2 HV`` x values from row ``row0`` (``[T, 1, 1]``, a thread's
+    own), the ``HV`` pairs ``(x[k + i], x[k + i + HV])`` (``k`` the row's first value) that the
+    codes' half words meet, as ``[T, 1]`` tensors in one flat tuple: vector loads of the int32
+    view of x (word ``j`` holds ``(x[2j], x[2j + 1])``; zeros where ``valid`` is off unless
+    ``EVEN``), then one byte permute a pair."""
     pairs = ()
-    for v in tl.static_range(VECTOR):
+    for r in tl.static_range(ROWS):
         xv = ()
         for q in tl.static_range(0, HV, 4):
-            xv = xv + _unstack4(_load(xw + (first + v) * HV + q + lane, first < n_words, 0, EVEN), THREADS, 1)
+            xv = xv + _unstack4(_load(xw + (row0 + r) * HV + q + lane, valid, 0, EVEN), THREADS, 1)
         for i in tl.static_range(HV):
             pairs = pairs + (prmt(xv[i // 2], xv[HV // 2 + i // 2], 0x5410 if i % 2 == 0 else 0x7632, EMULATE),)
     return pairs
+
+
+@triton.jit
+def _slot_dot(w, pairs, z, magic, BITS: tl.constexpr, THREADS: tl.constexpr, BLOCK_N: tl.constexpr,
+              EMULATE: tl.constexpr):
+    """``sum x (q - z) / 256`` (float32 ``[T, BN]``) over a 2/4-bit slot: its 4 words ``w`` (``[T, BN]``
+    each), decoded by :func:`half2.field_pairs` and summed in fp16 pairs (4 words x 32/b products
+    of at most (2^b - 1)/256 |x|)."""
+    HV: tl.constexpr = 16 // BITS
+    ce, co, ze, zo = pair_constants(z, magic, BITS, EMULATE)
+    h = tl.zeros((THREADS, BLOCK_N), tl.int32)
+    for v in tl.static_range(VECTOR):
+        for shift in tl.static_range(0, 16, 2 * BITS):
+            even, odd = field_pairs(w[v], shift, ce, co, ze, zo, magic, BITS, EMULATE)
+            h = fma_h2(even, tl.broadcast_to(pairs[v * HV + shift // BITS], (THREADS, BLOCK_N)), h, EMULATE)
+            h = fma_h2(odd, tl.broadcast_to(pairs[v * HV + shift // BITS + 1], (THREADS, BLOCK_N)), h, EMULATE)
+    lo, hi = unpack_h2(h)
+    return lo.to(tl.float32) + hi.to(tl.float32)
+
+
+@triton.jit
+def _slot_dot3(w, pairs, z, magic, THREADS: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
+    """:func:`_slot_dot` for a 3-bit slot: four 32-value chunks of 3 words, pairs ``(a, a + 8)``
+    by :func:`half2.unit3` as ``q / 256``, the zero point folded once (``sum x q - z sum x``, the x
+    sum shared by the thread's columns), flushed to float32 every two chunks as the paired-fp16
+    kernel does (``half2._step_dot3``)."""
+    inv256 = tl.full((THREADS, 1), 0x1C001C00, tl.int32)  # the fp16 pair (2^-8, 2^-8)
+    part = tl.zeros((THREADS, BLOCK_N), tl.float32)
+    x_sum = tl.zeros((THREADS, 1), tl.float32)
+    for c0 in tl.static_range(0, 4, 2):
+        h = tl.zeros((THREADS, BLOCK_N), tl.int32)
+        hx = tl.zeros((THREADS, 1), tl.int32)
+        for c in tl.static_range(c0, c0 + 2):
+            for half in tl.static_range(2):
+                for a in tl.static_range(8):
+                    u = unit3(w[3 * c + half], w[3 * c + half + 1], a, half, magic, (THREADS, BLOCK_N), EMULATE)
+                    xp = pairs[(2 * c + half) * 8 + a]
+                    h = fma_h2(u, tl.broadcast_to(xp, (THREADS, BLOCK_N)), h, EMULATE)
+                    hx = fma_h2(xp, inv256, hx, EMULATE)
+        lo, hi = unpack_h2(h)
+        part += lo.to(tl.float32) + hi.to(tl.float32)
+        lo, hi = unpack_h2(hx)
+        x_sum += lo.to(tl.float32) + hi.to(tl.float32)
+    return part - x_sum * z.to(tl.float32)
 
 
 @triton.jit
@@ -95,44 +153,44 @@ def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stri
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                            THREADS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
     """``y[0, n] = sum_k x[0, k] W[n, k] (+ bias)`` for program 0's ``BLOCK_N`` columns over the whole
-    of K, in steps of ``THREADS`` x :data:`VECTOR` code words a column (``qw_ptr``: word ``w`` of
-    column ``n`` at ``n * stride_qn + w``); ``EVEN``: the steps fill K, else the thread slots past it
-    are masked (codes and x read as zeros). Thread slots are axis 0 of every tile: where the
-    compiler sees no contiguity it spreads threads over the first axis (with the columns first,
-    Triton put 4 threads of a warp across 4 columns and moved every x pair through shared memory)."""
-    HV: tl.constexpr = 16 // BITS  # x words (fp16 pairs) a code word
-    VALUES: tl.constexpr = 32 // BITS
-    STEP: tl.constexpr = THREADS * VECTOR  # code words a column and step
+    of K, in steps of ``THREADS`` slots of ``SW`` code words a column (:func:`slot_words`; ``qw_ptr``:
+    word ``w`` of column ``n`` at ``n * stride_qn + w``); ``EVEN``: the steps fill K, else the
+    thread slots past it are masked (codes and x read as zeros). Thread slots are axis 0 of every
+    tile: where the compiler sees no contiguity it spreads threads over the first axis (with the
+    columns first, Triton put 4 threads of a warp across 4 columns and moved every x pair through
+    shared memory)."""
+    SW: tl.constexpr = 3 * VECTOR if BITS == 3 else VECTOR
+    SLOT_VALUES: tl.constexpr = SW * 32 // BITS  # a whole number of groups (takes)
+    HV: tl.constexpr = 8 if BITS == 3 else 16 // BITS  # x pairs a row of 2 HV values
+    ROWS: tl.constexpr = SLOT_VALUES // (2 * HV)
+    STEP: tl.constexpr = THREADS * SW  # code words a column and step
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # [1, BN, 1]
-    thread = tl.arange(0, THREADS)[:, None, None] * VECTOR  # [T, 1, 1]: a thread slot's first word
+    thread = tl.arange(0, THREADS)[:, None, None] * SW  # [T, 1, 1]: a thread slot's first word
     lane = tl.arange(0, VECTOR)[None, None, :]  # [1, 1, 4]
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [1, BN]
-    thread_words = tl.arange(0, THREADS)[:, None] * VECTOR  # [T, 1]
-    n_words = K // VALUES
-    col_rows = qw_ptr + offs_n * stride_qn
+    thread_words = tl.arange(0, THREADS)[:, None] * SW  # [T, 1]
+    n_words = K * BITS // 32
+    col_rows = qw_ptr + offs_n * stride_qn + lane
     xw = x_ptr.to(tl.pointer_type(tl.int32))
     wait_for_previous_grid(PDL)  # (codes requested before it lost every tile timed, session 19)
-    words = _load(col_rows + thread + lane, thread < n_words, 0, EVEN)
+    vectors = _slot_vectors(col_rows + thread, thread < n_words, SW, EVEN)
     acc = tl.zeros((THREADS, BLOCK_N), tl.float32)
     for w0 in range(0, n_words, STEP):
         first = w0 + thread
-        w = _unstack4(words, THREADS, BLOCK_N)
-        words = tl.load(col_rows + first + STEP + lane, mask=first + STEP < n_words, other=0)  # the next step's
-        pairs = _x_pairs(xw, first, lane, n_words, HV, THREADS, EVEN, EMULATE)
+        w = ()
+        for v in tl.static_range(SW // VECTOR):
+            w = w + _unstack4(vectors[v], THREADS, BLOCK_N)
+        vectors = _slot_vectors(col_rows + first + STEP, first + STEP < n_words, SW, False)  # the next step's
+        pairs = _x_pairs(xw, (first // SW) * ROWS, first < n_words, lane, ROWS, HV, THREADS, EVEN, EMULATE)
         slot = w0 + thread_words
-        group = (slot * VALUES) // GROUP
+        group = (slot // SW * SLOT_VALUES) // GROUP
         s = _load(s_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0.0, EVEN).to(tl.float32)
         z = _load(z_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0, EVEN).to(tl.int32)
-        ce, co, ze, zo = pair_constants(z, magic, BITS, EMULATE)
-        h = tl.zeros((THREADS, BLOCK_N), tl.int32)  # 4 words x 32/b products of at most (2^b - 1)/256 |x|
-        for v in tl.static_range(VECTOR):
-            for shift in tl.static_range(0, 16, 2 * BITS):
-                even, odd = field_pairs(w[v], shift, ce, co, ze, zo, magic, BITS, EMULATE)
-                h = fma_h2(even, tl.broadcast_to(pairs[v * HV + shift // BITS], (THREADS, BLOCK_N)), h, EMULATE)
-                h = fma_h2(odd, tl.broadcast_to(pairs[v * HV + shift // BITS + 1], (THREADS, BLOCK_N)), h, EMULATE)
-        lo, hi = unpack_h2(h)
-        acc += s * (lo.to(tl.float32) + hi.to(tl.float32))
+        if BITS == 3:
+            acc += s * _slot_dot3(w, pairs, z, magic, THREADS, BLOCK_N, EMULATE)
+        else:
+            acc += s * _slot_dot(w, pairs, z, magic, BITS, THREADS, BLOCK_N, EMULATE)
     release_next_grid(PDL)
     offs_y = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     y = add_bias(tl.sum(acc, axis=0) * 256.0, b_ptr, offs_y, offs_y < N, 0, HAS_BIAS)
@@ -148,14 +206,14 @@ def gemv_kmajor_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
     N = qweight.shape[1]
     if M != 1 or x.dtype != torch.float16 or not takes(qweight, bits, group) or N % cfg.block_n:
         raise ValueError(f"the K-major decode kernel takes one fp16 row and K-major {KMAJOR_BITS}-bit codes in "
-                         f"groups and K of whole {VECTOR.value}-word vectors and N a multiple of BLOCK_N; not {M} "
-                         f"{x.dtype} rows, codes of strides {tuple(qweight.stride())}, {bits}-bit, group {group}, N = {N}, "
-                         f"BLOCK_N = {cfg.block_n}, K = {K}")
+                         f"groups and K of whole thread slots (4 words, 12 at 3 bits) and N a multiple of BLOCK_N; "
+                         f"not {M} {x.dtype} rows, codes of strides {tuple(qweight.stride())}, {bits}-bit, "
+                         f"group {group}, N = {N}, BLOCK_N = {cfg.block_n}, K = {K}")
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     launcher(_dq_gemv_kmajor_kernel, (N // cfg.block_n,))(
         x, qweight, scales, zeros, bias if bias is not None else x, y, N, K, qweight.stride(1),
         *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, THREADS=32 * cfg.num_warps,
-        EVEN=(K * bits // 32) % (VECTOR.value * 32 * cfg.num_warps) == 0, PDL=cfg.pdl, EMULATE=interpreting(),
+        EVEN=(K * bits // 32) % (slot_words(bits) * 32 * cfg.num_warps) == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y
