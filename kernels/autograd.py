@@ -101,7 +101,7 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
     paired = candidates.half2_candidates(M, N, K, bits, group, sms) if x.dtype == torch.float16 else []
     own = candidates.gemv1_candidates(N, K, bits, group, sms)[:1 if paired else None] if M == 1 else \
         candidates.gemv_tc_candidates(N, K, bits, group, x.dtype)
-    whole = candidates.kmajor_candidates(N) if k_major and M == 1 and x.dtype == torch.float16 else []
+    whole = candidates.kmajor_candidates(N, K, bits, group) if k_major and M == 1 and x.dtype == torch.float16 else []
     return candidates.with_launch_variants(own) + candidates.with_launch_variants(paired) + whole
 
 

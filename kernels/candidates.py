@@ -199,10 +199,13 @@ KMAJOR_TABLE = [
 ]
 
 
-def kmajor_candidates(N: int) -> list[Config]:
+def kmajor_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
     """Tiles of the K-major M = 1 kernel (``kmajor.py``) with BLOCK_N dividing N, for a layer that
-    ``kmajor.takes`` (the caller's check: codes, bits, groups and K)."""
-    return [Config(1, block_n, 0, 1, warps, 1, KMAJOR) for block_n, warps in KMAJOR_TABLE if N % block_n == 0]
+    ``kmajor.takes`` (the caller's check: codes, bits, groups and K); at 3 bits each with slots of
+    one 32-value chunk and, where groups and K hold them, of two (``block_k``)."""
+    chunk_counts = [1, 2] if bits == 3 and group % 64 == 0 and K % 64 == 0 else [1]
+    return [Config(1, block_n, chunks if bits == 3 else 0, 1, warps, 1, KMAJOR)
+            for block_n, warps in KMAJOR_TABLE if N % block_n == 0 for chunks in chunk_counts]
 
 
 def balanced_split(cfg: Config, K: int, bits: int) -> Config:

@@ -11,9 +11,9 @@ each column's words contiguous), with the scales and zero points column-major be
 (:func:`efficientqat.qlinear.store_codes_k_major`), the codes let one program own ``BLOCK_N``
 whole columns, ``BLOCK_N x K b / 8`` contiguous bytes:
 
-* every thread takes a slot of whole groups a column and step (one 16-byte vector of 4 code
-  words at 2/4 bits, three vectors, four 32-value chunks, at 3 bits: :func:`slot_words`), the
-  next step's in flight while this one is summed, and its columns' scales and zero points as
+* every thread takes a slot inside one group a column and step (one 16-byte vector of 4 code
+  words at 2/4 bits, one 32-value chunk of 3 words at 3 bits: :func:`slot_words`), the next
+  step's in flight while this one is summed, and its columns' scales and zero points from
   contiguous runs along K;
 * it builds its x pairs once a step from vector loads of x (byte permutes, :func:`half2.prmt`)
   and spends them on all its columns;
@@ -43,10 +43,12 @@ VECTOR = tl.constexpr(4)
 KMAJOR_BITS = (2, 3, 4)
 
 
-def slot_words(bits: int) -> int:
-    """Code words a thread takes per column and step: one vector (2/4-bit: 64 / 32 values), three
-    for 3-bit (four 32-value chunks of 3 words: 128 values)."""
-    return 3 * VECTOR.value if bits == 3 else VECTOR.value
+def slot_words(bits: int, chunks: int = 1) -> int:
+    """Code words a thread takes per column and step: one 16-byte vector at 2/4 bits (64 / 32
+    values), ``chunks`` 32-value chunks of 3 words at 3 bits (4-byte loads; a tile's ``block_k``,
+    1 or 2: a slot of four chunks as three vectors held 246 registers at 8 columns and took 14.6
+    µs at 8192^2 where the N-major kernel took 12.1, H200, session 20)."""
+    return 3 * chunks if bits == 3 else VECTOR.value
 
 
 def takes(qweight: torch.Tensor, bits: int, group: int) -> bool:
@@ -77,13 +79,26 @@ def _load(ptrs, mask, other, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _slot_vectors(ptrs, mask, SW: tl.constexpr, EVEN: tl.constexpr):
-    """A slot's ``SW`` code words a column as ``SW / 4`` vector loads (``ptrs``: ``[T, BN, 4]``
-    pointers to its first vector), requested together."""
-    vectors = ()
-    for v in tl.static_range(0, SW, VECTOR):
-        vectors = vectors + (_load(ptrs + v, mask, 0, EVEN),)
-    return vectors
+def _slot_loads(ptrs, mask, BITS: tl.constexpr, SW: tl.constexpr, EVEN: tl.constexpr):
+    """A slot's code words a column, requested: one vector load of ``ptrs`` (``[T, BN, 4]``) at
+    2/4 bits, ``SW`` word loads from ``ptrs`` (``[T, BN]``) at 3 bits. Split into words by
+    :func:`_slot_words` only where they are used, so the loads stay in flight until then."""
+    if BITS == 3:
+        loads = ()
+        for j in tl.static_range(SW):
+            loads = loads + (_load(ptrs + j, mask, 0, EVEN),)
+        return loads
+    else:
+        return (_load(ptrs, mask, 0, EVEN),)
+
+
+@triton.jit
+def _slot_words(loads, BITS: tl.constexpr, THREADS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """:func:`_slot_loads`' result as a tuple of ``[T, BN]`` code words."""
+    if BITS == 3:
+        return loads
+    else:
+        return _unstack4(loads[0], THREADS, BLOCK_N)
 
 
 @triton.jit
@@ -123,35 +138,32 @@ def _slot_dot(w, pairs, z, magic, BITS: tl.constexpr, THREADS: tl.constexpr, BLO
 
 
 @triton.jit
-def _slot_dot3(w, pairs, z, magic, THREADS: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
-    """:func:`_slot_dot` for a 3-bit slot: four 32-value chunks of 3 words, pairs ``(a, a + 8)``
-    by :func:`half2.unit3` as ``q / 256``, the zero point folded once (``sum x q - z sum x``, the x
-    sum shared by the thread's columns), flushed to float32 every two chunks as the paired-fp16
-    kernel does (``half2._step_dot3``)."""
+def _slot_dot3(w, pairs, z, magic, CHUNKS: tl.constexpr, THREADS: tl.constexpr, BLOCK_N: tl.constexpr,
+               EMULATE: tl.constexpr):
+    """:func:`_slot_dot` for a 3-bit slot, ``CHUNKS`` (1 or 2) 32-value chunks of 3 words: pairs
+    ``(a, a + 8)`` by :func:`half2.unit3` as ``q / 256``, the zero point folded once (``sum x q -
+    z sum x``, the x sum shared by the thread's columns), as the paired-fp16 kernel's 3-bit step
+    (``half2._step_dot3``, which sums two chunks in fp16 too)."""
     inv256 = tl.full((THREADS, 1), 0x1C001C00, tl.int32)  # the fp16 pair (2^-8, 2^-8)
-    part = tl.zeros((THREADS, BLOCK_N), tl.float32)
-    x_sum = tl.zeros((THREADS, 1), tl.float32)
-    for c0 in tl.static_range(0, 4, 2):
-        h = tl.zeros((THREADS, BLOCK_N), tl.int32)
-        hx = tl.zeros((THREADS, 1), tl.int32)
-        for c in tl.static_range(c0, c0 + 2):
-            for half in tl.static_range(2):
-                for a in tl.static_range(8):
-                    u = unit3(w[3 * c + half], w[3 * c + half + 1], a, half, magic, (THREADS, BLOCK_N), EMULATE)
-                    xp = pairs[(2 * c + half) * 8 + a]
-                    h = fma_h2(u, tl.broadcast_to(xp, (THREADS, BLOCK_N)), h, EMULATE)
-                    hx = fma_h2(xp, inv256, hx, EMULATE)
-        lo, hi = unpack_h2(h)
-        part += lo.to(tl.float32) + hi.to(tl.float32)
-        lo, hi = unpack_h2(hx)
-        x_sum += lo.to(tl.float32) + hi.to(tl.float32)
-    return part - x_sum * z.to(tl.float32)
+    h = tl.zeros((THREADS, BLOCK_N), tl.int32)
+    hx = tl.zeros((THREADS, 1), tl.int32)
+    for c in tl.static_range(CHUNKS):
+        for half in tl.static_range(2):
+            for a in tl.static_range(8):
+                u = unit3(w[3 * c + half], w[3 * c + half + 1], a, half, magic, (THREADS, BLOCK_N), EMULATE)
+                xp = pairs[(2 * c + half) * 8 + a]
+                h = fma_h2(u, tl.broadcast_to(xp, (THREADS, BLOCK_N)), h, EMULATE)
+                hx = fma_h2(xp, inv256, hx, EMULATE)
+    lo, hi = unpack_h2(h)
+    x_lo, x_hi = unpack_h2(hx)
+    return lo.to(tl.float32) + hi.to(tl.float32) - (x_lo.to(tl.float32) + x_hi.to(tl.float32)) * z.to(tl.float32)
 
 
 @triton.jit
 def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stride_qn, stride_g, stride_gn, magic,
                            BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                           THREADS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
+                           THREADS: tl.constexpr, CHUNKS: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+                           EMULATE: tl.constexpr):
     """``y[0, n] = sum_k x[0, k] W[n, k] (+ bias)`` for program 0's ``BLOCK_N`` columns over the whole
     of K, in steps of ``THREADS`` slots of ``SW`` code words a column (:func:`slot_words`; ``qw_ptr``:
     word ``w`` of column ``n`` at ``n * stride_qn + w``); ``EVEN``: the steps fill K, else the
@@ -159,36 +171,39 @@ def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stri
     tile: where the compiler sees no contiguity it spreads threads over the first axis (with the
     columns first, Triton put 4 threads of a warp across 4 columns and moved every x pair through
     shared memory)."""
-    SW: tl.constexpr = 3 * VECTOR if BITS == 3 else VECTOR
-    SLOT_VALUES: tl.constexpr = SW * 32 // BITS  # a whole number of groups (takes)
+    SW: tl.constexpr = 3 * CHUNKS if BITS == 3 else VECTOR
+    SLOT_VALUES: tl.constexpr = SW * 32 // BITS  # inside one group (takes)
     HV: tl.constexpr = 8 if BITS == 3 else 16 // BITS  # x pairs a row of 2 HV values
     ROWS: tl.constexpr = SLOT_VALUES // (2 * HV)
     STEP: tl.constexpr = THREADS * SW  # code words a column and step
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :, None]  # [1, BN, 1]
-    thread = tl.arange(0, THREADS)[:, None, None] * SW  # [T, 1, 1]: a thread slot's first word
+    slot3 = tl.arange(0, THREADS)[:, None, None] * SW  # [T, 1, 1]: a thread slot's first word
+    slot2 = tl.arange(0, THREADS)[:, None] * SW  # [T, 1]
     lane = tl.arange(0, VECTOR)[None, None, :]  # [1, 1, 4]
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [1, BN]
-    thread_words = tl.arange(0, THREADS)[:, None] * SW  # [T, 1]
     n_words = K * BITS // 32
-    col_rows = qw_ptr + offs_n * stride_qn + lane
+    if BITS == 3:  # three word loads a column
+        col_slots = qw_ptr + cols * stride_qn + slot2  # [T, BN]
+        slot_mask = slot2
+    else:  # one vector load a column
+        col_slots = qw_ptr + offs_n * stride_qn + lane + slot3  # [T, BN, 4]
+        slot_mask = slot3
     xw = x_ptr.to(tl.pointer_type(tl.int32))
     wait_for_previous_grid(PDL)  # (codes requested before it lost every tile timed, session 19)
-    vectors = _slot_vectors(col_rows + thread, thread < n_words, SW, EVEN)
+    loads = _slot_loads(col_slots, slot_mask < n_words, BITS, SW, EVEN)
     acc = tl.zeros((THREADS, BLOCK_N), tl.float32)
     for w0 in range(0, n_words, STEP):
-        first = w0 + thread
-        w = ()
-        for v in tl.static_range(SW // VECTOR):
-            w = w + _unstack4(vectors[v], THREADS, BLOCK_N)
-        vectors = _slot_vectors(col_rows + first + STEP, first + STEP < n_words, SW, False)  # the next step's
+        w = _slot_words(loads, BITS, THREADS, BLOCK_N)
+        loads = _slot_loads(col_slots + w0 + STEP, slot_mask + w0 + STEP < n_words, BITS, SW, False)  # the next
+        first = w0 + slot3
         pairs = _x_pairs(xw, (first // SW) * ROWS, first < n_words, lane, ROWS, HV, THREADS, EVEN, EMULATE)
-        slot = w0 + thread_words
+        slot = w0 + slot2
         group = (slot // SW * SLOT_VALUES) // GROUP
         s = _load(s_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0.0, EVEN).to(tl.float32)
         z = _load(z_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0, EVEN).to(tl.int32)
         if BITS == 3:
-            acc += s * _slot_dot3(w, pairs, z, magic, THREADS, BLOCK_N, EMULATE)
+            acc += s * _slot_dot3(w, pairs, z, magic, CHUNKS, THREADS, BLOCK_N, EMULATE)
         else:
             acc += s * _slot_dot(w, pairs, z, magic, BITS, THREADS, BLOCK_N, EMULATE)
     release_next_grid(PDL)
@@ -201,19 +216,22 @@ def gemv_kmajor_forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Te
                         bias: torch.Tensor | None, bits: int, group: int, cfg: Config) -> torch.Tensor:
     """``x [1, K]`` fp16 -> ``[1, N]`` over K-major ``qweight`` (:func:`takes`); ``cfg.block_n``
     columns a program, ``cfg.num_warps`` warps, one thread slot along K a thread (a last step that K does
-    not fill is masked)."""
+    not fill is masked); at 3 bits ``cfg.block_k`` 32-value chunks a slot (1 or 2)."""
     M, K = x.shape
     N = qweight.shape[1]
-    if M != 1 or x.dtype != torch.float16 or not takes(qweight, bits, group) or N % cfg.block_n:
+    chunks = max(cfg.block_k, 1) if bits == 3 else 1
+    words = slot_words(bits, chunks)
+    if (M != 1 or x.dtype != torch.float16 or not takes(qweight, bits, group) or N % cfg.block_n or chunks > 2
+            or group % (32 * chunks) or qweight.shape[0] % words):
         raise ValueError(f"the K-major decode kernel takes one fp16 row and K-major {KMAJOR_BITS}-bit codes in "
-                         f"groups and K of whole thread slots (4 words, 12 at 3 bits) and N a multiple of BLOCK_N; "
+                         f"groups and K of whole thread slots ({words} words) and N a multiple of BLOCK_N; "
                          f"not {M} {x.dtype} rows, codes of strides {tuple(qweight.stride())}, {bits}-bit, "
-                         f"group {group}, N = {N}, BLOCK_N = {cfg.block_n}, K = {K}")
+                         f"group {group}, N = {N}, BLOCK_N = {cfg.block_n}, K = {K}, {chunks} chunks a slot")
     y = torch.empty(1, N, device=x.device, dtype=x.dtype)
     launcher(_dq_gemv_kmajor_kernel, (N // cfg.block_n,))(
         x, qweight, scales, zeros, bias if bias is not None else x, y, N, K, qweight.stride(1),
         *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, THREADS=32 * cfg.num_warps,
-        EVEN=(K * bits // 32) % (slot_words(bits) * 32 * cfg.num_warps) == 0, PDL=cfg.pdl, EMULATE=interpreting(),
-        num_warps=cfg.num_warps, **launch_options(cfg))
+        CHUNKS=chunks, EVEN=(K * bits // 32) % (words * 32 * cfg.num_warps) == 0, PDL=cfg.pdl,
+        EMULATE=interpreting(), num_warps=cfg.num_warps, **launch_options(cfg))
     return y

@@ -1342,14 +1342,15 @@ def test_row_ops_dispatch_in_the_kernels_and_around_the_gemm():
         dequant_linear(h, qw, scales, zeros, None, 4, gl, silu_mul=True, ops=RowOps(residual=res[..., : n // 2]))
 
 
-@pytest.mark.parametrize("bits,group,k,column_scales", [(4, 128, 2048, True), (4, 32, 1536, True),
-                                                      (2, 64, 4096, False), (4, -1, 1024, True),
-                                                      (3, 128, 8192, True), (3, 256, 1536, True)])
-def test_kmajor_kernel_matches_float64(bits, group, k, column_scales):
+@pytest.mark.parametrize("bits,group,k,column_scales,chunks", [(4, 128, 2048, True, 0), (4, 32, 1536, True, 0),
+                                                             (2, 64, 4096, False, 0), (4, -1, 1024, True, 0),
+                                                             (3, 128, 8192, True, 1), (3, 64, 1536, True, 2)])
+def test_kmajor_kernel_matches_float64(bits, group, k, column_scales, chunks):
     """The M = 1 kernel over K-major codes (whole columns a program, no split-K) against float64:
     several steps (the next step's codes in flight), a K its steps do not fill (1536: masked
     thread slots), per-channel groups, a bias, columns of four programs; scales and zero points
-    column-major (``column_scales``, as ``store_codes_k_major`` stores them) or as a layer holds them."""
+    column-major (``column_scales``, as ``store_codes_k_major`` stores them) or as a layer holds them;
+    3-bit slots of one or two 32-value chunks (``chunks``)."""
     from efficientqat.kernels.kmajor import gemv_kmajor_forward
 
     gen = torch.Generator().manual_seed(bits + k)
@@ -1359,7 +1360,7 @@ def test_kmajor_kernel_matches_float64(bits, group, k, column_scales):
     if column_scales:
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
     y = gemv_kmajor_forward(x, qw.t().contiguous().t(), scales, zeros, bias, bits, gl,
-                            tuning.Config(1, 8, 0, 1, 1, 1, tuning.KMAJOR))
+                            tuning.Config(1, 8, chunks, 1, 1, 1, tuning.KMAJOR))
     assert y.shape == (1, 32) and rel(y, reference(x, q, z, scales, gl, bias)[0]) < 3e-3
 
 
@@ -1368,7 +1369,7 @@ def test_kmajor_kernel_refuses_what_it_cannot_take():
 
     gen = torch.Generator().manual_seed(3)
     cfg = tuning.Config(1, 8, 0, 1, 1, 1, tuning.KMAJOR)
-    for bits, group, m, k_major, named in ((4, 128, 1, False, "strides"), (3, 64, 1, True, "group 64"),
+    for bits, group, m, k_major, named in ((4, 128, 1, False, "strides"), (8, 64, 1, True, "8-bit"),
                                             (2, 32, 1, True, "group 32"), (4, 128, 2, True, "not 2")):
         q, z, s, qw, zeros, scales, gl = rand_layer(32, 1024, bits, group, gen, scale_dtype=torch.float16)
         codes = qw.t().contiguous().t() if k_major else qw
