@@ -10,7 +10,7 @@ dequant-matmul on CUDA when available and dequantize-then-matmul in PyTorch othe
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -241,20 +241,23 @@ def prepare_kernel_zeros_(model: nn.Module) -> nn.Module:
     return model
 
 
-def store_codes_k_major(model: nn.Module) -> nn.Module:
-    """Store every packed layer's codes K-major, in place: the same ``qweight [K b / 32, N]`` with
-    transposed storage (``qweight.t().contiguous().t()``, each output column's words contiguous),
-    and its scales and kernel zero points column-major beside them (``[G, N]`` with strides
-    ``(1, G)``: a column's groups contiguous).
+def store_codes_k_major(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.Module:
+    """Store the packed layers of ``bits`` with their codes K-major, in place: the same ``qweight
+    [K b / 32, N]`` with transposed storage (``qweight.t().contiguous().t()``, each output column's
+    words contiguous), and their scales and kernel zero points column-major beside them (``[G, N]``
+    with strides ``(1, G)``: a column's groups contiguous).
 
     The M = 1 decode kernel over whole columns (``kernels/kmajor.py``: no split-K, no atomics)
-    then applies at 2, 3 and 4 bits, and reads each column's codes, scales and zero points as
-    contiguous runs; every other kernel and the PyTorch path read either layout through strides.
-    The other kernels are tuned for N-major layers, so this is an opt-in for batch-1 decoding
-    (timings in BENCHMARKS.md). A checkpoint saved from the model is N-major as always (its state
-    dict is made contiguous when saved)."""
+    then applies, and reads each column's codes, scales and zero points as contiguous runs; every
+    other kernel and the PyTorch path read either layout through strides. On an H200 (session 20,
+    BENCHMARKS.md) it took 11.9 against 12.9 µs at 8192^2 w4g128 and 10.2 against 10.5 at w2g64,
+    but 12.4 against 11.9 at w3g128, hence the default ``bits``; the other kernels are tuned for
+    N-major layers (M = 16: 25.7 against 25.3 µs), so this is an opt-in for batch-1 decoding.
+    A checkpoint saved from the model is N-major as always (its state dict is made contiguous
+    when saved)."""
     for module in model.modules():
-        if isinstance(module, PackedLinear) and not module.qweight.t().is_contiguous():
+        if (isinstance(module, PackedLinear) and module.spec.bits in bits
+                and not module.qweight.t().is_contiguous()):
             module.qweight = module.qweight.t().contiguous().t()
             module.scales.data = module.scales.data.t().contiguous().t()
             module.__dict__.pop("_kernel_zeros_cache", None)  # rebuilt in the scales' layout

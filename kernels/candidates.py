@@ -194,7 +194,8 @@ def lane_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
 KMAJOR_TABLE = [
     # (BLOCK_N, warps) of the K-major M = 1 kernel. H200, pipelines/kmajor_study.py, session 19:
     # the best tiles at 8192^2 (8 x 2), 4096^2 (4 x 2 at w4g128), 12288 x 4096 and 22016 x 4096 at
-    # w2g64 (8 x 1), then the runners-up there.
+    # w2g64 (8 x 1), then the runners-up there; session 20 (scales column-major) chose 4 x 2 at
+    # w4g128, 8 x 2 at w2g64 and 4 x 1 at w3g128 on 8192^2.
     (8, 2), (4, 2), (8, 1), (4, 1), (4, 4), (16, 2), (8, 4),
 ]
 

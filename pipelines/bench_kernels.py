@@ -54,7 +54,7 @@ def make_layer(n: int, k: int, spec: QuantSpec, dev: str, k_major: bool = False)
     zero = torch.randint(0, 2**spec.bits, (n, g), device=dev, dtype=torch.int32)
     scale = torch.rand(n, g, device=dev) * 0.01 + 0.001
     layer = PackedLinear.from_codes(codes, scale, zero, None, spec)
-    return store_codes_k_major(layer) if k_major else layer
+    return store_codes_k_major(layer, bits=(spec.bits,)) if k_major else layer
 
 
 def setting(row: dict) -> str:

@@ -1431,3 +1431,8 @@ def test_codes_stored_k_major_change_no_output_and_save_as_n_major():
     saved = _unique_state_dict(model)
     assert saved["0.qweight"].is_contiguous() and torch.equal(saved["0.qweight"], n_major)
     assert saved["0.scales"].is_contiguous() and torch.equal(saved["0.scales"], scales)
+    three_bit = PackedLinear.from_codes(torch.randint(0, 8, (64, 256), generator=gen), torch.rand(64, 2, generator=gen),
+                                        torch.randint(0, 8, (64, 2), generator=gen), None, QuantSpec.from_name("w3g128"))
+    store_codes_k_major(three_bit)  # 3-bit layers stay N-major unless asked for (slower at M = 1)
+    assert three_bit.qweight.is_contiguous() and three_bit.scales.is_contiguous()
+    assert store_codes_k_major(three_bit, bits=(3,)).qweight.stride() == (1, 24) and three_bit.scales.stride() == (1, 2)
