@@ -1,10 +1,11 @@
-"""Compile the tensor-core decode kernel (or, with ``--half2``, the paired-fp16 M = 1 kernel) for
-Hopper (sm_90) on any machine, GPU or not, and print what its machine code costs: registers per
-thread, instructions in the K loop (``--half2``: in a program), the instruction mix and
-lane-instructions per weight.
+"""Compile the tensor-core decode kernel (or, with ``--half2``, the paired-fp16 M = 1 kernel; with
+``--kmajor``, the M = 1 kernel over K-major codes) for Hopper (sm_90) on any machine, GPU or not,
+and print what its machine code costs: registers per thread, instructions in the K loop
+(``--half2``: in a program), the instruction mix and lane-instructions per weight.
 
     python3 pipelines/sass_stats.py --bits 4 --block-n 256 --block-c 16 --warps 4 --stages 3 --paired
     python3 pipelines/sass_stats.py --half2 --bits 4 --block-n 512 --block-c 4 --warps 4 --split 128
+    python3 pipelines/sass_stats.py --kmajor --bits 3 --block-n 4 --block-c 1 --warps 1
 
 Timings need the GPU; these counts do not, and they bound what a tile can reach: instructions
 per weight against the schedulers' issue rate, registers against occupancy, barriers and
@@ -31,7 +32,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
-from efficientqat.kernels import gemv, half2  # noqa: E402
+from efficientqat.kernels import gemv, half2, kmajor  # noqa: E402
 from efficientqat.kernels.unpack import unit_constants  # noqa: E402
 from efficientqat.packing import chunk_values  # noqa: E402
 
@@ -101,6 +102,16 @@ def compile_half2(bits: int, group: int, block_n: int, block_c: int, warps: int,
     return compile_for_hopper(half2._dq_gemv_half2_kernel, types, constants, warps, 1)
 
 
+def compile_kmajor(bits: int, group: int, block_n: int, warps: int, chunks: int) -> tuple[str, str]:
+    """``kmajor._dq_gemv_kmajor_kernel`` with scales and zero points column-major (their unit group
+    stride specialised, as ``store_codes_k_major`` leaves them), ``chunks`` 3-bit chunks a slot."""
+    types = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
+             **{n: "i32" for n in ("N", "K", "stride_qn", "stride_gn", "magic")}}
+    constants = dict(stride_g=1, BITS=bits, GROUP=group, HAS_BIAS=False, BLOCK_N=block_n, THREADS=32 * warps,
+                     CHUNKS=chunks, EVEN=True, PDL=False, EMULATE=False)
+    return compile_for_hopper(kmajor._dq_gemv_kmajor_kernel, types, constants, warps, 1)
+
+
 def opcodes(lines: list[str]) -> collections.Counter:
     ops = collections.Counter()
     for line in lines:
@@ -146,6 +157,8 @@ def main() -> None:
     p.add_argument("--half2", action="store_true",
                    help="the paired-fp16 M = 1 kernel instead (takes --split, --k, --lanes, --silu-mul; counts "
                         "every instruction of a program, which streams its whole K range in one pass)")
+    p.add_argument("--kmajor", action="store_true",
+                   help="the K-major M = 1 kernel instead (--block-n columns a program, --block-c 3-bit chunks a slot)")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
@@ -156,6 +169,9 @@ def main() -> None:
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
+    if args.kmajor:
+        kmajor_stats(args)
+        return
     if args.half2:
         if args.tma or args.prefetch:
             raise SystemExit("--tma and --prefetch apply to the tensor-core kernel, not to --half2")
@@ -207,6 +223,24 @@ def half2_stats(args: argparse.Namespace) -> None:
         f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
         f"{total} instructions per thread, {stats['per_weight']:.2f} lane-instructions per weight",
         "mix: " + ", ".join(f"{op} {n}" for op, n in whole.most_common(16))])
+
+
+def kmajor_stats(args: argparse.Namespace) -> None:
+    """``--kmajor``: registers and the K loop of the K-major kernel per weight a thread takes in a
+    step (its slot of :func:`kmajor.slot_words` words in each of ``--block-n`` columns)."""
+    chunks = args.block_c if args.bits == 3 else 1
+    if args.bits not in kmajor.KMAJOR_BITS or chunks not in (1, 2):
+        raise SystemExit(f"--kmajor takes --bits in {kmajor.KMAJOR_BITS} and, at 3 bits, --block-c 1 or 2")
+    usage, sass = compile_kmajor(args.bits, args.group, args.block_n, args.warps, chunks)
+    loop = opcodes(k_loop(sass))
+    weights = kmajor.slot_words(args.bits, chunks) * 32 // args.bits * args.block_n
+    stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+             "local_stores": opcodes(sass.splitlines())["STL"],
+             "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights}
+    report(stats, args.json, [
+        f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
+        f"K loop: {stats['loop_instructions']} instructions per thread-step, {stats['per_weight']:.2f} per weight",
+        "mix: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(16))])
 
 
 if __name__ == "__main__":
