@@ -1344,7 +1344,7 @@ def test_row_ops_dispatch_in_the_kernels_and_around_the_gemm():
 
 @pytest.mark.parametrize("bits,group,k,column_scales,chunks", [(4, 128, 2048, True, 0), (4, 32, 1536, True, 0),
                                                              (2, 64, 4096, False, 0), (4, -1, 1024, True, 0),
-                                                             (3, 128, 8192, True, 1), (3, 64, 1536, True, 2)])
+                                                             (3, 128, 2048, True, 1), (3, 64, 1536, True, 2)])
 def test_kmajor_kernel_matches_float64(bits, group, k, column_scales, chunks):
     """The M = 1 kernel over K-major codes (whole columns a program, no split-K) against float64:
     several steps (the next step's codes in flight), a K its steps do not fill (1536: masked
