@@ -49,8 +49,7 @@ def _gemv1_step(w0, w1, w2, x_ptr, s_ptr, z_ptr, step, offs_c, offs_n, mask_n, s
     """One step's contribution ``s (sum_k x q - z sum_k x)`` per column from its words."""
     VPC: tl.constexpr = 32 if BITS == 3 else 32 // BITS
     g = (step * BLOCK_C * VPC) // GROUP
-    s = tl.load(s_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0.0).to(tl.float32)
-    z = tl.load(z_ptr + g * stride_g + offs_n * stride_gn, mask=mask_n, other=0).to(tl.float32)
+    s, z = load_group_row(s_ptr, z_ptr, g, offs_n, stride_g, stride_gn, mask_n)
     k_first = (step * BLOCK_C + offs_c) * VPC
     x_row = tl.load(x_ptr + k_first).to(tl.float32)
     t = x_row[:, None] * slot_unit(w0, w1, w2, 0, BITS, field_mask, one_bits)  # x * (1 + q 2^-b)

@@ -168,9 +168,11 @@ def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stri
     of K, in steps of ``THREADS`` slots of ``SW`` code words a column (:func:`slot_words`; ``qw_ptr``:
     word ``w`` of column ``n`` at ``n * stride_qn + w``); ``EVEN``: the steps fill K, else the
     thread slots past it are masked (codes and x read as zeros). Thread slots are axis 0 of every
-    tile: where the compiler sees no contiguity it spreads threads over the first axis (with the
-    columns first, Triton put 4 threads of a warp across 4 columns and moved every x pair through
-    shared memory)."""
+    tile: Triton 3.6 then keeps a warp's threads on them (with the columns first it put 4 threads
+    of a warp across 4 columns and moved every x pair through shared memory). Triton 3.9 does that
+    to this layout, and keeps the threads on the slots with the columns first (sm_90 SASS,
+    ``pipelines/sass_stats.py --kmajor``, BENCHMARKS.md session 20); the GPU the kernel is timed
+    on runs 3.6."""
     SW: tl.constexpr = 3 * CHUNKS if BITS == 3 else VECTOR
     SLOT_VALUES: tl.constexpr = SW * 32 // BITS  # inside one group (takes)
     HV: tl.constexpr = 8 if BITS == 3 else 16 // BITS  # x pairs a row of 2 HV values
