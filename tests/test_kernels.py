@@ -632,7 +632,7 @@ def test_every_kernel_reads_k_major_codes(bits, group):
     from efficientqat.kernels.half2 import gemv_half2_forward
 
     gen = torch.Generator().manual_seed(bits * 7)
-    n, k = 64, 1024
+    n, k = 64, 512  # four groups of 128, eight of 64
     q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
     k_major = qw.t().contiguous().t()
     assert k_major.stride() == (1, qw.shape[0]) and torch.equal(k_major, qw)
