@@ -111,6 +111,8 @@ class PackedLinear(nn.Module):
             torch.ones(g, out_features, dtype=torch.float16, device=device), requires_grad=False
         )
         self.register_buffer("g_idx", group_index(in_features, spec.group_len(in_features)).to(device))
+        # the codes again in mma fragment order, an opt-in for decoding (store_codes_fragments); never saved
+        self.register_buffer("fragment_codes", None, persistent=False)
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=compute_dtype, device=device))
         else:
@@ -213,7 +215,7 @@ class PackedLinear(nn.Module):
 
             g = self.spec.group_len(self.in_features)
             return dequant_linear(x, self.qweight, self.scales, self.kernel_zeros(), self.bias, self.spec.bits, g,
-                                  silu_mul=silu_mul, ops=ops)
+                                  silu_mul=silu_mul, ops=ops, fragments=self.fragment_codes)
         x = ops.before(x)
         w = self.dequantize_weight(x.dtype)
         y = F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
@@ -261,4 +263,28 @@ def store_codes_k_major(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.
             module.qweight = module.qweight.t().contiguous().t()
             module.scales.data = module.scales.data.t().contiguous().t()
             module.__dict__.pop("_kernel_zeros_cache", None)  # rebuilt in the scales' layout
+    return model
+
+
+def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.Module:
+    """Give the packed layers of ``bits`` (2 and 4 only) whose shapes allow it a second copy of
+    their codes in ``mma`` fragment order (``fragment_codes``, a buffer outside the state dict:
+    ``kernels/fragments.fragment_codes``), in place. The tuner then also offers those layers the
+    ``mma.sync`` decode kernel (``kernels/fragments.py``) at M <= 16 for fp16 x and calls without a
+    fused norm, residual or SiLU epilogue, under keys of their own.
+
+    On an H200 (session 21, BENCHMARKS.md) it took 18.1 against 24.8 µs at 8192^2 w4g128, M = 16,
+    and 19.7 against 35.5 at w2g64; at M = 1 it is slower than the paired-fp16 kernel (15.5 against
+    12.6 µs), which the tuner keeps there. The codes are held twice (every other kernel, the
+    backward and prefill read ``qweight``): 0.5 bytes a weight more at 4 bits. A no-op where
+    Triton is missing."""
+    try:
+        from efficientqat.kernels.fragments import fragment_codes, takes
+    except ImportError:
+        return model
+    for module in model.modules():
+        if (isinstance(module, PackedLinear) and module.spec.bits in bits
+                and takes(module.spec.bits, module.spec.group_len(module.in_features), module.out_features,
+                          module.in_features)):
+            module.fragment_codes = fragment_codes(module.qweight, module.spec.bits)
     return model

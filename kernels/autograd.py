@@ -4,7 +4,8 @@
 M = 1 goes to the CUDA-core split-K kernel (the tensor-core one measured 30 against 16 us at
 8192^2 w4g128 on an H200), M <= 16 to the tensor-core split-K kernels, both with the
 paired-fp16 kernel (``half2.py``) as a challenger for fp16 x and M <= 4 (and at M = 1, for codes
-stored K-major, the whole-column kernel of ``kmajor.py``), larger M to the tiled
+stored K-major, the whole-column kernel of ``kmajor.py``; for layers that also hold their codes in
+``mma`` fragment order, the ``mma.sync`` kernel of ``fragments.py`` at every M <= 16), larger M to the tiled
 GEMM or to decode + cuBLAS (``dequant.py``): whichever the tuner measured faster for the shape.
 When ``scales`` (or x) require grad, the call goes through :class:`DequantMatmulFn`, whose
 backward returns the input gradient and the scale gradient and nothing for codes, zero points
@@ -24,6 +25,7 @@ from . import candidates, tuning
 from .backward import grad_input, grad_scales
 from .dequant import dense_forward, dense_grad_input, dense_grad_scales
 from .gemm import gemm_forward
+from .fragments import gemv_fragments_forward
 from .gemv import gemv1_forward, gemv_tc_forward
 from .half2 import gemv_half2_forward
 from .kmajor import gemv_kmajor_forward, takes
@@ -71,7 +73,7 @@ def unpack_zeros(qzeros: torch.Tensor, bits: int, out_features: int) -> torch.Te
 
 def _key(kernel: str, x: torch.Tensor, M: int, N: int, K: int, bits: int, group: int, qweight: torch.Tensor) -> str:
     """The tuned-config key of a launch; layers with K-major codes (:func:`tiling.k_major_codes`)
-    have keys of their own."""
+    have keys of their own (so do launches offered fragment-order codes: the caller's suffix)."""
     return tuning.make_key(kernel + ("_kmajor" if k_major_codes(qweight) else ""), x.device, m=tuning.m_bucket(M),
                            n=N, k=K, bits=bits, group=group, dtype=str(x.dtype).replace("torch.", ""))
 
@@ -107,23 +109,29 @@ def decode_candidates(x: torch.Tensor, M: int, N: int, K: int, bits: int, group:
 
 def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
-               ops: RowOps = NO_ROW_OPS) -> torch.Tensor:
+               ops: RowOps = NO_ROW_OPS, fragments: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K]`` contiguous -> ``[M, N]``; no autograd. ``silu_mul``: ``silu(gate) * up`` of an
     interleaved gate/up layer (``efficientqat.fused_mlp``), ``[M, N / 2]``: in the paired-fp16
     kernel's epilogue where it applies, else after the matmul in PyTorch. ``ops``: RMSNorm x
     first and / or add a residual to y (:mod:`.prologue`): inside the decode kernels (M <= 16),
     a normalising launch tuned under its own key (the prologue is part of its cost), else in
-    PyTorch around the matmul."""
+    PyTorch around the matmul. ``fragments``: the same codes in ``mma`` fragment order
+    (:func:`.fragments.fragment_codes`), whose kernel's tiles join the candidates at M <= 16 for
+    fp16 x without ``ops``, under keys of their own."""
     M, K = x.shape
     N = qweight.shape[1]
     if silu_mul:
         return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops)
+    weights = (qweight, scales, zeros)
     if M <= SMALL_M:
+        offer = fragments is not None and not ops.active and x.dtype == torch.float16
+        weights += (fragments,) if offer else ()
         cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group,
-                                                    not ops.active and takes(qweight, bits, group)), \
+                                                    not ops.active and takes(qweight, bits, group)) + \
+            (candidates.fragments_candidates(N) if offer else []), \
             _pick(gemv1_forward if M == 1 else gemv_tc_forward,
                   {tuning.HALF2: gemv_half2_forward, tuning.KMAJOR: gemv_kmajor_forward}), \
-            "gemv1" if M == 1 else "gemv_tc"
+            ("gemv1" if M == 1 else "gemv_tc") + ("_fragments" if offer else "")
         options = {"ops": ops} if ops.active else {}
         if ops.norm_weight is not None:
             name += "_norm"
@@ -134,12 +142,15 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
             _pick(gemm_forward, {tuning.DENSE: dense_forward}), "gemm"
         options = {}
         x = ops.before(x)
-    def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
-        return fn(x, *weights, bias, bits, group, cfg=cfg, **options)
+
+    def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = weights) -> torch.Tensor:
+        if cfg.variant == tuning.FRAGMENTS:  # weights: codes, scales, zero points, the codes in fragment order
+            return gemv_fragments_forward(x, weights[3], weights[1], weights[2], bias, bits, group, cfg)
+        return fn(x, *weights[:3], bias, bits, group, cfg=cfg, **options)
 
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group, qweight), cands, run,
                         chain=M <= SMALL_M and tuning.chains_decode_launches(x.device),
-                        copies=_on_copies(run, qweight, scales, zeros))
+                        copies=_on_copies(run, *weights))
     y = run(cfg)
     return y if options else ops.after(y)
 
@@ -245,7 +256,7 @@ class DequantMatmulFn(torch.autograd.Function):
 
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
-                   ops: RowOps = NO_ROW_OPS) -> torch.Tensor:
+                   ops: RowOps = NO_ROW_OPS, fragments: torch.Tensor | None = None) -> torch.Tensor:
     """``x [..., K]`` -> ``[..., N]`` = ``x @ W^T + bias`` with W decoded from packed codes.
 
     ``qweight``: int32 ``[K*b/32, N]`` (GPTQ layout; any strides: every kernel takes both, so the
@@ -255,7 +266,9 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     group length in columns (K for per-channel); ``silu_mul``: return ``silu(gate) * up``,
     ``[..., N / 2]``, of a gate/up layer in ``efficientqat.fused_mlp``'s interleaved order;
     ``ops``: ``RMSNorm(x)`` as the input and / or a residual ``[..., N]`` added to the output
-    (:mod:`.prologue`: inside the decode kernels at inference).
+    (:mod:`.prologue`: inside the decode kernels at inference); ``fragments``: the codes also in
+    ``mma`` fragment order (:func:`.fragments.fragment_codes`), offered to the tuner at inference
+    for M <= 16.
     """
     K = x.shape[-1]
     N = qweight.shape[1]
@@ -284,9 +297,9 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         y = ops.after(silu_mul_interleaved(y) if silu_mul else y)
     elif torch.compiler.is_compiling():
         y = dequant_matmul(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, ops.norm_weight, ops.eps,
-                           ops.residual)
+                           ops.residual, fragments)
     else:
-        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, ops)
+        y = forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, ops, fragments)
     return y.reshape(*lead, y.shape[-1])
 
 
@@ -294,17 +307,18 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def dequant_matmul(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
                    norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                   residual: torch.Tensor | None = None) -> torch.Tensor:
+                   residual: torch.Tensor | None = None, fragments: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`forward_2d` as an opaque operator for ``torch.compile``: the compiler fuses the
     elementwise work around it (norms, rotary, residuals: most of a decode step's kernels, unless
     the norm and residual come in as ``norm_weight`` / ``residual``, see :mod:`.prologue`) and
     leaves the launch, with its tuned config, to us. Inference only (no autograd formula)."""
-    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, RowOps(norm_weight, eps, residual))
+    return forward_2d(x2d, qweight, scales, zeros, bias, bits, group, silu_mul, RowOps(norm_weight, eps, residual),
+                      fragments)
 
 
 @dequant_matmul.register_fake
 def _dequant_matmul_shape(x2d: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                           bias: torch.Tensor | None, bits: int, group: int, silu_mul: bool = False,
                           norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-                          residual: torch.Tensor | None = None) -> torch.Tensor:
+                          residual: torch.Tensor | None = None, fragments: torch.Tensor | None = None) -> torch.Tensor:
     return x2d.new_empty((x2d.shape[0], qweight.shape[1] // 2 if silu_mul else qweight.shape[1]))

@@ -12,7 +12,7 @@ import triton
 from efficientqat.packing import chunk_values
 
 from .gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
-from .tuning import DENSE_CONFIG, DENSE_FIRST_M, HALF2, HALF2_BITS, HALF2_MAX_M, KMAJOR, Config, m_bucket
+from .tuning import DENSE_CONFIG, DENSE_FIRST_M, FRAGMENTS, HALF2, HALF2_BITS, HALF2_MAX_M, KMAJOR, Config, m_bucket
 
 
 def _fits(group: int, block_k: int, K: int) -> bool:
@@ -207,6 +207,21 @@ def kmajor_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
     chunk_counts = [1, 2] if bits == 3 and group % 64 == 0 and K % 64 == 0 else [1]
     return [Config(1, block_n, chunks if bits == 3 else 0, 1, warps, 1, KMAJOR)
             for block_n, warps in KMAJOR_TABLE if N % block_n == 0 for chunks in chunk_counts]
+
+
+FRAGMENTS_TABLE = [
+    # (BLOCK_N, warps, steps loaded ahead) of the mma.sync kernel over codes in fragment order. H200,
+    # pipelines/fragments_study.py, session 21, 8192^2 at w4g128 and w2g64, M = 1 and 16: the eight
+    # fastest of 18 tiles summed over the four cases (64 columns on 16 warps spilled: 370 us).
+    (16, 8, 1), (32, 8, 1), (16, 8, 2), (16, 4, 2), (64, 8, 1), (16, 4, 1), (32, 16, 1), (64, 8, 2),
+]
+
+
+def fragments_candidates(N: int) -> list[Config]:
+    """Tiles of the fragment-order kernel (``fragments.py``) with BLOCK_N dividing N, for a layer
+    holding codes in that order (the caller's check)."""
+    return [Config(1, block_n, ahead, 1, warps, 1, FRAGMENTS) for block_n, warps, ahead in FRAGMENTS_TABLE
+            if N % block_n == 0]
 
 
 def balanced_split(cfg: Config, K: int, bits: int) -> Config:

@@ -90,6 +90,10 @@ that sum in one program; those can be slower than the best tile plus two element
 KMAJOR = 11
 """``Config.variant`` of the M = 1 kernel over K-major codes (``kmajor.py``: whole columns a
 program, no split-K), offered only for layers whose codes are stored K-major."""
+FRAGMENTS = 12
+"""``Config.variant`` of the ``mma.sync`` decode kernel over codes in fragment order
+(``fragments.py``, M <= 16, ``block_k`` = steps loaded ahead), offered only for layers that hold
+such codes."""
 DENSE_CONFIG = Config(0, 0, 0, 1, 4, 1, DENSE)
 UNFUSED_CONFIG = Config(0, 0, 0, 1, 4, 1, UNFUSED)
 DENSE_FIRST_M = 1024  # from this M on the dense path is the untuned default (compute-bound GEMMs)

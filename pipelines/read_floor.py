@@ -216,7 +216,7 @@ def run_study(doc: str, quants: str, tile_options: dict[str, str], study_quant, 
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "shape": [n, k], "rows": rows},
                                            indent=1))
-    print(f"device {torch.cuda.get_device_name()}, {n}x{k}, M = 1")
+    print(f"device {torch.cuda.get_device_name()}, {n}x{k}")
     print(table_of(rows))
 
 

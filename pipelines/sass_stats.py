@@ -1,11 +1,13 @@
 """Compile the tensor-core decode kernel (or, with ``--half2``, the paired-fp16 M = 1 kernel; with
-``--kmajor``, the M = 1 kernel over K-major codes) for Hopper (sm_90) on any machine, GPU or not,
+``--kmajor``, the M = 1 kernel over K-major codes; with ``--fragments``, the ``mma.sync`` decode
+kernel over codes in fragment order) for Hopper (sm_90) on any machine, GPU or not,
 and print what its machine code costs: registers per thread, instructions in the K loop
 (``--half2``: in a program), the instruction mix and lane-instructions per weight.
 
     python3 pipelines/sass_stats.py --bits 4 --block-n 256 --block-c 16 --warps 4 --stages 3 --paired
     python3 pipelines/sass_stats.py --half2 --bits 4 --block-n 512 --block-c 4 --warps 4 --split 128
     python3 pipelines/sass_stats.py --kmajor --bits 3 --block-n 4 --block-c 1 --warps 1
+    python3 pipelines/sass_stats.py --fragments --bits 2 --group 64 --block-n 16 --warps 8 --tokens 16
 
 Timings need the GPU; these counts do not, and they bound what a tile can reach: instructions
 per weight against the schedulers' issue rate, registers against occupancy, barriers and
@@ -32,7 +34,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
-from efficientqat.kernels import gemv, half2, kmajor  # noqa: E402
+from efficientqat.kernels import fragments, gemv, half2, kmajor  # noqa: E402
 from efficientqat.kernels.unpack import unit_constants  # noqa: E402
 from efficientqat.packing import chunk_values  # noqa: E402
 
@@ -112,6 +114,15 @@ def compile_kmajor(bits: int, group: int, block_n: int, warps: int, chunks: int)
     return compile_for_hopper(kmajor._dq_gemv_kmajor_kernel, types, constants, warps, 1)
 
 
+def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: int, ahead: int) -> tuple[str, str]:
+    """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``."""
+    types = {"x_ptr": "*fp16", "qf_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
+             **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_ym", "stride_g", "magic")}}
+    constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, TILES=block_n // fragments.TILE_ROWS,
+                     WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
+    return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
+
+
 def opcodes(lines: list[str]) -> collections.Counter:
     ops = collections.Counter()
     for line in lines:
@@ -159,6 +170,11 @@ def main() -> None:
                         "every instruction of a program, which streams its whole K range in one pass)")
     p.add_argument("--kmajor", action="store_true",
                    help="the K-major M = 1 kernel instead (--block-n columns a program, --block-c 3-bit chunks a slot)")
+    p.add_argument("--fragments", action="store_true",
+                   help="the mma.sync kernel over codes in fragment order instead (--block-n columns a program, "
+                        "--warps splitting K, --tokens rows of x)")
+    p.add_argument("--tokens", type=int, default=1, help="--fragments: rows of x (1-16)")
+    p.add_argument("--ahead", type=int, default=1, choices=(1, 2), help="--fragments: steps loaded ahead")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
@@ -171,6 +187,9 @@ def main() -> None:
         raise SystemExit("sass_stats.py compiles kernels: unset TRITON_INTERPRET")
     if args.kmajor:
         kmajor_stats(args)
+        return
+    if args.fragments:
+        fragments_stats(args)
         return
     if args.half2:
         if args.tma or args.prefetch:
@@ -241,6 +260,26 @@ def kmajor_stats(args: argparse.Namespace) -> None:
         f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
         f"K loop: {stats['loop_instructions']} instructions per thread-step, {stats['per_weight']:.2f} per weight",
         "mix: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(16))])
+
+
+def fragments_stats(args: argparse.Namespace) -> None:
+    """``--fragments``: registers and the K loop of the ``mma.sync`` kernel per weight a lane
+    takes in a step (its 4 words in each of ``--block-n / 16`` tiles)."""
+    if args.bits not in fragments.FRAGMENT_BITS or args.group % fragments.QUAD_K or args.block_n % fragments.TILE_ROWS \
+            or not 1 <= args.tokens <= 16:
+        raise SystemExit(f"--fragments takes --bits in {fragments.FRAGMENT_BITS}, --group a multiple of "
+                         f"{fragments.QUAD_K}, --block-n a multiple of {fragments.TILE_ROWS} and --tokens 1-16")
+    usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead)
+    loop = opcodes(k_loop(sass))
+    weights = args.block_n // fragments.TILE_ROWS * 4 * 32 // args.bits
+    stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
+             "local_stores": opcodes(sass.splitlines())["STL"],
+             "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
+             "tensor_ops": sum(n for op, n in loop.items() if "MMA" in op)}
+    report(stats, args.json, [
+        f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
+        f"K loop: {stats['loop_instructions']} instructions per thread-step, {stats['per_weight']:.2f} per weight",
+        "mix: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(20))])
 
 
 if __name__ == "__main__":

@@ -1436,3 +1436,104 @@ def test_codes_stored_k_major_change_no_output_and_save_as_n_major():
     store_codes_k_major(three_bit)  # 3-bit layers stay N-major unless asked for (slower at M = 1)
     assert three_bit.qweight.is_contiguous() and three_bit.scales.is_contiguous()
     assert store_codes_k_major(three_bit, bits=(3,)).qweight.stride() == (1, 24) and three_bit.scales.stride() == (1, 2)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_fragment_order_places_each_code_of_a_tile_step_once(bits):
+    """The repack's map from (lane, word, half, field) to (row, K) inside a 16-row tile and a step is a
+    bijection, and the rows and K values a lane's MMA registers meet are those of its B registers:
+    its 16 K values of each quad contiguous (two vector loads of x)."""
+    from efficientqat.kernels.fragments import _fragment_positions, step_k
+
+    row, k = _fragment_positions(bits)
+    flat = (row * step_k(bits) + k).flatten()
+    assert sorted(flat.tolist()) == list(range(16 * step_k(bits)))
+    lane = torch.arange(32).view(32, 1, 1, 1).expand_as(k)
+    assert torch.equal(k % 64 // 16, lane % 4)  # lane t owns values 16 t .. 16 t + 15 of each quad
+    assert torch.equal(row % 8, lane // 4)  # rows g and g + 8
+
+
+@pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead", [
+    (4, 128, 1, 1024, False, 16, 2, 1), (2, 64, 5, 1536, True, 16, 8, 2), (4, -1, 16, 512, True, 16, 4, 2),
+    (2, 128, 9, 1024, False, 48, 1, 1)])
+def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead):
+    """The ``mma.sync`` decode kernel over codes in fragment order against float64: one or two token
+    tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps), per-channel
+    groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
+    steps loaded ahead. On the CPU the warp's MMA is emulated with the PTX fragment layout; on the GPU
+    this checks that layout against the hardware."""
+    from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
+
+    gen = torch.Generator().manual_seed(bits + k + m)
+    q, z, s, qw, zeros, scales, gl = rand_layer(48, k, bits, group, gen, scale_dtype=torch.float16)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
+    bias = torch.randn(48, generator=gen).to(DEV, torch.float16)
+    if column_scales:
+        scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
+    y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
+                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS))
+    assert y.shape == (m, 48) and rel(y, reference(x, q, z, scales, gl, bias)[0]) < 3e-3
+
+
+def test_fragment_kernel_refuses_what_it_cannot_take():
+    from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
+
+    gen = torch.Generator().manual_seed(4)
+    cfg = tuning.Config(1, 16, 1, 1, 1, 1, tuning.FRAGMENTS)
+    q, z, s, qw, zeros, scales, gl = rand_layer(32, 512, 4, 128, gen, scale_dtype=torch.float16)
+    codes = fragment_codes(qw, 4)
+    for x, bits, group, named in ((torch.randn(17, 512), 4, 128, "not 17"), (torch.randn(1, 512), 3, 128, "3-bit"),
+                                  (torch.randn(1, 512), 4, 32, "group 32")):
+        with pytest.raises(ValueError, match=named):
+            gemv_fragments_forward(x.to(DEV, torch.float16), codes, scales, zeros, None, bits, group, cfg)
+    with pytest.raises(ValueError, match="bfloat16"):
+        gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.bfloat16), codes, scales, zeros, None, 4, 128, cfg)
+
+
+def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fallback(monkeypatch):
+    """``store_codes_fragments`` gives a layer its codes in fragment order (outside the state dict);
+    its fp16 calls at M <= 16 without row ops are then tuned under keys of their own whose candidates
+    end with the fragment-order kernel's tiles, which give the fallback's output; calls with a fused
+    residual, and layers without those codes, are not offered them."""
+    from efficientqat.qlinear import store_codes_fragments
+    from efficientqat.row_ops import RowOps
+
+    seen = {}
+    real_choose = tuning.choose
+
+    def record(key, candidates, run, chain=False, copies=None):
+        cands = list(candidates())
+        seen[key.split("|")[1] + "|" + key.split("|")[2]] = cands
+        return next((c for c in cands if c.variant == tuning.FRAGMENTS), cands[0])
+
+    gen = torch.Generator().manual_seed(6)
+    layer = PackedLinear.from_codes(torch.randint(0, 4, (64, 512), generator=gen), torch.rand(64, 8, generator=gen) * 0.01,
+                                    torch.randint(0, 4, (64, 8), generator=gen), None, QuantSpec.from_name("w2g64")).to(DEV)
+    plain = PackedLinear.from_codes(layer.int_codes(), layer.scales.t(), layer.int_zeros(), None,
+                                    QuantSpec.from_name("w2g64")).to(DEV)
+    x = torch.randn(3, 512, generator=gen).to(DEV, torch.float16)
+    fallback = x.double().cpu() @ layer.dequantize_weight(torch.float64).cpu().t()
+    assert store_codes_fragments(torch.nn.Sequential(layer)) and layer.fragment_codes.shape == (4, 4, 32, 4)
+    assert "fragment_codes" not in layer.state_dict()
+    from efficientqat.kernels import autograd
+
+    monkeypatch.setattr(tuning, "choose", record)
+    g = layer.spec.group_len(512)
+    for m in (1, 3):
+        y = autograd.forward_2d(x[:m], layer.qweight, layer.scales, layer.kernel_zeros(), None, 2, g,
+                                fragments=layer.fragment_codes)
+        assert rel(y, fallback[:m]) < 3e-3
+    autograd.forward_2d(x[:1], plain.qweight, plain.scales, plain.kernel_zeros(), None, 2, g)
+    residual = torch.zeros(1, 64, device=DEV, dtype=torch.float16)
+    autograd.forward_2d(x[:1], layer.qweight, layer.scales, layer.kernel_zeros(), None, 2, g,
+                        ops=RowOps(residual=residual), fragments=layer.fragment_codes)
+    for key in ("gemv1_fragments|m=1", "gemv_tc_fragments|m=4"):
+        variants = [c.variant for c in seen[key]]
+        first = variants.index(tuning.FRAGMENTS)
+        assert first > 0 and all(v == tuning.FRAGMENTS for v in variants[first:])
+    assert all(c.variant != tuning.FRAGMENTS for c in seen["gemv1|m=1"])
+    assert len(seen) == 3  # the residual call shares the plain layer's key: no fragment tiles offered
+    monkeypatch.setattr(tuning, "choose", real_choose)
+    if not GPU:  # PackedLinear runs the kernels only on CUDA
+        return
+    assert rel(layer(x), fallback) < 3e-3

@@ -1,0 +1,312 @@
+"""M = 1..16 decode on the tensor cores' warp-level ``mma.sync``, over codes repacked into its fragment order.
+
+The paired-fp16 decode kernels (``half2.py``, ``kmajor.py``) multiply each decoded pair by its x
+pair with one ``fma.f16x2`` per pair and token, and build the x pairs with byte permutes: 2.2-2.6
+sm_90 SASS instructions a weight at M = 1, as much issue time as DRAM time on an H200. The
+``tl.dot`` decode tile for M = 2..16 (``gemv._dq_gemv_tc_kernel``) lets Triton choose the
+operand layouts and pays ~4.8 instructions a weight in the conversions it inserts.
+
+Here every warp runs ``mma.sync.m16n8k16`` itself (inline PTX) on registers it decoded in place:
+
+* :func:`fragment_codes` repacks a layer's codes once, at load time, so that each lane's 16-byte
+  vector holds exactly the codes of its A-fragment registers for four (4-bit) or eight (2-bit)
+  MMAs over a 16-row tile: a warp reads 512 contiguous bytes a step and needs no shuffles.
+* A lane decodes its words with the paired-fp16 kernels' and-or and one ``fma.f16x2`` a pair
+  (:func:`half2.field_pairs`): each pair comes out as ``(q - z) / 256``, exactly, already an A
+  register (row ``g`` or ``g + 8`` of the tile, two neighbouring K values).
+* The K order inside a *quad* (four MMAs, 64 values of K in one group) is free as long as A and
+  B agree: lane ``t`` of a quad (``t = lane % 4``) owns 16 contiguous values of K, so its B
+  registers, the x pairs, are 8 contiguous int32 words of x (two vector loads, no permutes).
+* One MMA does 16 multiply-adds a lane where ``fma.f16x2`` does 2, for any M up to 8 tokens
+  (one 8-column B tile; M = 9..16 take a second MMA). The quad's float32 sums take the group's
+  scale, 4 FMAs.
+* Warps of a program split K (interleaved steps); one ``tl.sum`` across them at the end, a plain
+  store, no atomics.
+
+Instruction budget per lane and quad (32 weights): ~40 for decoding and the MMAs, ~16 for the
+group's scales and zero points, about 1.8 a weight at M = 1 and 2.0 at M = 16, counted in the
+sm_90 SASS by ``pipelines/sass_stats.py --fragments``.
+
+2- and 4-bit codes, groups of a multiple of 64 (a quad must not straddle two), fp16 x. The
+lanes' fragment registers follow the PTX ISA's layout for ``mma.m16n8k16`` with ``.f16`` A/B
+(row ``g = lane / 4`` or ``g + 8``, K ``2 t`` / ``2 t + 8`` within the MMA, ``t = lane % 4``);
+on the CPU interpreter, which cannot run assembly, :func:`mma_m16n8k16` emulates the warp with
+that layout, so the CPU tests check the repack, the decoding and the sums against float64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from efficientqat.packing import unpack_qweight
+
+from .half2 import MAGIC, field_pairs, pair_constants, unpack_h2
+from .tiling import add_bias, group_strides, launch_options, launcher, release_next_grid, wait_for_previous_grid
+from .tuning import Config, interpreting
+
+FRAGMENT_BITS = (2, 4)
+TILE_ROWS = 16
+"""Output columns (weight rows) of one MMA tile."""
+QUAD_K = 64
+"""Values of K in a quad of four MMAs: a group must hold whole quads."""
+
+
+def step_k(bits: int) -> int:
+    """Values of K a warp covers with one 16-byte vector a lane: 4 words of ``32 / bits`` codes
+    for each of 32 lanes over 16 rows (64 at 4 bits, 128 at 2)."""
+    return 256 // bits
+
+
+def takes(bits: int, group: int, n: int, k: int) -> bool:
+    """Whether a layer of this shape and quantisation can be repacked for this kernel."""
+    return bits in FRAGMENT_BITS and group % QUAD_K == 0 and n % TILE_ROWS == 0 and k % step_k(bits) == 0
+
+
+def _fragment_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, k)`` inside a 16-row tile and a step (:func:`step_k`) of every code of a step's
+    vectors, indexed ``[lane, word, half, field]``: field ``f`` of half ``h`` of word ``v`` of
+    lane ``(g, t)`` feeds A register ``f % 4`` (:func:`half2.field_pairs` pairs fields ``f`` and
+    ``f + 1`` of a shift as rows ``g`` and ``g + 8``) of MMA ``j`` of quad ``q``, at K
+    ``64 q + 16 t + 4 j + 2 (f % 4 // 2) + h``: the value B's lane ``t`` holds in that register."""
+    fields = 16 // bits  # per half word
+    per_word = fields // 4  # MMAs a word serves
+    lane = torch.arange(32).view(32, 1, 1, 1)
+    word = torch.arange(4).view(1, 4, 1, 1)
+    half = torch.arange(2).view(1, 1, 2, 1)
+    field = torch.arange(fields).view(1, 1, 1, fields)
+    quad, slot = word // (4 // per_word), word % (4 // per_word)
+    mma = slot * per_word + field // 4
+    register = field % 4
+    row = lane // 4 + 8 * (register % 2)
+    k = QUAD_K * quad + 16 * (lane % 4) + 4 * mma + 2 * (register // 2) + half
+    return row.expand(32, 4, 2, fields), k.expand(32, 4, 2, fields)
+
+
+def fragment_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The layer's codes (``qweight [K b / 32, N]``, any storage order) as int32 ``[N / 16, K /
+    step, 32, 4]``: per 16-row tile and step, each lane's vector of 4 words in fragment order
+    (:func:`_fragment_positions`). A one-off repack at load time; the checkpoint keeps its format."""
+    codes = unpack_qweight(qweight, bits).to(torch.int32)  # [N, K]
+    N, K = codes.shape
+    step = step_k(bits)
+    row, k = (p.to(codes.device) for p in _fragment_positions(bits))
+    tiles = codes.view(N // TILE_ROWS, TILE_ROWS, K // step, step)
+    picked = tiles[:, row, :, k]  # [32, 4, 2, F, N/16, K/step]
+    shifts = (16 * torch.arange(2).view(2, 1) + bits * torch.arange(16 // bits).view(1, -1)).to(codes.device)
+    words = (picked.permute(4, 5, 0, 1, 2, 3).to(torch.int64) << shifts).sum(dim=(-2, -1))
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+
+
+@triton.jit
+def _halves(r, W: tl.constexpr):
+    """The fp16 pairs of a ``[32 W]`` register per lane as float32 ``[W, 8, 8]``: ``[warp, g,
+    2 t + h]`` (group ``g``, lane ``t`` in it, half ``h``)."""
+    lo, hi = unpack_h2(r)
+    return tl.reshape(tl.join(tl.reshape(lo, (W, 8, 4)), tl.reshape(hi, (W, 8, 4))), (W, 8, 8)).to(tl.float32)
+
+
+@triton.jit
+def _side_by_side(a, b, W: tl.constexpr):
+    """``[W, 8, 8]`` and ``[W, 8, 8]`` -> ``[W, 8, 16]``, b's columns after a's."""
+    return tl.reshape(tl.permute(tl.join(a, b), (0, 1, 3, 2)), (W, 8, 16))
+
+
+@triton.jit
+def _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3):
+    """``mma.sync.m16n8k16`` (f16 A and B, f32 C) of every warp, on lane-indexed ``[32 W]`` registers:
+    A row ``g`` (``a0``, ``a2``) / ``g + 8`` (``a1``, ``a3``), K ``2 t + h`` (``a0``, ``a1``) / ``+ 8``;
+    B K likewise, column ``g``; C row ``g`` (``c0``, ``c1``) / ``g + 8``, column ``2 t + h``."""
+    W: tl.constexpr = a0.shape[0] // 32
+    top = _side_by_side(_halves(a0, W), _halves(a2, W), W)  # [W, 8 rows, 16 k]
+    bottom = _side_by_side(_halves(a1, W), _halves(a3, W), W)
+    b = _side_by_side(_halves(b0, W), _halves(b1, W), W)  # [W, 8 columns, 16 k]
+    d_top = tl.sum(top[:, :, None, :] * b[:, None, :, :], axis=3)  # [W, 8 rows, 8 columns]
+    d_bottom = tl.sum(bottom[:, :, None, :] * b[:, None, :, :], axis=3)
+    t0, t1 = tl.split(tl.reshape(d_top, (W, 8, 4, 2)))
+    u0, u1 = tl.split(tl.reshape(d_bottom, (W, 8, 4, 2)))
+    T: tl.constexpr = 32 * W
+    return (c0 + tl.reshape(t0, (T,)), c1 + tl.reshape(t1, (T,)), c2 + tl.reshape(u0, (T,)),
+            c3 + tl.reshape(u1, (T,)))
+
+
+@triton.jit
+def mma_m16n8k16(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, EMULATE: tl.constexpr):
+    """``D = A B + C`` of one warp-wide ``mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32``:
+    A's four and B's two fp16-pair registers as int32, C and D four float32; every tensor is
+    ``[32 W]``, element ``i`` held by thread ``i`` (lane ``i % 32`` of warp ``i / 32``)."""
+    if EMULATE:
+        return _mma_emulated(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3)
+    else:
+        d = tl.inline_asm_elementwise(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$4, $5, $6, $7}, {$8, $9}, "
+            "{$10, $11, $12, $13};",
+            "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f", [a0, a1, a2, a3, b0, b1, c0, c1, c2, c3],
+            dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
+        return d[0], d[1], d[2], d[3]
+
+
+@triton.jit
+def _words(vectors):
+    """``[T, 4]`` int32 -> its four ``[T]`` columns, in order (register moves)."""
+    even, odd = tl.split(tl.reshape(vectors, (vectors.shape[0], 2, 2)))  # columns 0, 2 and 1, 3
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _load(ptrs, mask, EVEN: tl.constexpr):
+    """``tl.load(ptrs)``, or masked to zeros where ``mask`` is off unless ``EVEN``."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=0)
+
+
+@triton.jit
+def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
+                BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
+                EVEN: tl.constexpr):
+    """Everything step ``step`` (``[T]``: each warp's own) reads, requested and not yet used, as one
+    flat tuple: each tile's code vector ``[T, 4]``; then per quad (``2 TOKEN_TILES + 4 TILES``
+    entries), each token tile's two x vectors (lane ``t``'s 8 words from value ``k0 + 16 t``, rows
+    past M zeros), then each tile's scale of row ``g``, of row ``g + 8``, zero point of row ``g``,
+    of row ``g + 8``. ``EVEN``: the step exists for every
+    warp, else the warps past the last step read zeros."""
+    here = step < steps
+    lane = i % 32
+    g = lane // 4
+    vec = tl.arange(0, 4)[None, :]
+    loads = ()
+    for r in tl.static_range(TILES):
+        loads = loads + (_load(qf_ptr + (((tile0 + r) * steps + step) * 32 + lane)[:, None] * 4 + vec, here[:, None],
+                               EVEN),)
+    for q in tl.static_range(256 // BITS // 64):
+        k0 = step * (256 // BITS) + 64 * q
+        for nt in tl.static_range(TOKEN_TILES):
+            token = g + 8 * nt
+            base = token * stride_xw + k0 // 2 + 8 * (i % 4)
+            valid = (here & (token < M))[:, None]
+            loads = loads + (tl.load(xw + base[:, None] + vec, mask=valid, other=0),
+                             tl.load(xw + base[:, None] + 4 + vec, mask=valid, other=0))
+        group = k0 // GROUP
+        for r in tl.static_range(TILES):
+            col = (tile0 + r) * 16 + g
+            loads = loads + (_load(s_ptr + group * stride_g + col * stride_gn, here, EVEN),
+                             _load(s_ptr + group * stride_g + (col + 8) * stride_gn, here, EVEN),
+                             _load(z_ptr + group * stride_g + col * stride_gn, here, EVEN),
+                             _load(z_ptr + group * stride_g + (col + 8) * stride_gn, here, EVEN))
+    return loads
+
+
+@triton.jit
+def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xw, stride_ym, stride_g, stride_gn,
+                         magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, TILES: tl.constexpr,
+                         WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, AHEAD: tl.constexpr, EVEN: tl.constexpr,
+                         PDL: tl.constexpr, EMULATE: tl.constexpr):
+    """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
+    ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
+    :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns, else the missing
+    ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps before it is
+    used. Every tensor is ``[32 WARPS]``, one element a thread."""
+    T: tl.constexpr = 32 * WARPS
+    QUADS: tl.constexpr = 256 // BITS // 64
+    WORDS_PER_QUAD: tl.constexpr = 4 // QUADS
+    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
+    PER_QUAD: tl.constexpr = 2 * TOKEN_TILES + 4 * TILES  # loads a quad (_step_loads)
+    steps = K // (256 // BITS)
+    i = tl.arange(0, T)
+    warp = i // 32
+    tile0 = tl.program_id(0) * TILES
+    xw = x_ptr.to(tl.pointer_type(tl.int32))  # fp16 pairs; stride_xw: x's row stride in them
+    wait_for_previous_grid(PDL)
+    ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
+                        BITS, GROUP, TILES, TOKEN_TILES, EVEN)
+    if AHEAD == 2:
+        further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn, tile0,
+                              i, BITS, GROUP, TILES, TOKEN_TILES, False)
+    acc = ()
+    for _ in tl.static_range(TILES * TOKEN_TILES * 4):
+        acc = acc + (tl.zeros((T,), tl.float32),)
+    for s0 in range(0, steps, WARPS):
+        now = ahead
+        if AHEAD == 2:
+            ahead = further
+            further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
+                                  stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, False)
+        else:
+            ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
+                                stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, False)
+        words = ()
+        for r in tl.static_range(TILES):
+            words = words + _words(now[r])
+        for q in tl.static_range(QUADS):
+            xs = ()
+            for v in tl.static_range(2 * TOKEN_TILES):
+                xs = xs + _words(now[TILES + q * PER_QUAD + v])
+            new_acc = ()
+            for r in tl.static_range(TILES):
+                s_top = now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r].to(tl.float32)
+                s_bottom = now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r + 1].to(tl.float32)
+                ce, _, ze, _ = pair_constants(now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r + 2].to(tl.int32), magic,
+                                              BITS, EMULATE)  # even fields: row g
+                _, co, _, zo = pair_constants(now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r + 3].to(tl.int32), magic,
+                                              BITS, EMULATE)  # odd fields: row g + 8
+                sums = ()
+                for _ in tl.static_range(TOKEN_TILES * 4):
+                    sums = sums + (tl.zeros((T,), tl.float32),)
+                for j in tl.static_range(4):
+                    word = words[r * 4 + q * WORDS_PER_QUAD + j // MMAS_PER_WORD]
+                    a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS, EMULATE)
+                    a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic, BITS,
+                                         EMULATE)
+                    new_sums = ()
+                    for nt in tl.static_range(TOKEN_TILES):
+                        new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3, xs[8 * nt + 2 * j], xs[8 * nt + 2 * j + 1],
+                                                           sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
+                                                           sums[4 * nt + 3], EMULATE)
+                    sums = new_sums
+                for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
+                    for e in tl.static_range(4):
+                        if e < 2:
+                            new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_top * sums[4 * nt + e],)
+                        else:
+                            new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
+            acc = new_acc
+    release_next_grid(PDL)
+    lane = tl.arange(0, 32)
+    for r in tl.static_range(TILES):
+        for nt in tl.static_range(TOKEN_TILES):
+            for e in tl.static_range(4):  # c0..c3: row g / g + 8, token 2 t / 2 t + 1
+                total = tl.sum(tl.reshape(acc[(r * TOKEN_TILES + nt) * 4 + e], (WARPS, 32)), axis=0) * 256.0
+                col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
+                token = 8 * nt + 2 * (lane % 4) + e % 2
+                out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
+                tl.store(y_ptr + token * stride_ym + col, out.to(y_ptr.dtype.element_ty), mask=token < M)
+
+
+def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                           bias: torch.Tensor | None, bits: int, group: int, cfg: Config) -> torch.Tensor:
+    """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
+    ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K."""
+    M, K = x.shape
+    N = fragments.shape[0] * TILE_ROWS
+    tiles = cfg.block_n // TILE_ROWS
+    steps = K // step_k(bits)
+    if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K) or cfg.block_n % TILE_ROWS
+            or fragments.shape != (N // TILE_ROWS, steps, 32, 4) or (N // TILE_ROWS) % tiles or x.stride(1) != 1
+            or x.stride(0) % 8 or x.data_ptr() % 16):
+        raise ValueError(f"the fragment-order decode kernel takes 1-16 fp16 rows of 16-byte aligned x and {FRAGMENT_BITS}-"
+                         f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
+                         f"a program; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes {tuple(fragments.shape)},"
+                         f" {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = {cfg.block_n}")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    launcher(_dq_fragments_kernel, (N // cfg.block_n,))(
+        x, fragments, scales, zeros, bias if bias is not None else x, y, M, N, K, x.stride(0) // 2, y.stride(0),
+        *group_strides(scales, zeros), MAGIC,
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None, TILES=tiles, WARPS=cfg.num_warps,
+        TOKEN_TILES=1 if M <= 8 else 2, AHEAD=max(cfg.block_k, 1), EVEN=steps % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
+        num_warps=cfg.num_warps, **launch_options(cfg))
+    return y
