@@ -19,7 +19,10 @@ timed on three or more shapes, the fit ``time = fixed cost + bytes / marginal ra
 (``cost_model``). ``--fit FILE...`` prints that fit from stored runs (no GPU; a later file's
 row replaces an earlier one of the same shape, setting and M). ``--k-major`` times layers stored
 as ``efficientqat.qlinear.store_codes_k_major`` leaves them (codes K-major, scales and zero points
-column-major: the batch-1 decode layout), a setting of its own in the table and the fit.
+column-major: the batch-1 decode layout), a setting of its own in the table and the fit;
+``--fragments`` layers that also hold their codes in ``mma`` fragment order
+(``efficientqat.qlinear.store_codes_fragments``: the kernel of ``kernels/fragments.py`` joins the
+M <= 16 candidates), likewise.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a
 import torch  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
-from efficientqat.qlinear import PackedLinear, store_codes_k_major  # noqa: E402
+from efficientqat.qlinear import PackedLinear, store_codes_fragments, store_codes_k_major  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
@@ -47,20 +50,27 @@ TRAIN_M = 2048
 L2_FLUSH_BYTES = 256 << 20
 
 
-def make_layer(n: int, k: int, spec: QuantSpec, dev: str, k_major: bool = False) -> PackedLinear:
-    """A random packed layer; ``k_major``: stored as :func:`store_codes_k_major` leaves it."""
+LAYOUTS = {"n-major": "", "k-major": " K-major", "fragments": " fragments"}
+"""A layer's codes layout (:func:`make_layer`) -> its suffix in a setting's name (:func:`setting`)."""
+
+
+def make_layer(n: int, k: int, spec: QuantSpec, dev: str, layout: str = "n-major") -> PackedLinear:
+    """A random packed layer; ``layout`` ``k-major``: stored as :func:`store_codes_k_major` leaves it;
+    ``fragments``: also holding its codes in fragment order (:func:`store_codes_fragments`)."""
     g = spec.n_groups(k)
     codes = torch.randint(0, 2**spec.bits, (n, k), device=dev, dtype=torch.int32)
     zero = torch.randint(0, 2**spec.bits, (n, g), device=dev, dtype=torch.int32)
     scale = torch.rand(n, g, device=dev) * 0.01 + 0.001
     layer = PackedLinear.from_codes(codes, scale, zero, None, spec)
-    return store_codes_k_major(layer, bits=(spec.bits,)) if k_major else layer
+    if layout == "k-major":
+        return store_codes_k_major(layer, bits=(spec.bits,))
+    return store_codes_fragments(layer, bits=(spec.bits,)) if layout == "fragments" else layer
 
 
 def setting(row: dict) -> str:
     """A row's quantization setting as the table and the fit name it: ``w4g128``, or
-    ``w4g128 K-major`` for a layer timed with ``--k-major``."""
-    return row["quant"] + (" K-major" if row.get("layout") == "k-major" else "")
+    ``w4g128 K-major`` / ``w4g128 fragments`` for a layer timed with ``--k-major`` / ``--fragments``."""
+    return row["quant"] + LAYOUTS[row.get("layout", "n-major")]
 
 
 def event_median_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -126,17 +136,17 @@ def configs_since(before: set[str]) -> dict[str, dict]:
 
 
 def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy_bw: float, train: bool,
-                out_file: Path | None = None, row_ops: bool = False, k_major: bool = False) -> None:
+                out_file: Path | None = None, row_ops: bool = False, layout: str = "n-major") -> None:
     """Time the layer (N, K) at each M against cuBLAS and the PyTorch path; ``row_ops``: at decode
     sizes also with an RMSNorm of its input in the kernel's prologue (``efficientqat.row_ops``),
-    what a decoder layer's q/k/v and gate/up calls pay; ``k_major``: the layer stored K-major."""
+    what a decoder layer's q/k/v and gate/up calls pay; ``layout``: the layer's codes (:func:`make_layer`)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     dev = "cuda"
-    layer = make_layer(n, k, spec, dev, k_major)
+    layer = make_layer(n, k, spec, dev, layout)
     packed_bytes = layer.qweight.numel() * 4 + layer.scales.numel() * 2 + layer.scales.numel()
     n_copies = max(2, math.ceil(L2_FLUSH_BYTES / packed_bytes))
-    layers = [layer] + [make_layer(n, k, spec, dev, k_major) for _ in range(min(n_copies, 64) - 1)]
+    layers = [layer] + [make_layer(n, k, spec, dev, layout) for _ in range(min(n_copies, 64) - 1)]
     dense_copies = max(2, math.ceil(L2_FLUSH_BYTES / (n * k * 2)))
     for m in ms:
         dt = torch.float16 if m < TRAIN_M else torch.bfloat16
@@ -166,7 +176,7 @@ def bench_shape(n: int, k: int, spec: QuantSpec, ms: list[int], rows: list, copy
                 if m < TRAIN_M or n * k <= 8192 * 8192 else float("nan")
             set_kernels(True)
         moved = packed_bytes + m * k * 2 + m * n * 2
-        row = dict(n=n, k=k, quant=spec.name, layout="k-major" if k_major else "n-major", m=m,
+        row = dict(n=n, k=k, quant=spec.name, layout=layout, m=m,
                    dtype=str(dt).replace("torch.", ""), rel_err=rel,
                    triton_ms=t_tri, cublas_ms=t_cub, torch_ms=t_torch, norm_ms=t_norm, bytes=moved,
                    bw_frac=moved / (t_tri * 1e-3) / copy_bw,
@@ -320,8 +330,11 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--row-ops", action="store_true",
                     help="at M <= 16 also time each layer with the RMSNorm prologue of a fused decoder layer")
-    ap.add_argument("--k-major", action="store_true",
-                    help="time layers stored K-major (store_codes_k_major), the batch-1 decode layout")
+    layouts = ap.add_mutually_exclusive_group()
+    layouts.add_argument("--k-major", action="store_true",
+                         help="time layers stored K-major (store_codes_k_major), the batch-1 decode layout")
+    layouts.add_argument("--fragments", action="store_true",
+                         help="time layers also holding their codes in fragment order (store_codes_fragments)")
     ap.add_argument("--fit", nargs="+", type=Path, metavar="FILE", help="print the cost model of stored runs and stop")
     args = ap.parse_args()
     if args.fit:
@@ -341,7 +354,8 @@ def main() -> None:
         spec = QuantSpec.from_name(q)
         for n, k in shapes:
             bench_shape(n, k, spec, ms if qi == 0 else small, rows, copy_bw, not args.no_train,
-                        out / "bench_kernels.partial.json", args.row_ops, args.k_major)
+                        out / "bench_kernels.partial.json", args.row_ops,
+                        "k-major" if args.k_major else "fragments" if args.fragments else "n-major")
     fits = cost_model(rows)
     (out / "bench_kernels.json").write_text(json.dumps(
         {"device": device, "copy_bw": copy_bw, "rows": rows, "cost_model": fits}, indent=1))

@@ -44,14 +44,16 @@ def test_cost_model_recovers_fixed_cost_and_rate(bench):
     assert "| w4g128 | 1 | float16 | 4 | 4.50 | 3.90 (0.92) |" in table
 
 
-def test_k_major_layers_are_a_setting_of_their_own(bench):
-    """Rows timed with ``--k-major`` are fitted and tabled apart from the same quantization N-major."""
+@pytest.mark.parametrize("layout,name", [("k-major", "w4g128 K-major"), ("fragments", "w4g128 fragments")])
+def test_other_layouts_are_a_setting_of_their_own(bench, layout, name):
+    """Rows timed with ``--k-major`` or ``--fragments`` are fitted and tabled apart from the same
+    quantization N-major."""
     shapes = [(4096, 4096), (12288, 4096), (22016, 4096)]
     rows = [row(n, k, "w4g128", 1, 4.5, 3.9e12, 7.0) for n, k in shapes]
-    rows += [dict(row(n, k, "w4g128", 1, 3.5, 3.9e12, 7.0), layout="k-major") for n, k in shapes]
+    rows += [dict(row(n, k, "w4g128", 1, 3.5, 3.9e12, 7.0), layout=layout) for n, k in shapes]
     fits = {f["quant"]: f for f in bench.cost_model(rows)}
-    assert fits["w4g128"]["fixed_us"] == pytest.approx(4.5) and fits["w4g128 K-major"]["fixed_us"] == pytest.approx(3.5)
-    assert "| 4096x4096 | w4g128 K-major | 1 |" in bench.table([dict(r, rel_err=0, torch_ms=1, speedup_cublas=1,
+    assert fits["w4g128"]["fixed_us"] == pytest.approx(4.5) and fits[name]["fixed_us"] == pytest.approx(3.5)
+    assert f"| 4096x4096 | {name} | 1 |" in bench.table([dict(r, rel_err=0, torch_ms=1, speedup_cublas=1,
                                                                       speedup_torch=1, bw_frac=1) for r in rows], 4e12, "x")
 
 
