@@ -23,9 +23,13 @@ Here every warp runs ``mma.sync.m16n8k16`` itself (inline PTX) on registers it d
 * Warps of a program split K (interleaved steps); one ``tl.sum`` across them at the end, a plain
   store, no atomics.
 
-Instruction budget per lane and quad (32 weights): ~40 for decoding and the MMAs, ~16 for the
-group's scales and zero points, about 1.8 a weight at M = 1 and 2.0 at M = 16, counted in the
-sm_90 SASS by ``pipelines/sass_stats.py --fragments``.
+The loop's sm_90 SASS (``pipelines/sass_stats.py --fragments``; Triton 3.6 and 3.9 alike):
+3.64 lane-instructions a weight at M = 16 (w4g128, 32 columns on 8 warps) against 4.8 for the
+``tl.dot`` tile, 2.66 at M = 4 (w2g64), 3.25 at M = 1 (16 columns). Decoding and the MMAs are
+~1.3 of it; the rest is a quad's scales and zero-point constants, zeroed sums, the next step's
+addresses and register moves around the assembly. On an H200 (BENCHMARKS.md, session 21) the
+tuned layer took 18.3 against 24.9 µs at 8192^2 w4g128, M = 16, and 13.3 against 21.3 at w2g64,
+M = 4; at M = 1 the paired-fp16 kernel stays faster.
 
 2- and 4-bit codes, groups of a multiple of 64 (a quad must not straddle two), fp16 x. The
 lanes' fragment registers follow the PTX ISA's layout for ``mma.m16n8k16`` with ``.f16`` A/B

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 from bench_kernels import make_layer  # noqa: E402
 from prefetch_study import launch, tiles_of  # noqa: E402
-from read_floor import ROTATION_BYTES, chained_us, rate_cells, run_study  # noqa: E402
+from read_floor import ROTATION_BYTES, chained_us, references_first, run_study  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward  # noqa: E402
@@ -83,21 +83,12 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int, int, int
 
 def table(rows: list[dict]) -> str:
     """Per quantisation and M: cuBLAS, the tuned layer, the fastest fragment-order tiles (at most 4)."""
-    lines = ["| quant | M | kernel | tile (cols, warps, ahead) | us | TB/s | x cuBLAS | rel. error |",
-             "|---|---|---|---|---|---|---|---|"]
-    for case in dict.fromkeys((r["quant"], r["m"]) for r in rows):
-        mine = [r for r in rows if (r["quant"], r["m"]) == case]
-        cublas = next(r["us"] for r in mine if r["what"] == "cuBLAS fp16")
-        ours = sorted((r for r in mine if r["what"] == "fragment-order kernel"), key=lambda r: r["us"])[:4]
-        for r in [r for r in mine if r["what"] != "fragment-order kernel"] + ours:  # references first
-            err = f"{r['rel_error']:.1e}" if "rel_error" in r else "-"
-            lines.append(f"| {case[0]} | {case[1]} | {r['what']} | {rate_cells(r, cublas)} | {err} |")
-    return "\n".join(lines)
+    return references_first(rows, ("quant", "m"), "fragment-order kernel", "cols, warps, ahead")
 
 
 def main() -> None:
-    run_study(__doc__, "w4g128,w2g64", {"block-n": "16,32,64", "warps": "4,8,16", "tokens": "1,16", "ahead": "1,2"}, study_quant,
-              table)
+    run_study(__doc__, "w4g128,w2g64", {"block-n": "16,32,64", "warps": "4,8,16", "tokens": "1,16", "ahead": "1,2"},
+              study_quant, table)
 
 
 if __name__ == "__main__":

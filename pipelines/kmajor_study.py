@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import checkout_paths  # noqa: E402,F401 (efficientqat.kernels importable from a bare checkout)
 from bench_kernels import make_layer  # noqa: E402
 from prefetch_study import launch, tiles_of  # noqa: E402
-from read_floor import ROTATION_BYTES, chained_us, rate_cells, run_study  # noqa: E402
+from read_floor import ROTATION_BYTES, chained_us, references_first, run_study  # noqa: E402
 
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.kernels.kmajor import gemv_kmajor_forward  # noqa: E402
@@ -92,16 +92,7 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, int]], repeat
 
 def table(rows: list[dict]) -> str:
     """Per quantisation: cuBLAS, the tuned N-major kernel, the fastest K-major tiles (at most 4)."""
-    lines = ["| quant | kernel | tile (cols, warps) | us | TB/s | x cuBLAS | rel. error |",
-             "|---|---|---|---|---|---|---|"]
-    for quant in dict.fromkeys(r["quant"] for r in rows):
-        mine = [r for r in rows if r["quant"] == quant]
-        cublas = next(r["us"] for r in mine if r["what"] == "cuBLAS fp16")
-        kmajor = sorted((r for r in mine if r["what"] == "K-major kernel"), key=lambda r: r["us"])[:4]
-        for r in [r for r in mine if r["what"] != "K-major kernel"] + kmajor:  # references first
-            err = f"{r['rel_error']:.1e}" if "rel_error" in r else "-"
-            lines.append(f"| {quant} | {r['what']} | {rate_cells(r, cublas)} | {err} |")
-    return "\n".join(lines)
+    return references_first(rows, ("quant",), "K-major kernel", "cols, warps")
 
 
 def main() -> None:

@@ -183,6 +183,24 @@ def rate_cells(row: dict, cublas_us: float) -> str:
     return f"{tile} | {row['us']:.2f} | {row['bytes'] / row['us'] / 1e6:.2f} | {cublas_us / row['us']:.2f}x"
 
 
+def references_first(rows: list[dict], cases: tuple[str, ...], studied: str, tile: str, top: int = 4) -> str:
+    """A study's table: per case (rows alike in the fields ``cases``, e.g. ``("quant", "m")``) its
+    reference rows (cuBLAS, tuned layers) first, then the ``top`` fastest rows of the kernel named
+    ``studied``; ``tile`` names the tile's fields in the header."""
+    names = {"quant": "quant", "m": "M"}
+    head = " | ".join(names[f] for f in cases)
+    lines = [f"| {head} | kernel | tile ({tile}) | us | TB/s | x cuBLAS | rel. error |",
+             "|---" * (len(cases) + 6) + "|"]
+    for case in dict.fromkeys(tuple(r[f] for f in cases) for r in rows):
+        mine = [r for r in rows if tuple(r[f] for f in cases) == case]
+        cublas = next(r["us"] for r in mine if r["what"] == "cuBLAS fp16")
+        fastest = sorted((r for r in mine if r["what"] == studied), key=lambda r: r["us"])[:top]
+        for r in [r for r in mine if r["what"] != studied] + fastest:
+            err = f"{r['rel_error']:.1e}" if "rel_error" in r else "-"
+            lines.append(f"| {' | '.join(map(str, case))} | {r['what']} | {rate_cells(r, cublas)} | {err} |")
+    return "\n".join(lines)
+
+
 def int_list(option: str, text: str) -> list[int]:
     """A comma-separated list of positive integers given to ``option``; anything else exits naming it."""
     values = [v.strip() for v in text.split(",")]
