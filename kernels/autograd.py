@@ -128,7 +128,7 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         weights += (fragments,) if offer else ()
         cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group,
                                                     not ops.active and takes(qweight, bits, group)) + \
-            (candidates.fragments_candidates(N) if offer else []), \
+            (candidates.fragments_candidates(N, K, bits) if offer else []), \
             _pick(gemv1_forward if M == 1 else gemv_tc_forward,
                   {tuning.HALF2: gemv_half2_forward, tuning.KMAJOR: gemv_kmajor_forward}), \
             ("gemv1" if M == 1 else "gemv_tc") + ("_fragments" if offer else "")

@@ -63,6 +63,14 @@ def step_k(bits: int) -> int:
     return 256 // bits
 
 
+def quads_per_run(bits: int, group: int, vectors: int) -> int:
+    """Quads of a step of ``vectors`` vectors that share one group's scales and zero points (their
+    MMAs sum into the same registers before the scale): a whole group where a step holds whole
+    groups, the whole step where a group holds whole steps, else one."""
+    step = vectors * step_k(bits)
+    return group // QUAD_K if step % group == 0 else step // QUAD_K if group % step == 0 else 1
+
+
 def takes(bits: int, group: int, n: int, k: int) -> bool:
     """Whether a layer of this shape and quantisation can be repacked for this kernel."""
     return bits in FRAGMENT_BITS and group % QUAD_K == 0 and n % TILE_ROWS == 0 and k % step_k(bits) == 0
@@ -172,30 +180,32 @@ def _load(ptrs, mask, EVEN: tl.constexpr):
 @triton.jit
 def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                 BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                EVEN: tl.constexpr):
-    """Everything step ``step`` (``[T]``: each warp's own) reads, requested and not yet used, as one
-    flat tuple: each tile's code vector ``[T, 4]``; then per quad (``2 TOKEN_TILES + 4 TILES``
-    entries), each token tile's two x vectors (lane ``t``'s 8 words from value ``k0 + 16 t``, rows
-    past M zeros), then each tile's scale of row ``g``, of row ``g + 8``, zero point of row ``g``,
-    of row ``g + 8``. ``EVEN``: the step exists for every
-    warp, else the warps past the last step read zeros."""
+                VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr):
+    """Everything step ``step`` (``[T]``: each warp's own; ``VECS`` vectors of :func:`step_k` values
+    of K) reads, requested and not yet used, as one flat tuple: each tile's ``VECS`` code vectors
+    ``[T, 4]`` (tile-major); per quad, each token tile's two x vectors (lane ``t``'s 8 words from
+    value ``k0 + 16 t``, rows past M zeros); per run of ``RUN`` quads in one group
+    (:func:`quads_per_run`), each tile's scale of row ``g``, of row ``g + 8``, zero point of row
+    ``g``, of row ``g + 8``. ``EVEN``: the step exists for every warp, else the warps past the
+    last step read zeros."""
+    STEP: tl.constexpr = VECS * 256 // BITS
     here = step < steps
     lane = i % 32
     g = lane // 4
     vec = tl.arange(0, 4)[None, :]
     loads = ()
     for r in tl.static_range(TILES):
-        loads = loads + (_load(qf_ptr + (((tile0 + r) * steps + step) * 32 + lane)[:, None] * 4 + vec, here[:, None],
-                               EVEN),)
-    for q in tl.static_range(256 // BITS // 64):
-        k0 = step * (256 // BITS) + 64 * q
+        for u in tl.static_range(VECS):
+            block = ((tile0 + r) * steps + step) * VECS + u  # the repack's [tile, K / step_k] blocks
+            loads = loads + (_load(qf_ptr + (block * 32 + lane)[:, None] * 4 + vec, here[:, None], EVEN),)
+    for q in tl.static_range(STEP // 64):
+        base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
-            token = g + 8 * nt
-            base = token * stride_xw + k0 // 2 + 8 * (i % 4)
-            valid = (here & (token < M))[:, None]
-            loads = loads + (tl.load(xw + base[:, None] + vec, mask=valid, other=0),
-                             tl.load(xw + base[:, None] + 4 + vec, mask=valid, other=0))
-        group = k0 // GROUP
+            valid = (here & (g + 8 * nt < M))[:, None]
+            loads = loads + (tl.load(xw + base[:, None] + 8 * nt * stride_xw + vec, mask=valid, other=0),
+                             tl.load(xw + base[:, None] + 8 * nt * stride_xw + 4 + vec, mask=valid, other=0))
+    for run in tl.static_range(STEP // 64 // RUN):
+        group = (step * STEP + 64 * RUN * run) // GROUP
         for r in tl.static_range(TILES):
             col = (tile0 + r) * 16 + g
             loads = loads + (_load(s_ptr + group * stride_g + col * stride_gn, here, EVEN),
@@ -208,29 +218,32 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
 @triton.jit
 def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xw, stride_ym, stride_g, stride_gn,
                          magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, TILES: tl.constexpr,
-                         WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, AHEAD: tl.constexpr, EVEN: tl.constexpr,
-                         PDL: tl.constexpr, EMULATE: tl.constexpr):
+                         WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
+                         AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
     """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
     ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
-    :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns, else the missing
-    ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps before it is
-    used. Every tensor is ``[32 WARPS]``, one element a thread."""
+    ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
+    else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
+    before it is used. The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
+    into the same registers before the group's scale. Every tensor is ``[32 WARPS]``, one element a thread."""
     T: tl.constexpr = 32 * WARPS
-    QUADS: tl.constexpr = 256 // BITS // 64
-    WORDS_PER_QUAD: tl.constexpr = 4 // QUADS
+    STEP: tl.constexpr = VECS * 256 // BITS
+    QUADS: tl.constexpr = STEP // 64
+    WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
     MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
-    PER_QUAD: tl.constexpr = 2 * TOKEN_TILES + 4 * TILES  # loads a quad (_step_loads)
-    steps = K // (256 // BITS)
+    X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
+    S0: tl.constexpr = X0 + QUADS * 2 * TOKEN_TILES  # the first scale
+    steps = K // STEP
     i = tl.arange(0, T)
     warp = i // 32
     tile0 = tl.program_id(0) * TILES
     xw = x_ptr.to(tl.pointer_type(tl.int32))  # fp16 pairs; stride_xw: x's row stride in them
     wait_for_previous_grid(PDL)
     ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                        BITS, GROUP, TILES, TOKEN_TILES, EVEN)
+                        BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
     if AHEAD == 2:
         further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn, tile0,
-                              i, BITS, GROUP, TILES, TOKEN_TILES, False)
+                              i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
     acc = ()
     for _ in tl.static_range(TILES * TOKEN_TILES * 4):
         acc = acc + (tl.zeros((T,), tl.float32),)
@@ -239,39 +252,43 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, str
         if AHEAD == 2:
             ahead = further
             further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
-                                  stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, False)
+                                  stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
         else:
             ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
-                                stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, False)
-        words = ()
-        for r in tl.static_range(TILES):
-            words = words + _words(now[r])
-        for q in tl.static_range(QUADS):
-            xs = ()
-            for v in tl.static_range(2 * TOKEN_TILES):
-                xs = xs + _words(now[TILES + q * PER_QUAD + v])
+                                stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+        words = ()  # tile r's word w at r * 4 VECS + w
+        for v in tl.static_range(TILES * VECS):
+            words = words + _words(now[v])
+        xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
+        for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
+            xs = xs + _words(now[X0 + v])
+        for run in tl.static_range(QUADS // RUN):
             new_acc = ()
             for r in tl.static_range(TILES):
-                s_top = now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r].to(tl.float32)
-                s_bottom = now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r + 1].to(tl.float32)
-                ce, _, ze, _ = pair_constants(now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r + 2].to(tl.int32), magic,
-                                              BITS, EMULATE)  # even fields: row g
-                _, co, _, zo = pair_constants(now[TILES + q * PER_QUAD + 2 * TOKEN_TILES + 4 * r + 3].to(tl.int32), magic,
-                                              BITS, EMULATE)  # odd fields: row g + 8
+                s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
+                s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
+                ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
+                                              EMULATE)  # even fields: row g
+                _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
+                                              EMULATE)  # odd fields: row g + 8
                 sums = ()
                 for _ in tl.static_range(TOKEN_TILES * 4):
                     sums = sums + (tl.zeros((T,), tl.float32),)
-                for j in tl.static_range(4):
-                    word = words[r * 4 + q * WORDS_PER_QUAD + j // MMAS_PER_WORD]
-                    a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS, EMULATE)
-                    a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic, BITS,
-                                         EMULATE)
-                    new_sums = ()
-                    for nt in tl.static_range(TOKEN_TILES):
-                        new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3, xs[8 * nt + 2 * j], xs[8 * nt + 2 * j + 1],
-                                                           sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
-                                                           sums[4 * nt + 3], EMULATE)
-                    sums = new_sums
+                for qr in tl.static_range(RUN):
+                    for j in tl.static_range(4):
+                        word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
+                        a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
+                                             EMULATE)
+                        a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
+                                             BITS, EMULATE)
+                        new_sums = ()
+                        for nt in tl.static_range(TOKEN_TILES):
+                            new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
+                                                               xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j],
+                                                               xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j + 1],
+                                                               sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
+                                                               sums[4 * nt + 3], EMULATE)
+                        sums = new_sums
                 for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
                     for e in tl.static_range(4):
                         if e < 2:
@@ -294,23 +311,27 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, str
 def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            bias: torch.Tensor | None, bits: int, group: int, cfg: Config) -> torch.Tensor:
     """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
-    ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K."""
+    ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K in steps
+    of ``cfg.vectors`` vectors a lane and tile (K a whole number of steps), ``cfg.block_k`` steps
+    requested ahead (1 or 2)."""
     M, K = x.shape
     N = fragments.shape[0] * TILE_ROWS
     tiles = cfg.block_n // TILE_ROWS
-    steps = K // step_k(bits)
+    step = cfg.vectors * step_k(bits)
     if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K) or cfg.block_n % TILE_ROWS
-            or fragments.shape != (N // TILE_ROWS, steps, 32, 4) or (N // TILE_ROWS) % tiles or x.stride(1) != 1
-            or x.stride(0) % 8 or x.data_ptr() % 16):
+            or fragments.shape != (N // TILE_ROWS, K // step_k(bits), 32, 4) or (N // TILE_ROWS) % tiles
+            or K % step or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
         raise ValueError(f"the fragment-order decode kernel takes 1-16 fp16 rows of 16-byte aligned x and {FRAGMENT_BITS}-"
                          f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
-                         f"a program; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes {tuple(fragments.shape)},"
-                         f" {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = {cfg.block_n}")
+                         f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
+                         f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
+                         f"{cfg.block_n}, steps of {step}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     launcher(_dq_fragments_kernel, (N // cfg.block_n,))(
         x, fragments, scales, zeros, bias if bias is not None else x, y, M, N, K, x.stride(0) // 2, y.stride(0),
         *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, TILES=tiles, WARPS=cfg.num_warps,
-        TOKEN_TILES=1 if M <= 8 else 2, AHEAD=max(cfg.block_k, 1), EVEN=steps % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
+        TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
+        AHEAD=max(cfg.block_k, 1), EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y

@@ -69,6 +69,7 @@ class Config:
     lanes: int = 1  # paired-fp16 decode at M = 1: K steps summed side by side in one program
     early: bool = False  # paired-fp16 decode under pdl: the first step's codes requested before the wait
     prefetch: int = 0  # decode: steps of codes asked of L2 ahead of their loads (prefetch.py)
+    vectors: int = 1  # fragment-order decode: 16-byte code vectors a lane, tile and step (fragments.py)
 
 
 DENSE = 9

@@ -114,12 +114,14 @@ def compile_kmajor(bits: int, group: int, block_n: int, warps: int, chunks: int)
     return compile_for_hopper(kmajor._dq_gemv_kmajor_kernel, types, constants, warps, 1)
 
 
-def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: int, ahead: int) -> tuple[str, str]:
+def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: int, ahead: int,
+                      vectors: int) -> tuple[str, str]:
     """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``."""
     types = {"x_ptr": "*fp16", "qf_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "y_ptr": "*fp16",
              **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_ym", "stride_g", "magic")}}
     constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, TILES=block_n // fragments.TILE_ROWS,
-                     WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
+                     WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
+                     RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
     return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
 
 
@@ -175,6 +177,7 @@ def main() -> None:
                         "--warps splitting K, --tokens rows of x)")
     p.add_argument("--tokens", type=int, default=1, help="--fragments: rows of x (1-16)")
     p.add_argument("--ahead", type=int, default=1, choices=(1, 2), help="--fragments: steps loaded ahead")
+    p.add_argument("--vectors", type=int, default=1, choices=(1, 2), help="--fragments: code vectors a lane, tile and step")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
@@ -264,14 +267,15 @@ def kmajor_stats(args: argparse.Namespace) -> None:
 
 def fragments_stats(args: argparse.Namespace) -> None:
     """``--fragments``: registers and the K loop of the ``mma.sync`` kernel per weight a lane
-    takes in a step (its 4 words in each of ``--block-n / 16`` tiles)."""
+    takes in a step (its ``--vectors`` x 4 words in each of ``--block-n / 16`` tiles)."""
     if args.bits not in fragments.FRAGMENT_BITS or args.group % fragments.QUAD_K or args.block_n % fragments.TILE_ROWS \
             or not 1 <= args.tokens <= 16:
         raise SystemExit(f"--fragments takes --bits in {fragments.FRAGMENT_BITS}, --group a multiple of "
                          f"{fragments.QUAD_K}, --block-n a multiple of {fragments.TILE_ROWS} and --tokens 1-16")
-    usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead)
+    usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead,
+                                    args.vectors)
     loop = opcodes(k_loop(sass))
-    weights = args.block_n // fragments.TILE_ROWS * 4 * 32 // args.bits
+    weights = args.block_n // fragments.TILE_ROWS * args.vectors * 4 * 32 // args.bits
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
              "local_stores": opcodes(sass.splitlines())["STL"],
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,

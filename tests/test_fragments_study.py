@@ -26,7 +26,7 @@ def test_a_tile_launch_matches_the_layers_product(study):
                                     torch.randint(0, 4, (32, 8), generator=gen), None, QuantSpec.from_name("w2g64"))
     x = torch.randn(2, 512, generator=gen).half()
     weights = (fragment_codes(layer.qweight, 2), layer.scales.half(), layer.kernel_zeros())
-    y = study.fragments_gemv(x, weights, 2, 64, block_n=32, warps=2, ahead=2)
+    y = study.fragments_gemv(x, weights, 2, 64, block_n=32, warps=2, ahead=2, vectors=2)
     ref = x.double() @ layer.dequantize_weight().double().t()
     assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
 

@@ -1453,15 +1453,17 @@ def test_fragment_order_places_each_code_of_a_tile_step_once(bits):
     assert torch.equal(row % 8, lane // 4)  # rows g and g + 8
 
 
-@pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead", [
-    (4, 128, 1, 1024, False, 16, 2, 1), (2, 64, 5, 1536, True, 16, 8, 2), (4, -1, 16, 512, True, 16, 4, 2),
-    (2, 128, 9, 1024, False, 48, 1, 1)])
-def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead):
+@pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead,vectors", [
+    (4, 128, 1, 1024, False, 16, 2, 1, 1), (2, 64, 5, 1536, True, 16, 8, 2, 1), (4, -1, 16, 512, True, 16, 4, 2, 2),
+    (2, 128, 9, 1024, False, 48, 1, 1, 2), (4, 64, 3, 1536, True, 16, 4, 1, 2), (4, 192, 2, 768, False, 16, 1, 1, 1)])
+def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead, vectors):
     """The ``mma.sync`` decode kernel over codes in fragment order against float64: one or two token
     tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps), per-channel
     groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
-    steps loaded ahead. On the CPU the warp's MMA is emulated with the PTX fragment layout; on the GPU
-    this checks that layout against the hardware."""
+    steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
+    of a group at per-channel), groups of 192 (a group's quads over two steps). On the CPU the warp's
+    MMA is emulated with the PTX fragment layout; on the GPU this checks that layout against the
+    hardware."""
     from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
 
     gen = torch.Generator().manual_seed(bits + k + m)
@@ -1471,7 +1473,7 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
     if column_scales:
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
     y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
-                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS))
+                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors))
     assert y.shape == (m, 48) and rel(y, reference(x, q, z, scales, gl, bias)[0]) < 3e-3
 
 
@@ -1486,6 +1488,10 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
                                   (torch.randn(1, 512), 4, 32, "group 32")):
         with pytest.raises(ValueError, match=named):
             gemv_fragments_forward(x.to(DEV, torch.float16), codes, scales, zeros, None, bits, group, cfg)
+    with pytest.raises(ValueError, match="steps of 512"):  # 8 vectors a step: 512 values of K = 640
+        q, z, s, qw, zeros2, scales2, gl = rand_layer(32, 640, 4, 128, gen, scale_dtype=torch.float16)
+        gemv_fragments_forward(torch.randn(1, 640).to(DEV, torch.float16), fragment_codes(qw, 4), scales2, zeros2, None,
+                               4, 128, replace(cfg, vectors=8))
     with pytest.raises(ValueError, match="bfloat16"):
         gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.bfloat16), codes, scales, zeros, None, 4, 128, cfg)
 
