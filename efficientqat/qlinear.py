@@ -273,9 +273,9 @@ def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 4)) -> n
     ``mma.sync`` decode kernel (``kernels/fragments.py``) at M <= 16 for fp16 x and calls without a
     fused norm, residual or SiLU epilogue, under keys of their own.
 
-    On an H200 (session 21, BENCHMARKS.md) tuned layers at 8192^2 took 18.3 against 24.9 µs at
-    w4g128, M = 16 (16.2 against 23.0 at M = 4), and 20.1 against 35.9 at w2g64, M = 16; at M = 1
-    the paired-fp16 kernel stays faster (15.5 against 12.6 µs), and the tuner keeps it there. The codes are held twice (every other kernel, the
+    On an H200 (session 21, BENCHMARKS.md) tuned layers at 8192^2 w4g128 took 11.9 against 13.1 µs
+    at M = 1, 12.2 against 23.0 at M = 4 and 16.8 against 24.9 at M = 16; w2g64 13.2 against 21.3
+    at M = 4 and 20.1 against 35.9 at M = 16 (at M = 1 the tuner keeps the paired-fp16 kernel). The codes are held twice (every other kernel, the
     backward and prefill read ``qweight``): 0.5 bytes a weight more at 4 bits. A no-op where
     Triton is missing."""
     try:

@@ -23,13 +23,16 @@ Here every warp runs ``mma.sync.m16n8k16`` itself (inline PTX) on registers it d
 * Warps of a program split K (interleaved steps); one ``tl.sum`` across them at the end, a plain
   store, no atomics.
 
-The loop's sm_90 SASS (``pipelines/sass_stats.py --fragments``; Triton 3.6 and 3.9 alike):
-3.64 lane-instructions a weight at M = 16 (w4g128, 32 columns on 8 warps) against 4.8 for the
-``tl.dot`` tile, 2.66 at M = 4 (w2g64), 3.25 at M = 1 (16 columns). Decoding and the MMAs are
-~1.3 of it; the rest is a quad's scales and zero-point constants, zeroed sums, the next step's
-addresses and register moves around the assembly. On an H200 (BENCHMARKS.md, session 21) the
-tuned layer took 18.3 against 24.9 µs at 8192^2 w4g128, M = 16, and 13.3 against 21.3 at w2g64,
-M = 4; at M = 1 the paired-fp16 kernel stays faster.
+A step is one or two 16-byte vectors a lane and tile (``Config.vectors``); the MMAs of the quads
+of a step that share a group sum into the same registers before its scale, so a two-vector
+w4g128 step takes one group's scales, zero-point constants and scale FMAs. The loop's sm_90 SASS
+(``pipelines/sass_stats.py --fragments``; Triton 3.6 and 3.9 alike): 2.70 lane-instructions a
+weight at M = 16 (w4g128, 32 columns on 8 warps, two vectors; 3.64 with one) against 4.8 for
+the ``tl.dot`` tile, 2.59 at M = 1 (16 columns, two vectors). Decoding and the MMAs are ~1.3 of
+it; the rest is scales and zero-point constants, zeroed sums, the next step's addresses and
+register moves around the assembly. On an H200 (BENCHMARKS.md, session 21) tuned layers at
+8192^2 w4g128 took 11.9 µs at M = 1, 12.2 at M = 4 and 16.8 at M = 16, against 13.1, 23.0 and
+24.9 on the project's codes.
 
 2- and 4-bit codes, groups of a multiple of 64 (a quad must not straddle two), fp16 x. The
 lanes' fragment registers follow the PTX ISA's layout for ``mma.m16n8k16`` with ``.f16`` A/B
