@@ -271,7 +271,7 @@ def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 4)) -> n
     their codes in ``mma`` fragment order (``fragment_codes``, a buffer outside the state dict:
     ``kernels/fragments.fragment_codes``), in place. The tuner then also offers those layers the
     ``mma.sync`` decode kernel (``kernels/fragments.py``) at M <= 16 for fp16 x and calls without a
-    fused norm, residual or SiLU epilogue, under keys of their own.
+    fused norm or SiLU epilogue (the kernel adds a residual itself), under keys of their own.
 
     On an H200 (session 21, BENCHMARKS.md) tuned layers at 8192^2 w4g128 took 11.9 against 13.1 µs
     at M = 1, 12.2 against 23.0 at M = 4 and 16.8 against 24.9 at M = 16; w2g64 13.2 against 21.3

@@ -117,14 +117,14 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     a normalising launch tuned under its own key (the prologue is part of its cost), else in
     PyTorch around the matmul. ``fragments``: the same codes in ``mma`` fragment order
     (:func:`.fragments.fragment_codes`), whose kernel's tiles join the candidates at M <= 16 for
-    fp16 x without ``ops``, under keys of their own."""
+    fp16 x without a norm in ``ops`` (it adds a residual), under keys of their own."""
     M, K = x.shape
     N = qweight.shape[1]
     if silu_mul:
         return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops)
     weights = (qweight, scales, zeros)
     if M <= SMALL_M:
-        offer = fragments is not None and not ops.active and x.dtype == torch.float16
+        offer = fragments is not None and ops.norm_weight is None and x.dtype == torch.float16
         weights += (fragments,) if offer else ()
         cands, fn, name = lambda: decode_candidates(x, M, N, K, bits, group,
                                                     not ops.active and takes(qweight, bits, group)) + \
@@ -145,7 +145,8 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
 
     def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = weights) -> torch.Tensor:
         if cfg.variant == tuning.FRAGMENTS:  # weights: codes, scales, zero points, the codes in fragment order
-            return gemv_fragments_forward(x, weights[3], weights[1], weights[2], bias, bits, group, cfg)
+            return gemv_fragments_forward(x, weights[3], weights[1], weights[2], bias, bits, group, cfg,
+                                          residual=ops.residual)
         return fn(x, *weights[:3], bias, bits, group, cfg=cfg, **options)
 
     cfg = tuning.choose(_key(name, x, M, N, K, bits, group, qweight), cands, run,

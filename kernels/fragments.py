@@ -219,11 +219,13 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
 
 
 @triton.jit
-def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xw, stride_ym, stride_g, stride_gn,
-                         magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, TILES: tl.constexpr,
+def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, N, K, stride_xw, stride_res, stride_ym,
+                         stride_g, stride_gn, magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         RESIDUAL: tl.constexpr, TILES: tl.constexpr,
                          WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
                          AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
-    """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
+    """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias) (+ res[m, n] with ``RESIDUAL``, a decoder layer's
+    residual stream, added before the one rounding)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
     ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
     ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
@@ -308,15 +310,19 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, str
                 col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
                 token = 8 * nt + 2 * (lane % 4) + e % 2
                 out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
+                if RESIDUAL:
+                    out += tl.load(res_ptr + token * stride_res + col, mask=token < M, other=0.0).to(tl.float32)
                 tl.store(y_ptr + token * stride_ym + col, out.to(y_ptr.dtype.element_ty), mask=token < M)
 
 
 def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                           bias: torch.Tensor | None, bits: int, group: int, cfg: Config) -> torch.Tensor:
+                           bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
+                           residual: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
     ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K in steps
     of ``cfg.vectors`` vectors a lane and tile (K a whole number of steps), ``cfg.block_k`` steps
-    requested ahead (1 or 2)."""
+    requested ahead (1 or 2). ``residual`` (``[M, N]``, unit column stride): added to the output
+    (the epilogue of a decoder layer's o and down projections, :mod:`.prologue`)."""
     M, K = x.shape
     N = fragments.shape[0] * TILE_ROWS
     tiles = cfg.block_n // TILE_ROWS
@@ -329,11 +335,16 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
                          f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
                          f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
                          f"{cfg.block_n}, steps of {step}")
+    if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
+        raise ValueError(f"the residual must be [M, N] = {(M, N)} with unit column stride, not "
+                         f"{tuple(residual.shape)} of strides {tuple(residual.stride())}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    res = residual if residual is not None else y
     launcher(_dq_fragments_kernel, (N // cfg.block_n,))(
-        x, fragments, scales, zeros, bias if bias is not None else x, y, M, N, K, x.stride(0) // 2, y.stride(0),
-        *group_strides(scales, zeros), MAGIC,
-        BITS=bits, GROUP=group, HAS_BIAS=bias is not None, TILES=tiles, WARPS=cfg.num_warps,
+        x, fragments, scales, zeros, bias if bias is not None else x, res, y, M, N, K, x.stride(0) // 2, res.stride(0),
+        y.stride(0), *group_strides(scales, zeros), MAGIC,
+        BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
+        WARPS=cfg.num_warps,
         TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
         AHEAD=max(cfg.block_k, 1), EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))

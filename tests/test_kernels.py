@@ -1461,9 +1461,9 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
     tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps), per-channel
     groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
     steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
-    of a group at per-channel), groups of 192 (a group's quads over two steps). On the CPU the warp's
-    MMA is emulated with the PTX fragment layout; on the GPU this checks that layout against the
-    hardware."""
+    of a group at per-channel), groups of 192 (a group's quads over two steps); with two vectors a
+    step a residual added to the output. On the CPU the warp's MMA is emulated with the PTX fragment
+    layout; on the GPU this checks that layout against the hardware."""
     from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
 
     gen = torch.Generator().manual_seed(bits + k + m)
@@ -1472,9 +1472,12 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
     bias = torch.randn(48, generator=gen).to(DEV, torch.float16)
     if column_scales:
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
+    residual = torch.randn(m, 48, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
     y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
-                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors))
-    assert y.shape == (m, 48) and rel(y, reference(x, q, z, scales, gl, bias)[0]) < 3e-3
+                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors),
+                               residual=residual)
+    ref = reference(x, q, z, scales, gl, bias)[0] + (0 if residual is None else residual.double().cpu())
+    assert y.shape == (m, 48) and rel(y, ref) < 3e-3
 
 
 def test_fragment_kernel_refuses_what_it_cannot_take():
@@ -1498,9 +1501,10 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
 
 def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fallback(monkeypatch):
     """``store_codes_fragments`` gives a layer its codes in fragment order (outside the state dict);
-    its fp16 calls at M <= 16 without row ops are then tuned under keys of their own whose candidates
-    end with the fragment-order kernel's tiles, which give the fallback's output; calls with a fused
-    residual, and layers without those codes, are not offered them."""
+    its fp16 calls at M <= 16 without a fused norm (with or without a residual, which the kernel
+    adds) are then tuned under keys of their own whose candidates end with the fragment-order
+    kernel's tiles, which give the fallback's output; calls with a fused norm, and layers without
+    those codes, are not offered them."""
     from efficientqat.qlinear import store_codes_fragments
     from efficientqat.row_ops import RowOps
 
@@ -1509,7 +1513,7 @@ def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fa
 
     def record(key, candidates, run, chain=False, copies=None):
         cands = list(candidates())
-        seen[key.split("|")[1] + "|" + key.split("|")[2]] = cands
+        seen.setdefault(key.split("|")[1] + "|" + key.split("|")[2], []).append(cands)
         return next((c for c in cands if c.variant == tuning.FRAGMENTS), cands[0])
 
     gen = torch.Generator().manual_seed(6)
@@ -1525,20 +1529,24 @@ def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fa
 
     monkeypatch.setattr(tuning, "choose", record)
     g = layer.spec.group_len(512)
+    weights = (layer.qweight, layer.scales, layer.kernel_zeros())
     for m in (1, 3):
-        y = autograd.forward_2d(x[:m], layer.qweight, layer.scales, layer.kernel_zeros(), None, 2, g,
-                                fragments=layer.fragment_codes)
-        assert rel(y, fallback[:m]) < 3e-3
+        assert rel(autograd.forward_2d(x[:m], *weights, None, 2, g, fragments=layer.fragment_codes), fallback[:m]) < 3e-3
+    residual = torch.randn(1, 64, generator=gen).to(DEV, torch.float16)
+    y = autograd.forward_2d(x[:1], *weights, None, 2, g, ops=RowOps(residual=residual), fragments=layer.fragment_codes)
+    assert rel(y, fallback[:1] + residual.double().cpu()) < 3e-3
+    norm = torch.ones(512, device=DEV, dtype=torch.float16)
+    autograd.forward_2d(x[:1], *weights, None, 2, g, ops=RowOps(norm_weight=norm, eps=1e-6),
+                        fragments=layer.fragment_codes)
     autograd.forward_2d(x[:1], plain.qweight, plain.scales, plain.kernel_zeros(), None, 2, g)
-    residual = torch.zeros(1, 64, device=DEV, dtype=torch.float16)
-    autograd.forward_2d(x[:1], layer.qweight, layer.scales, layer.kernel_zeros(), None, 2, g,
-                        ops=RowOps(residual=residual), fragments=layer.fragment_codes)
-    for key in ("gemv1_fragments|m=1", "gemv_tc_fragments|m=4"):
-        variants = [c.variant for c in seen[key]]
+    assert len(seen["gemv1_fragments|m=1"]) == 2  # plain and residual calls: one key
+    for cands in seen["gemv1_fragments|m=1"] + seen["gemv_tc_fragments|m=4"]:
+        variants = [c.variant for c in cands]
         first = variants.index(tuning.FRAGMENTS)
         assert first > 0 and all(v == tuning.FRAGMENTS for v in variants[first:])
-    assert all(c.variant != tuning.FRAGMENTS for c in seen["gemv1|m=1"])
-    assert len(seen) == 3  # the residual call shares the plain layer's key: no fragment tiles offered
+    for key in ("gemv1_norm|m=1", "gemv1|m=1"):
+        assert all(c.variant != tuning.FRAGMENTS for cands in seen[key] for c in cands)
+    assert len(seen) == 4
     monkeypatch.setattr(tuning, "choose", real_choose)
     if not GPU:  # PackedLinear runs the kernels only on CUDA
         return
