@@ -121,7 +121,7 @@ def forward_2d(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     M, K = x.shape
     N = qweight.shape[1]
     if silu_mul:
-        return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops)
+        return _forward_silu_mul(x, qweight, scales, zeros, bias, bits, group, ops, fragments)
     weights = (qweight, scales, zeros)
     if M <= SMALL_M:
         offer = fragments is not None and ops.norm_weight is None and x.dtype == torch.float16
@@ -164,7 +164,8 @@ def _on_copies(run: Callable[..., torch.Tensor], *weights: torch.Tensor
 
 
 def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      bias: torch.Tensor | None, bits: int, group: int, ops: RowOps) -> torch.Tensor:
+                      bias: torch.Tensor | None, bits: int, group: int, ops: RowOps,
+                      fragments: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`forward_2d` with ``silu_mul``. At decode sizes the tiles whose kernel writes the
     epilogue and that sum in one program (in-kernel split-K reduction, or none): the paired-fp16
     kernel's (fp16, M <= ``tuning.HALF2_MAX_M``) and the tensor-core kernel's (M >= 2), tuned under
@@ -172,14 +173,17 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     launches: :data:`tuning.UNFUSED_CONFIG`). On an H200 the paired kernel with the epilogue won
     the 7B gate/up layer at M = 1 but took 68 us a call at M = 8 and 3 bits (session 11); at batch
     8 the unfused path's silu and mul launches cost ~5 us a layer (session 12 profile). With
-    ``ops``' RMSNorm in the prologue, under a key of its own."""
+    ``ops``' RMSNorm in the prologue, under a key of its own. ``fragments`` (codes in fragment
+    order) reach the unfused path's matmul, whose tuner offers their kernel where it applies."""
     M, K = x.shape
     N = qweight.shape[1]
-    key = _key("gemv_silu_mul_norm" if ops.norm_weight is not None else "gemv_silu_mul", x, M, N, K, bits, group,
-               qweight)
+    name = "gemv_silu_mul_norm" if ops.norm_weight is not None else "gemv_silu_mul"
+    key = _key(name + ("_fragments" if fragments is not None else ""), x, M, N, K, bits, group, qweight)
+    layer = (qweight, scales, zeros) + ((fragments,) if fragments is not None else ())
 
-    def unfused(weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
-        return silu_mul_interleaved(forward_2d(x, *weights, bias, bits, group, ops=ops))
+    def unfused(weights: tuple[torch.Tensor, ...] = layer) -> torch.Tensor:
+        frags = weights[3] if len(weights) > 3 else None  # rotated with the codes, as the tuner times them
+        return silu_mul_interleaved(forward_2d(x, *weights[:3], bias, bits, group, ops=ops, fragments=frags))
 
     def writes_epilogue(cfg: tuning.Config) -> bool:
         kernel_has_it = cfg.variant == tuning.HALF2 or M > 1  # the M = 1 CUDA-core kernel has none
@@ -189,17 +193,17 @@ def _forward_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         unfused()  # tunes the plain key first (on a miss, as here), so its challenger times a tuned launch
         return [c for c in decode_candidates(x, M, N, K, bits, group) if writes_epilogue(c)] + [tuning.UNFUSED_CONFIG]
 
-    def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = (qweight, scales, zeros)) -> torch.Tensor:
+    def run(cfg: tuning.Config, weights: tuple[torch.Tensor, ...] = layer) -> torch.Tensor:
         if cfg.variant == tuning.UNFUSED:
             return unfused(weights)
         kernel = gemv_half2_forward if cfg.variant == tuning.HALF2 else gemv_tc_forward
-        return kernel(x, *weights, bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
+        return kernel(x, *weights[:3], bias, bits, group, cfg=cfg, silu_mul=True, ops=ops)
 
     has_kernel = M > 1 or x.dtype == torch.float16 and bits in tuning.HALF2_BITS
     if M <= SMALL_M and has_kernel and key not in _EPILOGUE_FAILED:
         try:
             return run(tuning.choose(key, cands, run, chain=tuning.chains_decode_launches(x.device),
-                                     copies=_on_copies(run, qweight, scales, zeros)))
+                                     copies=_on_copies(run, *layer)))
         except Exception as err:  # an optional fusion: a compiler that cannot build it costs speed, not the run
             log.warning("the SiLU epilogue does not run here (%s: %s); silu(gate) * up runs after the matmul",
                         type(err).__name__, str(err).splitlines()[-1] if str(err) else "")

@@ -99,19 +99,28 @@ def _fragment_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return row.expand(32, 4, 2, fields), k.expand(32, 4, 2, fields)
 
 
+REPACK_ROWS = 1024
+"""Output columns :func:`fragment_codes` repacks at a time: its int64 intermediates then stay near
+8 KB a value of K (64 MB at K = 8192) whatever the layer's N."""
+
+
 def fragment_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """The layer's codes (``qweight [K b / 32, N]``, any storage order) as int32 ``[N / 16, K /
     step, 32, 4]``: per 16-row tile and step, each lane's vector of 4 words in fragment order
-    (:func:`_fragment_positions`). A one-off repack at load time; the checkpoint keeps its format."""
-    codes = unpack_qweight(qweight, bits).to(torch.int32)  # [N, K]
-    N, K = codes.shape
+    (:func:`_fragment_positions`). A one-off repack at load time, :data:`REPACK_ROWS` columns at a
+    time; the checkpoint keeps its format."""
+    K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
     step = step_k(bits)
-    row, k = (p.to(codes.device) for p in _fragment_positions(bits))
-    tiles = codes.view(N // TILE_ROWS, TILE_ROWS, K // step, step)
-    picked = tiles[:, row, :, k]  # [32, 4, 2, F, N/16, K/step]
-    shifts = (16 * torch.arange(2).view(2, 1) + bits * torch.arange(16 // bits).view(1, -1)).to(codes.device)
-    words = (picked.permute(4, 5, 0, 1, 2, 3).to(torch.int64) << shifts).sum(dim=(-2, -1))
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32).contiguous()
+    row, k = (p.to(qweight.device) for p in _fragment_positions(bits))
+    shifts = (16 * torch.arange(2).view(2, 1) + bits * torch.arange(16 // bits).view(1, -1)).to(qweight.device)
+    out = torch.empty(N // TILE_ROWS, K // step, 32, 4, dtype=torch.int32, device=qweight.device)
+    for n0 in range(0, N, REPACK_ROWS):
+        codes = unpack_qweight(qweight[:, n0:n0 + REPACK_ROWS], bits)  # [rows, K]
+        tiles = codes.view(-1, TILE_ROWS, K // step, step)
+        picked = tiles[:, row, :, k]  # [32, 4, 2, F, rows / 16, K / step]
+        words = (picked.permute(4, 5, 0, 1, 2, 3).to(torch.int64) << shifts).sum(dim=(-2, -1))
+        out[n0 // TILE_ROWS:(n0 + codes.shape[0]) // TILE_ROWS] = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return out
 
 
 @triton.jit

@@ -48,7 +48,7 @@ from efficientqat.fused_decoder import fuse_decoder_layers_  # noqa: E402
 from efficientqat.fused_projections import fuse_projections_  # noqa: E402
 from efficientqat.kernels import tuning  # noqa: E402
 from efficientqat.model_utils import decoder_layers, dtype_kwarg, linear_modules, set_submodule  # noqa: E402
-from efficientqat.qlinear import prepare_kernel_zeros_  # noqa: E402
+from efficientqat.qlinear import prepare_kernel_zeros_, store_codes_fragments  # noqa: E402
 from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -61,13 +61,14 @@ SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
 
 
 def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse: bool, attention: bool,
-                layers: bool = False) -> nn.Module:
+                layers: bool = False, fragments: bool = False) -> nn.Module:
     """FP16 Llama with random weights; with ``spec``, decoder Linears become random packed layers,
     q/k/v and gate/up fused as ``load_quantized`` does unless ``fuse`` is off (the FP16 model
     keeps Hugging Face's separate layers: it is what users run unquantized). ``attention``: decode
     steps take the fused rotary + cache + attention kernel (``load_quantized``'s default);
     ``layers``: the norms and residual adds of those steps run inside the packed matmuls
-    (``load_quantized``'s default; quantized and fused models only)."""
+    (``load_quantized``'s default; quantized and fused models only); ``fragments``: the packed
+    layers also hold their codes in ``mma`` fragment order (``store_codes_fragments``)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
@@ -80,6 +81,8 @@ def build_model(shape: dict, spec: QuantSpec | None, device: torch.device, fuse:
                 set_submodule(block, name, packed.to(dtype) if dtype != torch.float16 else packed)
         if fuse:
             fuse_projections_(model)
+        if fragments:
+            store_codes_fragments(model)
     if attention:
         fuse_decode_attention_(model)
     if layers:
@@ -222,6 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eager", action="store_true", help="no CUDA graphs (to see the Python overhead)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (all models)")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate packed matmuls")
+    p.add_argument("--fragments", action="store_true",
+                   help="packed layers also hold their codes in mma fragment order (store_codes_fragments)")
     p.add_argument("--attention", default="fused", choices=["fused", "hf"],
                    help="quantized models' decode attention: the fused kernel (load_quantized's default) or Hugging Face's")
     p.add_argument("--layers", default="fused", choices=["fused", "hf"],
@@ -278,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         attention = label == FP16_FUSED_ATTENTION or spec is not None and args.attention == "fused"
         torch.manual_seed(0)
         layers = spec is not None and attention and args.layers == "fused"
-        model = build_model(shape, spec, device, not args.no_fuse, attention, layers)
+        model = build_model(shape, spec, device, not args.no_fuse, attention, layers, args.fragments)
         with attention_kernels(args.sdpa):  # held through compilation and capture, where the kernel is chosen
             rows.append(bench_model(label, model, args, device))
         print(f"{label}: {rows[-1]}", flush=True)
@@ -286,6 +291,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         (args.out / "bench_generate.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "shape": shape, "fused": not args.no_fuse, "attention": args.attention, "layers": args.layers,
+             "fragments": args.fragments,
              "pdl": tuning.chains_decode_launches(device), "sdpa": args.sdpa,
              "decode_tokens": args.decode_tokens, "prefill": args.prefill,
              "rows": rows, "kernel_configs": tuning.chosen_configs()}, indent=2))

@@ -202,6 +202,23 @@ def test_bench_generate_smoke(tmp_path):
         assert all(k["launches"] > 0 for k in prof["top_kernels"])
 
 
+def test_bench_generate_fragments_give_every_packed_layer_its_fragment_order_codes():
+    """``--fragments``: every packed layer of the quantized model (fused q/k/v and gate/up included)
+    holds its codes again in fragment order, outside the state dict; the model's bytes count them."""
+    from efficientqat.qlinear import PackedLinear
+    from efficientqat.quantizer import QuantSpec
+
+    bench = load_pipeline("bench_generate")
+    spec = QuantSpec.from_name("w2g64")
+    plain = bench.build_model(bench.TINY, spec, torch.device("cpu"), True, False)
+    model = bench.build_model(bench.TINY, spec, torch.device("cpu"), True, False, fragments=True)
+    packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+    assert packed and all(m.fragment_codes is not None for m in packed)
+    assert all(m.fragment_codes is None for m in plain.modules() if isinstance(m, PackedLinear))
+    assert bench.model_bytes(model) - bench.model_bytes(plain) == sum(m.qweight.numel() * 4 for m in packed)
+    assert not any("fragment_codes" in key for key in model.state_dict())
+
+
 def test_bench_generate_names_an_unknown_setting(capsys):
     bench = load_pipeline("bench_generate")
     with pytest.raises(SystemExit):

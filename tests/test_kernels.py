@@ -1453,6 +1453,20 @@ def test_fragment_order_places_each_code_of_a_tile_step_once(bits):
     assert torch.equal(row % 8, lane // 4)  # rows g and g + 8
 
 
+def test_fragment_repack_in_column_chunks_matches_one_pass(monkeypatch):
+    """The repack works :data:`REPACK_ROWS` columns at a time (a ragged last chunk here) and reads
+    codes stored either way; every chunk size gives the same words."""
+    from efficientqat.kernels import fragments
+
+    gen = torch.Generator().manual_seed(8)
+    qw = pack_qweight(torch.randint(0, 4, (80, 256), generator=gen), 2)
+    monkeypatch.setattr(fragments, "REPACK_ROWS", 32)
+    chunked = fragments.fragment_codes(qw, 2)
+    monkeypatch.setattr(fragments, "REPACK_ROWS", 1024)
+    assert torch.equal(chunked, fragments.fragment_codes(qw, 2))
+    assert torch.equal(chunked, fragments.fragment_codes(qw.t().contiguous().t(), 2))
+
+
 @pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead,vectors", [
     (4, 128, 1, 1024, False, 16, 2, 1, 1), (2, 64, 5, 1536, True, 16, 8, 2, 1), (4, -1, 16, 512, True, 16, 4, 2, 2),
     (2, 128, 9, 1024, False, 48, 1, 1, 2), (4, 64, 3, 1536, True, 16, 4, 1, 2), (4, 192, 2, 768, False, 16, 1, 1, 1)])
@@ -1502,9 +1516,9 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
 def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fallback(monkeypatch):
     """``store_codes_fragments`` gives a layer its codes in fragment order (outside the state dict);
     its fp16 calls at M <= 16 without a fused norm (with or without a residual, which the kernel
-    adds) are then tuned under keys of their own whose candidates end with the fragment-order
-    kernel's tiles, which give the fallback's output; calls with a fused norm, and layers without
-    those codes, are not offered them."""
+    adds; the plain matmul of the unfused SiLU path) are then tuned under keys of their own whose
+    candidates end with the fragment-order kernel's tiles, which give the fallback's output; calls
+    with a fused norm, and layers without those codes, are not offered them."""
     from efficientqat.qlinear import store_codes_fragments
     from efficientqat.row_ops import RowOps
 
@@ -1539,14 +1553,19 @@ def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fa
     autograd.forward_2d(x[:1], *weights, None, 2, g, ops=RowOps(norm_weight=norm, eps=1e-6),
                         fragments=layer.fragment_codes)
     autograd.forward_2d(x[:1], plain.qweight, plain.scales, plain.kernel_zeros(), None, 2, g)
-    assert len(seen["gemv1_fragments|m=1"]) == 2  # plain and residual calls: one key
+    from efficientqat.fused_mlp import silu_mul_interleaved
+
+    y = autograd.forward_2d(x[:1], *weights, None, 2, g, silu_mul=True, fragments=layer.fragment_codes)
+    assert rel(y, silu_mul_interleaved(fallback[:1])) < 3e-3  # a gate/up layer: the unfused path reaches them
+    assert "gemv_silu_mul_fragments|m=1" in seen
+    assert len(seen["gemv1_fragments|m=1"]) == 3  # plain, residual and the unfused SiLU path's calls: one key
     for cands in seen["gemv1_fragments|m=1"] + seen["gemv_tc_fragments|m=4"]:
         variants = [c.variant for c in cands]
         first = variants.index(tuning.FRAGMENTS)
         assert first > 0 and all(v == tuning.FRAGMENTS for v in variants[first:])
     for key in ("gemv1_norm|m=1", "gemv1|m=1"):
         assert all(c.variant != tuning.FRAGMENTS for cands in seen[key] for c in cands)
-    assert len(seen) == 4
+    assert len(seen) == 5
     monkeypatch.setattr(tuning, "choose", real_choose)
     if not GPU:  # PackedLinear runs the kernels only on CUDA
         return
