@@ -50,7 +50,8 @@ import triton.language as tl
 from efficientqat.packing import unpack_qweight
 
 from .half2 import MAGIC, field_pairs, pair_constants, unpack_h2
-from .tiling import add_bias, group_strides, launch_options, launcher, release_next_grid, wait_for_previous_grid
+from .tiling import (add_bias, group_strides, launch_options, launcher, load_unless_even, release_next_grid,
+                     wait_for_previous_grid)
 from .tuning import Config, interpreting
 
 FRAGMENT_BITS = (2, 4)
@@ -181,15 +182,6 @@ def _words(vectors):
 
 
 @triton.jit
-def _load(ptrs, mask, EVEN: tl.constexpr):
-    """``tl.load(ptrs)``, or masked to zeros where ``mask`` is off unless ``EVEN``."""
-    if EVEN:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=mask, other=0)
-
-
-@triton.jit
 def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                 BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
                 VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr):
@@ -209,7 +201,8 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
     for r in tl.static_range(TILES):
         for u in tl.static_range(VECS):
             block = ((tile0 + r) * steps + step) * VECS + u  # the repack's [tile, K / step_k] blocks
-            loads = loads + (_load(qf_ptr + (block * 32 + lane)[:, None] * 4 + vec, here[:, None], EVEN),)
+            vectors = qf_ptr + (block * 32 + lane)[:, None] * 4 + vec
+            loads = loads + (load_unless_even(vectors, here[:, None], 0, EVEN),)
     for q in tl.static_range(STEP // 64):
         base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
@@ -220,10 +213,10 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
         group = (step * STEP + 64 * RUN * run) // GROUP
         for r in tl.static_range(TILES):
             col = (tile0 + r) * 16 + g
-            loads = loads + (_load(s_ptr + group * stride_g + col * stride_gn, here, EVEN),
-                             _load(s_ptr + group * stride_g + (col + 8) * stride_gn, here, EVEN),
-                             _load(z_ptr + group * stride_g + col * stride_gn, here, EVEN),
-                             _load(z_ptr + group * stride_g + (col + 8) * stride_gn, here, EVEN))
+            loads = loads + (load_unless_even(s_ptr + group * stride_g + col * stride_gn, here, 0, EVEN),
+                             load_unless_even(s_ptr + group * stride_g + (col + 8) * stride_gn, here, 0, EVEN),
+                             load_unless_even(z_ptr + group * stride_g + col * stride_gn, here, 0, EVEN),
+                             load_unless_even(z_ptr + group * stride_g + (col + 8) * stride_gn, here, 0, EVEN))
     return loads
 
 

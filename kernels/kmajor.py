@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, prmt, unit3, unpack_h2
-from .tiling import (add_bias, group_strides, k_major_codes, launch_options, launcher, release_next_grid,
-                     wait_for_previous_grid)
+from .tiling import (add_bias, group_strides, k_major_codes, launch_options, launcher, load_unless_even,
+                     release_next_grid, wait_for_previous_grid)
 from .tuning import Config, interpreting
 
 VECTOR = tl.constexpr(4)
@@ -70,15 +70,6 @@ def _unstack4(t, A: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
-def _load(ptrs, mask, other, EVEN: tl.constexpr):
-    """``tl.load(ptrs)``, or with ``EVEN`` off masked (``other`` where ``mask`` is off)."""
-    if EVEN:
-        return tl.load(ptrs)
-    else:
-        return tl.load(ptrs, mask=mask, other=other)
-
-
-@triton.jit
 def _slot_loads(ptrs, mask, BITS: tl.constexpr, SW: tl.constexpr, EVEN: tl.constexpr):
     """A slot's code words a column, requested: one vector load of ``ptrs`` (``[T, BN, 4]``) at
     2/4 bits, ``SW`` word loads from ``ptrs`` (``[T, BN]``) at 3 bits. Split into words by
@@ -86,10 +77,10 @@ def _slot_loads(ptrs, mask, BITS: tl.constexpr, SW: tl.constexpr, EVEN: tl.const
     if BITS == 3:
         loads = ()
         for j in tl.static_range(SW):
-            loads = loads + (_load(ptrs + j, mask, 0, EVEN),)
+            loads = loads + (load_unless_even(ptrs + j, mask, 0, EVEN),)
         return loads
     else:
-        return (_load(ptrs, mask, 0, EVEN),)
+        return (load_unless_even(ptrs, mask, 0, EVEN),)
 
 
 @triton.jit
@@ -113,7 +104,8 @@ def _x_pairs(xw, row0, valid, lane, ROWS: tl.constexpr, HV: tl.constexpr, THREAD
     for r in tl.static_range(ROWS):
         xv = ()
         for q in tl.static_range(0, HV, 4):
-            xv = xv + _unstack4(_load(xw + (row0 + r) * HV + q + lane, valid, 0, EVEN), THREADS, 1)
+            words = load_unless_even(xw + (row0 + r) * HV + q + lane, valid, 0, EVEN)
+            xv = xv + _unstack4(words, THREADS, 1)
         for i in tl.static_range(HV):
             pairs = pairs + (prmt(xv[i // 2], xv[HV // 2 + i // 2], 0x5410 if i % 2 == 0 else 0x7632, EMULATE),)
     return pairs
@@ -202,8 +194,9 @@ def _dq_gemv_kmajor_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K, stri
         pairs = _x_pairs(xw, (first // SW) * ROWS, first < n_words, lane, ROWS, HV, THREADS, EVEN, EMULATE)
         slot = w0 + slot2
         group = (slot // SW * SLOT_VALUES) // GROUP
-        s = _load(s_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0.0, EVEN).to(tl.float32)
-        z = _load(z_ptr + group * stride_g + cols * stride_gn, slot < n_words, 0, EVEN).to(tl.int32)
+        here = slot < n_words
+        s = load_unless_even(s_ptr + group * stride_g + cols * stride_gn, here, 0.0, EVEN).to(tl.float32)
+        z = load_unless_even(z_ptr + group * stride_g + cols * stride_gn, here, 0, EVEN).to(tl.int32)
         if BITS == 3:
             acc += s * _slot_dot3(w, pairs, z, magic, CHUNKS, THREADS, BLOCK_N, EMULATE)
         else:

@@ -151,6 +151,16 @@ def store_decode(y_ptrs, y_mask, acc, mask, ws_ptrs, count_ptr, SPLIT_K: tl.cons
 
 
 @triton.jit
+def load_unless_even(ptrs, mask, other, EVEN: tl.constexpr):
+    """``tl.load(ptrs)`` where the tile is known to be whole (``EVEN``: no mask, none of the
+    instructions a masked load adds), else masked with ``other`` where ``mask`` is off."""
+    if EVEN:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
 def wait_for_previous_grid(PDL: tl.constexpr):
     """Under programmatic dependent launch: wait until the previous kernel has finished and its
     writes (our x, the shared workspace) are visible. Only the packed codes may be read before
