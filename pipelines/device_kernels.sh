@@ -23,7 +23,8 @@
 #                                                     # (bf16, against cuBLAS and dequantize-then-matmul)
 #   bash pipelines/device_kernels.sh tuning [QUANT]   # first-start tuning time of the 4096^2 layer at M = 1,
 #                                                     # candidate tiles compiled one by one vs by 8 threads
-#   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M ..."]  # ncu counters and per-instruction stalls
+#   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M[:LAYOUT] ..."]  # ncu counters and per-instruction
+#                                                     # stalls (LAYOUT: profile_kernel.py --layout)
 #                                                     # (default: M = 16 tensor cores, M = 1 w2g64 and 4096^2)
 #
 # Tuned configs go to $EFFICIENTQAT_CACHE_DIR (default .lab/tc, git-ignored): carry that folder from
@@ -83,24 +84,26 @@ case $stage in
     # hardware counters of the tuned kernel (session 7: M = 16 at 12.5% occupancy, 221 registers, 0.23 IPC,
     # long-scoreboard stalls first): the sections, the stall and L2-atomic metrics by name (retried without
     # them if this ncu does not know the names), and the per-SASS-instruction stall samples (source page, CSV)
-    # that say which load the warps wait on
-    stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:lts__t_(sectors|requests)_op_(red|atom)\.sum"
+    # that say which load the warps wait on; the sectors L2 serves to the SMs against the bytes DRAM reads
+    # (an M = 16 program reads all of x, 256 KB at K = 8192, from L1 or L2)
+    stalls="regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:lts__t_(sectors|requests)_op_(red|atom)\.sum,lts__t_sectors_srcunit_tex_op_read.sum,dram__bytes_read.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld.sum,l1tex__t_sectors_pipe_lsu_mem_global_op_ld_lookup_hit.sum"
     for case in ${2:-"8192,8192:w4g128:16 8192,8192:w2g64:1 4096,4096:w4g128:1"}; do
-      IFS=: read -r shape quant m <<< "$case"
-      base="$out/ncu_${quant}_m${m}_${shape/,/x}"
+      IFS=: read -r shape quant m layout <<< "$case"
+      layout=${layout:-n-major}
+      base="$out/ncu_${quant}_m${m}_${shape/,/x}_${layout}"
       for with_metrics in 1 0; do
         metrics=(); [ "$with_metrics" = 1 ] && metrics=(--metrics "$stalls")  # an array: the regexes stay unglobbed
         timeout 200 ncu --clock-control none --profile-from-start off --kernel-name regex:_dq_ --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
           --section SchedulerStats --section MemoryWorkloadAnalysis --section InstructionStats \
           --section SourceCounters --import-source no "${metrics[@]}" -f -o "$base" \
-          python3 pipelines/profile_kernel.py --shape "$shape" --quant "$quant" --m "$m" > "$base.log" 2>&1 && break
+          python3 pipelines/profile_kernel.py --shape "$shape" --quant "$quant" --m "$m" --layout "$layout" > "$base.log" 2>&1 && break
       done
       ncu -i "$base.ncu-rep" > "$base.txt" 2>&1
       ncu -i "$base.ncu-rep" --page source --csv --print-source sass > "$base.sass.csv" 2>&1
       echo "ncu $case:"; grep chosen "$base.log"
-      grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Registers Per|Issued Warp|stalled_(long|short|barrier|wait|mio)" \
-        "$base.txt" | head -20
+      grep -E "Duration|Achieved Occupancy|Theoretical Occupancy|Memory Throughput|Throughput|Hit Rate|Registers Per|Issued Warp|stalled_(long|short|barrier|wait|mio|lg_thr|math|not_sel)|srcunit_tex|dram__bytes|global_op_ld" \
+        "$base.txt" | head -40
     done ;;
   *)
     echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, layout, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
