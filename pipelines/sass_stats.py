@@ -115,13 +115,14 @@ def compile_kmajor(bits: int, group: int, block_n: int, warps: int, chunks: int)
 
 
 def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: int, ahead: int,
-                      vectors: int) -> tuple[str, str]:
-    """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``."""
+                      vectors: int, groups: int) -> tuple[str, str]:
+    """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``,
+    the warps in ``groups`` column groups."""
     types = {"x_ptr": "*fp16", "qf_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "res_ptr": "*fp16",
              "y_ptr": "*fp16", **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_res", "stride_ym", "stride_g",
                                                      "magic")}}
     constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, RESIDUAL=False,
-                     TILES=block_n // fragments.TILE_ROWS,
+                     TILES=block_n // (fragments.TILE_ROWS * groups), COLUMN_GROUPS=groups,
                      WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
                      RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
     return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
@@ -176,10 +177,11 @@ def main() -> None:
                    help="the K-major M = 1 kernel instead (--block-n columns a program, --block-c 3-bit chunks a slot)")
     p.add_argument("--fragments", action="store_true",
                    help="the mma.sync kernel over codes in fragment order instead (--block-n columns a program, "
-                        "--warps splitting K, --tokens rows of x)")
+                        "--warps in --groups column groups, --tokens rows of x)")
     p.add_argument("--tokens", type=int, default=1, help="--fragments: rows of x (1-16)")
     p.add_argument("--ahead", type=int, default=1, choices=(1, 2), help="--fragments: steps loaded ahead")
     p.add_argument("--vectors", type=int, default=1, choices=(1, 2), help="--fragments: code vectors a lane, tile and step")
+    p.add_argument("--groups", type=int, default=1, help="--fragments: warp groups splitting a program's columns")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
@@ -269,15 +271,17 @@ def kmajor_stats(args: argparse.Namespace) -> None:
 
 def fragments_stats(args: argparse.Namespace) -> None:
     """``--fragments``: registers and the K loop of the ``mma.sync`` kernel per weight a lane
-    takes in a step (its ``--vectors`` x 4 words in each of ``--block-n / 16`` tiles)."""
-    if args.bits not in fragments.FRAGMENT_BITS or args.group % fragments.QUAD_K or args.block_n % fragments.TILE_ROWS \
-            or not 1 <= args.tokens <= 16:
+    takes in a step (its ``--vectors`` x 4 words in each of its ``--block-n / 16 / --groups`` tiles)."""
+    tile_rows = fragments.TILE_ROWS * args.groups
+    if args.bits not in fragments.FRAGMENT_BITS or args.group % fragments.QUAD_K or args.block_n % tile_rows \
+            or args.warps % args.groups or not 1 <= args.tokens <= 16:
         raise SystemExit(f"--fragments takes --bits in {fragments.FRAGMENT_BITS}, --group a multiple of "
-                         f"{fragments.QUAD_K}, --block-n a multiple of {fragments.TILE_ROWS} and --tokens 1-16")
+                         f"{fragments.QUAD_K}, --block-n a multiple of 16 --groups, --warps a multiple of --groups "
+                         f"and --tokens 1-16")
     usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead,
-                                    args.vectors)
+                                    args.vectors, args.groups)
     loop = opcodes(k_loop(sass))
-    weights = args.block_n // fragments.TILE_ROWS * args.vectors * 4 * 32 // args.bits
+    weights = args.block_n // tile_rows * args.vectors * 4 * 32 // args.bits
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
              "local_stores": opcodes(sass.splitlines())["STL"],
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
