@@ -223,21 +223,17 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
 @triton.jit
 def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, N, K, stride_xw, stride_res, stride_ym,
                          stride_g, stride_gn, magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                         RESIDUAL: tl.constexpr, TILES: tl.constexpr, COLUMN_GROUPS: tl.constexpr,
+                         RESIDUAL: tl.constexpr, TILES: tl.constexpr,
                          WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
                          AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
     """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias) (+ res[m, n] with ``RESIDUAL``, a decoder layer's
-    residual stream, added before the one rounding)`` for ``m < M <= 8 TOKEN_TILES`` and the program's
-    ``COLUMN_GROUPS`` runs of ``TILES`` 16-row tiles over the whole of K. Warp ``w`` takes run ``w %
-    COLUMN_GROUPS`` and steps ``v, v + WARPS_K, ...`` (``v = w // COLUMN_GROUPS``, ``WARPS_K = WARPS /
-    COLUMN_GROUPS``) of ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every
-    warp's turns, else the missing ones read zeros): the warps of one step read the same x at about the
-    same time, so that L1 serves all but the first (x is all of a program's bytes that are not codes:
-    at M = 16 and 32 columns twice as many). Everything a step reads is requested ``AHEAD`` (1 or 2)
-    steps before it is used. The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
+    residual stream, added before the one rounding)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
+    ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
+    ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
+    else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
+    before it is used. The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
     into the same registers before the group's scale. Every tensor is ``[32 WARPS]``, one element a thread."""
     T: tl.constexpr = 32 * WARPS
-    WARPS_K: tl.constexpr = WARPS // COLUMN_GROUPS
     STEP: tl.constexpr = VECS * 256 // BITS
     QUADS: tl.constexpr = STEP // 64
     WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
@@ -247,26 +243,25 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     steps = K // STEP
     i = tl.arange(0, T)
     warp = i // 32
-    first = warp // COLUMN_GROUPS  # this warp's first step
-    tile0 = (tl.program_id(0) * COLUMN_GROUPS + warp % COLUMN_GROUPS) * TILES  # the warp's run of tiles
+    tile0 = tl.program_id(0) * TILES
     xw = x_ptr.to(tl.pointer_type(tl.int32))  # fp16 pairs; stride_xw: x's row stride in them
     wait_for_previous_grid(PDL)
-    ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, first, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
+    ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                         BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
     if AHEAD == 2:
-        further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, first + WARPS_K, steps, M, stride_xw, stride_g, stride_gn,
-                              tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+        further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn, tile0,
+                              i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
     acc = ()
     for _ in tl.static_range(TILES * TOKEN_TILES * 4):
         acc = acc + (tl.zeros((T,), tl.float32),)
-    for s0 in range(0, steps, WARPS_K):
+    for s0 in range(0, steps, WARPS):
         now = ahead
         if AHEAD == 2:
             ahead = further
-            further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + first + 2 * WARPS_K, steps, M, stride_xw, stride_g,
+            further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
                                   stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
         else:
-            ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + first + WARPS_K, steps, M, stride_xw, stride_g,
+            ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
                                 stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
         words = ()  # tile r's word w at r * 4 VECS + w
         for v in tl.static_range(TILES * VECS):
@@ -309,45 +304,44 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
                             new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
             acc = new_acc
     release_next_grid(PDL)
-    j = tl.arange(0, 32 * COLUMN_GROUPS)  # lane j % 32 of column group j // 32
-    run0 = (tl.program_id(0) * COLUMN_GROUPS + j // 32) * TILES
-    lane = j % 32
+    lane = tl.arange(0, 32)[:, None]
+    e = tl.arange(0, 4)[None, :]  # c0..c3: row g / g + 8 (e // 2), token 2 t / 2 t + 1 (e % 2)
     for r in tl.static_range(TILES):
         for nt in tl.static_range(TOKEN_TILES):
-            for e in tl.static_range(4):  # c0..c3: row g / g + 8, token 2 t / 2 t + 1
-                total = tl.sum(tl.reshape(acc[(r * TOKEN_TILES + nt) * 4 + e], (WARPS_K, 32 * COLUMN_GROUPS)),
-                               axis=0) * 256.0
-                col = (run0 + r) * 16 + lane // 4 + 8 * (e // 2)
-                token = 8 * nt + 2 * (lane % 4) + e % 2
-                out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
-                if RESIDUAL:
-                    out += tl.load(res_ptr + token * stride_res + col, mask=token < M, other=0.0).to(tl.float32)
-                tl.store(y_ptr + token * stride_ym + col, out.to(y_ptr.dtype.element_ty), mask=token < M)
+            # the four sums cross the warps in one reduction ([T, 2, 2] is c0..c3 in row-major order): one
+            # shared-memory round trip where one per sum took 25% of the M = 16 kernel's warp samples
+            # (H200, Nsight Compute, session 22), a chain of 16 at 32 columns
+            stacked = tl.join(tl.join(acc[(r * TOKEN_TILES + nt) * 4], acc[(r * TOKEN_TILES + nt) * 4 + 2]),
+                              tl.join(acc[(r * TOKEN_TILES + nt) * 4 + 1], acc[(r * TOKEN_TILES + nt) * 4 + 3]))
+            total = tl.sum(tl.reshape(stacked, (WARPS, 32, 4)), axis=0) * 256.0
+            col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
+            token = 8 * nt + 2 * (lane % 4) + e % 2
+            out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
+            if RESIDUAL:
+                out += tl.load(res_ptr + token * stride_res + col, mask=token < M, other=0.0).to(tl.float32)
+            tl.store(y_ptr + token * stride_ym + col, out.to(y_ptr.dtype.element_ty), mask=token < M)
 
 
 def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                            bias: torch.Tensor | None, bits: int, group: int, cfg: Config,
                            residual: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
-    ``cfg.block_n`` columns a program (a multiple of 16 ``cfg.column_groups``), ``cfg.num_warps`` warps
-    in ``cfg.column_groups`` groups that split the columns, the warps of a group splitting K in steps
+    ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K in steps
     of ``cfg.vectors`` vectors a lane and tile (K a whole number of steps), ``cfg.block_k`` steps
     requested ahead (1 or 2). ``residual`` (``[M, N]``, unit column stride): added to the output
     (the epilogue of a decoder layer's o and down projections, :mod:`.prologue`)."""
     M, K = x.shape
     N = fragments.shape[0] * TILE_ROWS
-    groups = cfg.column_groups
-    tiles = cfg.block_n // (TILE_ROWS * groups)
+    tiles = cfg.block_n // TILE_ROWS
     step = cfg.vectors * step_k(bits)
-    if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K)
-            or cfg.block_n % (TILE_ROWS * groups) or cfg.num_warps % groups or N % cfg.block_n
-            or fragments.shape != (N // TILE_ROWS, K // step_k(bits), 32, 4) or K % step or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
+    if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K) or cfg.block_n % TILE_ROWS
+            or fragments.shape != (N // TILE_ROWS, K // step_k(bits), 32, 4) or (N // TILE_ROWS) % tiles
+            or K % step or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
         raise ValueError(f"the fragment-order decode kernel takes 1-16 fp16 rows of 16-byte aligned x and {FRAGMENT_BITS}-"
                          f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
-                         f"a column group and of steps in K, warps a whole number a column group; not {M} {x.dtype} "
-                         f"rows of strides {tuple(x.stride())}, codes {tuple(fragments.shape)}, {bits}-bit, group "
-                         f"{group}, N = {N}, K = {K}, BLOCK_N = {cfg.block_n}, {cfg.num_warps} warps in {groups} "
-                         f"column groups, steps of {step}")
+                         f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
+                         f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
+                         f"{cfg.block_n}, steps of {step}")
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise ValueError(f"the residual must be [M, N] = {(M, N)} with unit column stride, not "
                          f"{tuple(residual.shape)} of strides {tuple(residual.stride())}")
@@ -357,9 +351,8 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
         x, fragments, scales, zeros, bias if bias is not None else x, res, y, M, N, K, x.stride(0) // 2, res.stride(0),
         y.stride(0), *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
-        COLUMN_GROUPS=groups, WARPS=cfg.num_warps,
+        WARPS=cfg.num_warps,
         TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
-        AHEAD=max(cfg.block_k, 1), EVEN=(K // step) % (cfg.num_warps // groups) == 0, PDL=cfg.pdl,
-        EMULATE=interpreting(),
+        AHEAD=max(cfg.block_k, 1), EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y

@@ -1467,32 +1467,33 @@ def test_fragment_repack_in_column_chunks_matches_one_pass(monkeypatch):
     assert torch.equal(chunked, fragments.fragment_codes(qw.t().contiguous().t(), 2))
 
 
-@pytest.mark.parametrize("bits,group,m,n,k,column_scales,block_n,groups,warps,ahead,vectors", [
-    (4, 128, 1, 48, 1024, False, 16, 1, 2, 1, 1), (2, 64, 5, 64, 1280, True, 32, 2, 8, 2, 1),
-    (4, -1, 16, 64, 512, True, 64, 2, 4, 2, 2), (2, 128, 9, 48, 1024, False, 48, 1, 1, 1, 2),
-    (4, 64, 3, 48, 1536, True, 16, 1, 4, 1, 2), (4, 192, 2, 48, 768, False, 16, 1, 1, 1, 1)])
-def test_fragment_kernel_matches_float64(bits, group, m, n, k, column_scales, block_n, groups, warps, ahead, vectors):
+@pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead,vectors", [
+    (4, 128, 1, 1024, False, 16, 2, 1, 1), (2, 64, 5, 1536, True, 16, 8, 2, 1), (4, -1, 16, 512, True, 16, 4, 2, 2),
+    (2, 128, 9, 1024, False, 48, 1, 1, 2), (4, 64, 3, 1536, True, 16, 4, 1, 2), (4, 192, 2, 768, False, 16, 1, 1, 1)])
+def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead, vectors):
     """The ``mma.sync`` decode kernel over codes in fragment order against float64: one or two token
-    tiles (M = 9, 16), steps its warps do not fill (1280 at 2 bits: 10 steps on the 4 warps of a
-    column group), per-channel groups, three tiles a program, warps in two column groups of one or
-    two tiles each, a bias, scales and zero points N-major or column-major, one or two steps loaded
-    ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step of a group
-    at per-channel), groups of 192 (a group's quads over two steps); with two vectors a step a
-    residual added to the output. On the CPU the warp's MMA is emulated with the PTX fragment
-    layout; on the GPU this checks that layout against the hardware."""
+    tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps), per-channel
+    groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
+    steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
+    of a group at per-channel), groups of 192 (a group's quads over two steps); with two vectors a
+    step a residual added to the output and ptxas's registers capped (on the GPU; M = 16 at 32 columns
+    takes 134 uncapped). On the CPU the warp's MMA is emulated with the PTX fragment layout; on the
+    GPU this checks that layout against the hardware."""
     from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
 
     gen = torch.Generator().manual_seed(bits + k + m)
-    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
+    q, z, s, qw, zeros, scales, gl = rand_layer(48, k, bits, group, gen, scale_dtype=torch.float16)
     x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
-    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
+    bias = torch.randn(48, generator=gen).to(DEV, torch.float16)
     if column_scales:
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
-    residual = torch.randn(m, n, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
-    cfg = tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors, column_groups=groups)
-    y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl, cfg, residual=residual)
+    residual = torch.randn(m, 48, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
+    y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
+                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors,
+                                             max_registers=128 if vectors == 2 else 0),
+                               residual=residual)
     ref = reference(x, q, z, scales, gl, bias)[0] + (0 if residual is None else residual.double().cpu())
-    assert y.shape == (m, n) and rel(y, ref) < 3e-3
+    assert y.shape == (m, 48) and rel(y, ref) < 3e-3
 
 
 def test_fragment_kernel_refuses_what_it_cannot_take():
@@ -1512,9 +1513,6 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
                                4, 128, replace(cfg, vectors=8))
     with pytest.raises(ValueError, match="bfloat16"):
         gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.bfloat16), codes, scales, zeros, None, 4, 128, cfg)
-    with pytest.raises(ValueError, match="8 warps in 3 column groups"):
-        gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.float16), codes, scales, zeros, None, 4, 128,
-                               replace(cfg, block_n=96, num_warps=8, column_groups=3))
 
 
 def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fallback(monkeypatch):
