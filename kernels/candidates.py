@@ -210,24 +210,21 @@ def kmajor_candidates(N: int, K: int, bits: int, group: int) -> list[Config]:
 
 
 FRAGMENTS_TABLE = [
-    # (BLOCK_N, warps, steps loaded ahead, vectors a step, register cap or 0) of the mma.sync kernel over
-    # codes in fragment order. H200, pipelines/fragments_study.py, session 21, 8192^2 at w4g128 and
-    # w2g64, M = 1 and 16: the eight fastest of 18 one-vector tiles summed over the four cases (64
-    # columns on 16 warps spilled: 370 us); then the best four with two vectors a step (a w4g128 step
-    # then holds a whole group: sm_90 SASS 2.70 against 3.64 instructions a weight at M = 16, 32
-    # columns). Session 22: the M = 16 winner capped at 128 registers (ptxas takes 134, which keeps
-    # one program of 8 warps an SM where 128 keeps two).
-    (16, 8, 1, 1, 0), (32, 8, 1, 1, 0), (16, 8, 2, 1, 0), (16, 4, 2, 1, 0), (64, 8, 1, 1, 0), (16, 4, 1, 1, 0),
-    (32, 16, 1, 1, 0), (64, 8, 2, 1, 0), (16, 8, 1, 2, 0), (32, 8, 1, 2, 0), (16, 4, 1, 2, 0), (32, 16, 1, 2, 0),
-    (32, 8, 1, 2, 128),
+    # (BLOCK_N, warps, steps loaded ahead, vectors a step) of the mma.sync kernel over codes in
+    # fragment order. H200, pipelines/fragments_study.py, session 21, 8192^2 at w4g128 and w2g64,
+    # M = 1 and 16: the eight fastest of 18 one-vector tiles summed over the four cases (64 columns
+    # on 16 warps spilled: 370 us); then the best four with two vectors a step (a w4g128 step then
+    # holds a whole group: sm_90 SASS 2.70 against 3.64 instructions a weight at M = 16, 32 columns).
+    (16, 8, 1, 1), (32, 8, 1, 1), (16, 8, 2, 1), (16, 4, 2, 1), (64, 8, 1, 1), (16, 4, 1, 1), (32, 16, 1, 1),
+    (64, 8, 2, 1), (16, 8, 1, 2), (32, 8, 1, 2), (16, 4, 1, 2), (32, 16, 1, 2),
 ]
 
 
 def fragments_candidates(N: int, K: int, bits: int) -> list[Config]:
     """Tiles of the fragment-order kernel (``fragments.py``) with BLOCK_N dividing N and steps
     dividing K, for a layer holding codes in that order (the caller's check)."""
-    return [Config(1, block_n, ahead, 1, warps, 1, FRAGMENTS, vectors=vectors, max_registers=registers)
-            for block_n, warps, ahead, vectors, registers in FRAGMENTS_TABLE
+    return [Config(1, block_n, ahead, 1, warps, 1, FRAGMENTS, vectors=vectors)
+            for block_n, warps, ahead, vectors in FRAGMENTS_TABLE
             if N % block_n == 0 and K % (vectors * 256 // bits) == 0]
 
 

@@ -304,22 +304,17 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
                             new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
             acc = new_acc
     release_next_grid(PDL)
-    lane = tl.arange(0, 32)[:, None]
-    e = tl.arange(0, 4)[None, :]  # c0..c3: row g / g + 8 (e // 2), token 2 t / 2 t + 1 (e % 2)
+    lane = tl.arange(0, 32)
     for r in tl.static_range(TILES):
         for nt in tl.static_range(TOKEN_TILES):
-            # the four sums cross the warps in one reduction ([T, 2, 2] is c0..c3 in row-major order): one
-            # shared-memory round trip where one per sum took 25% of the M = 16 kernel's warp samples
-            # (H200, Nsight Compute, session 22), a chain of 16 at 32 columns
-            stacked = tl.join(tl.join(acc[(r * TOKEN_TILES + nt) * 4], acc[(r * TOKEN_TILES + nt) * 4 + 2]),
-                              tl.join(acc[(r * TOKEN_TILES + nt) * 4 + 1], acc[(r * TOKEN_TILES + nt) * 4 + 3]))
-            total = tl.sum(tl.reshape(stacked, (WARPS, 32, 4)), axis=0) * 256.0
-            col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
-            token = 8 * nt + 2 * (lane % 4) + e % 2
-            out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
-            if RESIDUAL:
-                out += tl.load(res_ptr + token * stride_res + col, mask=token < M, other=0.0).to(tl.float32)
-            tl.store(y_ptr + token * stride_ym + col, out.to(y_ptr.dtype.element_ty), mask=token < M)
+            for e in tl.static_range(4):  # c0..c3: row g / g + 8, token 2 t / 2 t + 1
+                total = tl.sum(tl.reshape(acc[(r * TOKEN_TILES + nt) * 4 + e], (WARPS, 32)), axis=0) * 256.0
+                col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
+                token = 8 * nt + 2 * (lane % 4) + e % 2
+                out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
+                if RESIDUAL:
+                    out += tl.load(res_ptr + token * stride_res + col, mask=token < M, other=0.0).to(tl.float32)
+                tl.store(y_ptr + token * stride_ym + col, out.to(y_ptr.dtype.element_ty), mask=token < M)
 
 
 def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

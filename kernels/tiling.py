@@ -278,12 +278,8 @@ def launcher(kernel, grid) -> Callable[..., object]:
 
 
 def launch_options(cfg: Config) -> dict:
-    """Launch keywords of a config: programmatic dependent launch where it asks for it, and a
-    register cap (ptxas can take a few registers more than the program count an SM it could
-    keep: sm_90, the fragment-order kernel at M = 16, 135 where a cap of 128 keeps two programs of
-    8 warps an SM, with no spills and 5 fewer loop instructions)."""
-    return {**({"launch_pdl": True} if cfg.pdl else {}),
-            **({"maxnreg": cfg.max_registers} if cfg.max_registers else {})}
+    """Launch keywords of a config: programmatic dependent launch where it asks for it."""
+    return {"launch_pdl": True} if cfg.pdl else {}
 
 
 def split_k_buffer(x: torch.Tensor, N: int, split: int) -> torch.Tensor:

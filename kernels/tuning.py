@@ -70,7 +70,6 @@ class Config:
     early: bool = False  # paired-fp16 decode under pdl: the first step's codes requested before the wait
     prefetch: int = 0  # decode: steps of codes asked of L2 ahead of their loads (prefetch.py)
     vectors: int = 1  # fragment-order decode: 16-byte code vectors a lane, tile and step (fragments.py)
-    max_registers: int = 0  # fragment-order decode: ptxas's register cap a thread (maxnreg), 0 = its own choice
 
 
 DENSE = 9

@@ -5,8 +5,7 @@ at M = 1..16, against the tuned decode layer over the project's codes and cuBLAS
 
 The layer is repacked once (``fragments.fragment_codes``); the kernel runs at every tile asked
 for (``--block-n`` columns a program, ``--warps`` splitting K, ``--ahead`` steps requested ahead,
-``--vectors`` code vectors a lane and step, ``--registers`` ptxas's register cap, 0 for none) and
-every M in ``--tokens``.
+``--vectors`` code vectors a lane and step) and every M in ``--tokens``.
 Timed as the tuner times decode launches (CUDA-graph replays chained over rotated copies, PDL
 where the GPU has it), every row checked against the float64 product: on the GPU that check is
 what confirms the lanes' fragment registers follow the hardware's ``mma.m16n8k16`` layout.
@@ -33,17 +32,17 @@ from efficientqat.quantizer import QuantSpec  # noqa: E402
 
 
 def fragments_gemv(x: torch.Tensor, weights: tuple[torch.Tensor, ...], bits: int, group: int, block_n: int,
-                   warps: int, ahead: int, vectors: int = 1, registers: int = 0) -> torch.Tensor:
-    """One launch of the fragment-order kernel's tile ``(block_n, warps, ahead, vectors, registers)``,
-    under PDL where the GPU has it."""
+                   warps: int, ahead: int, vectors: int = 1) -> torch.Tensor:
+    """One launch of the fragment-order kernel's tile ``(block_n, warps, ahead, vectors)``, under PDL
+    where the GPU has it."""
     cfg = tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, pdl=tuning.pdl_supported(x.device),
-                        vectors=vectors, max_registers=registers)
+                        vectors=vectors)
     return gemv_fragments_forward(x, *weights, None, bits, group, cfg)
 
 
 def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, ...]], repeats: int) -> list[dict]:
     """Per M of the tiles: cuBLAS, the tuned decode layer (tuning a new key takes a while), then the
-    fragment-order kernel at every ``(BLOCK_N, warps, M, steps loaded ahead, vectors a step, register cap)``."""
+    fragment-order kernel at every ``(BLOCK_N, warps, M, steps loaded ahead, vectors a step)``."""
     spec = QuantSpec.from_name(quant)
     layer = make_layer(n, k, spec, "cuda")
     weights = (layer.qweight, layer.scales, layer.kernel_zeros())
@@ -70,30 +69,30 @@ def study_quant(n: int, k: int, quant: str, tiles: list[tuple[int, ...]], repeat
                          "bytes": nbytes, "tile": [cfg.block_n, cfg.num_warps], "rel_error": error(fn(weights=weights)),
                          "config": cfg.__dict__})
             print(f"{quant} M={m} tuned layer: {rows[-1]['us']:.2f} us", flush=True)
-        for block_n, warps, _, ahead, vectors, registers in (tile for tile in tiles if tile[2] == m):
+        for block_n, warps, _, ahead, vectors in (tile for tile in tiles if tile[2] == m):
             fn = functools.partial(fragments_gemv, x, bits=spec.bits, group=spec.group_size, block_n=block_n,
-                                   warps=warps, ahead=ahead, vectors=vectors, registers=registers)
+                                   warps=warps, ahead=ahead, vectors=vectors)
             try:
                 err = error(fn(weights=own))
             except (ValueError, RuntimeError) as exc:  # a tile this shape or GPU cannot take
-                print(f"skip {block_n} cols {warps} warps {ahead} ahead {vectors} vectors {registers} registers: "
-                      f"{type(exc).__name__}: {exc}", flush=True)
+                print(f"skip {block_n} cols {warps} warps {ahead} ahead {vectors} vectors: {type(exc).__name__}: {exc}",
+                      flush=True)
                 continue
             rows.append({**base, "what": "fragment-order kernel", "us": chained_us(lambda w: fn(weights=w), copies, repeats),
-                         "bytes": nbytes, "tile": [block_n, warps, ahead, vectors, registers], "rel_error": err})
-            print(f"{quant} M={m} fragments {block_n} cols {warps} warps {ahead} ahead {vectors} vectors, cap "
-                  f"{registers} registers: {rows[-1]['us']:.2f} us, error {err:.1e}", flush=True)
+                         "bytes": nbytes, "tile": [block_n, warps, ahead, vectors], "rel_error": err})
+            print(f"{quant} M={m} fragments {block_n} cols {warps} warps {ahead} ahead {vectors} vectors: "
+                  f"{rows[-1]['us']:.2f} us, error {err:.1e}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     """Per quantisation and M: cuBLAS, the tuned layer, the fastest fragment-order tiles (at most 4)."""
-    return references_first(rows, ("quant", "m"), "fragment-order kernel", "cols, warps, ahead, vectors, registers")
+    return references_first(rows, ("quant", "m"), "fragment-order kernel", "cols, warps, ahead, vectors")
 
 
 def main() -> None:
     run_study(__doc__, "w4g128,w2g64", {"block-n": "16,32,64", "warps": "4,8,16", "tokens": "1,16", "ahead": "1,2",
-                                         "vectors": "1,2", "registers": "0"}, study_quant, table)
+                                         "vectors": "1,2"}, study_quant, table)
 
 
 if __name__ == "__main__":

@@ -44,19 +44,17 @@ BACK_BRANCH = re.compile(r"BRA .*`\((\.L_x_\d+)\)")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, stages: int,
-                       max_registers: int = 0) -> tuple[str, str]:
+def compile_for_hopper(fn, types: dict[str, str], constants: dict, warps: int, stages: int) -> tuple[str, str]:
     """Resource usage (``cuobjdump``) and SASS text of ``fn`` compiled for sm_90, with argument
     ``types`` and ``constants``; pointers, N, K and the strides that are not constants are marked
-    16-divisible, as Triton specialises them at run time. ``max_registers``: ptxas's cap (maxnreg)."""
+    16-divisible, as Triton specialises them at run time."""
     signature = {**types, **{name: "constexpr" for name in constants}}
     signature = {name: signature[name] for name in fn.arg_names}
     names = list(signature)
     aligned = [n for n in names if n.endswith("ptr") or (n.startswith("stride") and n not in constants) or n in ("N", "K")]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     source = ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages,
-                                                                    **({"maxnreg": max_registers} if max_registers else {})})
+    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(kernel.asm["cubin"])
@@ -117,7 +115,7 @@ def compile_kmajor(bits: int, group: int, block_n: int, warps: int, chunks: int)
 
 
 def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: int, ahead: int,
-                      vectors: int, max_registers: int = 0) -> tuple[str, str]:
+                      vectors: int) -> tuple[str, str]:
     """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``."""
     types = {"x_ptr": "*fp16", "qf_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "res_ptr": "*fp16",
              "y_ptr": "*fp16", **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_res", "stride_ym", "stride_g",
@@ -126,7 +124,7 @@ def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: i
                      TILES=block_n // fragments.TILE_ROWS,
                      WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
                      RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
-    return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1, max_registers)
+    return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
 
 
 def opcodes(lines: list[str]) -> collections.Counter:
@@ -182,7 +180,6 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1, help="--fragments: rows of x (1-16)")
     p.add_argument("--ahead", type=int, default=1, choices=(1, 2), help="--fragments: steps loaded ahead")
     p.add_argument("--vectors", type=int, default=1, choices=(1, 2), help="--fragments: code vectors a lane, tile and step")
-    p.add_argument("--max-registers", type=int, default=0, help="--fragments: ptxas's register cap (0: none)")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
     p.add_argument("--lanes", type=int, default=1, help="--half2: K lanes")
@@ -278,17 +275,15 @@ def fragments_stats(args: argparse.Namespace) -> None:
         raise SystemExit(f"--fragments takes --bits in {fragments.FRAGMENT_BITS}, --group a multiple of "
                          f"{fragments.QUAD_K}, --block-n a multiple of {fragments.TILE_ROWS} and --tokens 1-16")
     usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead,
-                                    args.vectors, args.max_registers)
-    loop, whole = opcodes(k_loop(sass)), opcodes(sass.splitlines())
+                                    args.vectors)
+    loop = opcodes(k_loop(sass))
     weights = args.block_n // fragments.TILE_ROWS * args.vectors * 4 * 32 // args.bits
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-             "local_stores": whole["STL"], "instructions": sum(whole.values()),
-             "barriers": sum(n for op, n in whole.items() if op.startswith("BAR")),
+             "local_stores": opcodes(sass.splitlines())["STL"],
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,
              "tensor_ops": sum(n for op, n in loop.items() if "MMA" in op)}
     report(stats, args.json, [
-        f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}, "
-        f"{stats['instructions']} instructions, {stats['barriers']} barriers",
+        f"registers/thread {stats['registers']}, local-memory stores {stats['local_stores']}",
         f"K loop: {stats['loop_instructions']} instructions per thread-step, {stats['per_weight']:.2f} per weight",
         "mix: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(20))])
 

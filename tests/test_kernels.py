@@ -1476,9 +1476,8 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
     groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
     steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
     of a group at per-channel), groups of 192 (a group's quads over two steps); with two vectors a
-    step a residual added to the output and ptxas's registers capped (on the GPU; M = 16 at 32 columns
-    takes 134 uncapped). On the CPU the warp's MMA is emulated with the PTX fragment layout; on the
-    GPU this checks that layout against the hardware."""
+    step a residual added to the output. On the CPU the warp's MMA is emulated with the PTX fragment
+    layout; on the GPU this checks that layout against the hardware."""
     from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
 
     gen = torch.Generator().manual_seed(bits + k + m)
@@ -1489,8 +1488,7 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
     residual = torch.randn(m, 48, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
     y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
-                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors,
-                                             max_registers=128 if vectors == 2 else 0),
+                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors),
                                residual=residual)
     ref = reference(x, q, z, scales, gl, bias)[0] + (0 if residual is None else residual.double().cpu())
     assert y.shape == (m, 48) and rel(y, ref) < 3e-3
