@@ -23,7 +23,8 @@ Here every warp runs ``mma.sync.m16n8k16`` itself (inline PTX) on registers it d
 * Warps of a program split K (interleaved steps); at the end a tile's four sums cross them in one
   four-operand ``tl.reduce``, then a plain store, no atomics. A ``tl.sum`` a sum was a chain of
   shared-memory round trips (47 barriers at M = 16, 32 columns): a quarter of that kernel's warp
-  samples under Nsight Compute, and 0.3-2.2 µs a call more on an H200 (session 22).
+  samples under Nsight Compute, and 0.3-2.2 µs a call more on an H200 in five tiles of six
+  (session 22; the sixth, w2g64 M = 4 on 32 columns of one vector, lost 2.1 µs).
 
 A step is one or two 16-byte vectors a lane and tile (``Config.vectors``); the MMAs of the quads
 of a step that share a group sum into the same registers before its scale, so a two-vector
