@@ -59,8 +59,8 @@ def main() -> None:
             layer(x)
         torch.cuda.synchronize()
         torch.cuda.profiler.stop()
-    print(json.dumps({"shape": [n, k], "quant": args.quant, "m": args.m, "layout": args.layout, "cache": str(tuning.cache_path()),
-                      "chosen": tuning.chosen_configs()}), flush=True)
+    print(json.dumps({"shape": [n, k], "quant": args.quant, "m": args.m, "layout": args.layout,
+                      "cache": str(tuning.cache_path()), "chosen": tuning.chosen_configs()}), flush=True)
 
 
 if __name__ == "__main__":
