@@ -313,10 +313,8 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
             # c0..c3 (row g / g + 8, token 2 t / 2 t + 1) cross the warps in one four-operand reduction: one
             # shared-memory exchange for the four (joining them into one [T, 2, 2] tensor instead measured
             # 3-5 us slower)
-            totals = tl.reduce((tl.reshape(acc[(r * TOKEN_TILES + nt) * 4], (WARPS, 32)),
-                                tl.reshape(acc[(r * TOKEN_TILES + nt) * 4 + 1], (WARPS, 32)),
-                                tl.reshape(acc[(r * TOKEN_TILES + nt) * 4 + 2], (WARPS, 32)),
-                                tl.reshape(acc[(r * TOKEN_TILES + nt) * 4 + 3], (WARPS, 32))), 0, _add4)
+            totals = _sums_across_warps(acc[(r * TOKEN_TILES + nt) * 4], acc[(r * TOKEN_TILES + nt) * 4 + 1],
+                                        acc[(r * TOKEN_TILES + nt) * 4 + 2], acc[(r * TOKEN_TILES + nt) * 4 + 3], WARPS)
             for e in tl.static_range(4):
                 total = totals[e] * 256.0
                 col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
@@ -331,6 +329,13 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
 def _add4(a0, a1, a2, a3, b0, b1, b2, b3):
     """The combine of a four-operand sum."""
     return a0 + b0, a1 + b1, a2 + b2, a3 + b3
+
+
+@triton.jit
+def _sums_across_warps(c0, c1, c2, c3, WARPS: tl.constexpr):
+    """Four ``[32 WARPS]`` per-thread sums -> four ``[32]`` sums over the warps, in one reduction."""
+    return tl.reduce((tl.reshape(c0, (WARPS, 32)), tl.reshape(c1, (WARPS, 32)), tl.reshape(c2, (WARPS, 32)),
+                      tl.reshape(c3, (WARPS, 32))), 0, _add4)
 
 
 def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
