@@ -191,12 +191,10 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
     """Everything step ``step`` (``[T]``: each warp's own; ``VECS`` vectors of :func:`step_k` values
     of K) reads, requested and not yet used, as one flat tuple: each tile's ``VECS`` code vectors
     ``[T, 4]`` (tile-major); per quad, each token tile's two x vectors (lane ``t``'s 8 words from
-    value ``k0 + 16 t``); per run of ``RUN`` quads in one group (:func:`quads_per_run`), each tile's
-    scale of row ``g``, of row ``g + 8``, zero point of row ``g``, of row ``g + 8``.
-
-    ``EVEN``: the step exists, and no load is masked (a masked load has its registers zeroed
-    first: 24 instructions a step at M = 16 in the sm_90 SASS); else a missing step reads zeros.
-    x rows past M read row M - 1 unmasked: their products land in output columns never stored."""
+    value ``k0 + 16 t``, rows past M zeros); per run of ``RUN`` quads in one group
+    (:func:`quads_per_run`), each tile's scale of row ``g``, of row ``g + 8``, zero point of row
+    ``g``, of row ``g + 8``. ``EVEN``: the step exists for every warp, else the warps past the
+    last step read zeros."""
     STEP: tl.constexpr = VECS * 256 // BITS
     here = step < steps
     lane = i % 32
@@ -206,91 +204,23 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
     for r in tl.static_range(TILES):
         for u in tl.static_range(VECS):
             block = ((tile0 + r) * steps + step) * VECS + u  # the repack's [tile, K / step_k] blocks
-            loads = loads + (load_unless_even(qf_ptr + (block * 32 + lane)[:, None] * 4 + vec, here[:, None], 0, EVEN),)
+            vectors = qf_ptr + (block * 32 + lane)[:, None] * 4 + vec
+            loads = loads + (load_unless_even(vectors, here[:, None], 0, EVEN),)
     for q in tl.static_range(STEP // 64):
-        k_word = (step * STEP + 64 * q) // 2 + 8 * (i % 4)
+        base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
-            x_row = xw + (tl.minimum(g + 8 * nt, M - 1) * stride_xw + k_word)[:, None] + vec
-            loads = loads + (load_unless_even(x_row, here[:, None], 0, EVEN),
-                             load_unless_even(x_row + 4, here[:, None], 0, EVEN))
+            valid = (here & (g + 8 * nt < M))[:, None]
+            loads = loads + (tl.load(xw + base[:, None] + 8 * nt * stride_xw + vec, mask=valid, other=0),
+                             tl.load(xw + base[:, None] + 8 * nt * stride_xw + 4 + vec, mask=valid, other=0))
     for run in tl.static_range(STEP // 64 // RUN):
         group = (step * STEP + 64 * RUN * run) // GROUP
         for r in tl.static_range(TILES):
-            top = s_ptr + group * stride_g + ((tile0 + r) * 16 + g) * stride_gn
-            zero = z_ptr + group * stride_g + ((tile0 + r) * 16 + g) * stride_gn
-            loads = loads + (load_unless_even(top, here, 0, EVEN), load_unless_even(top + 8 * stride_gn, here, 0, EVEN),
-                             load_unless_even(zero, here, 0, EVEN),
-                             load_unless_even(zero + 8 * stride_gn, here, 0, EVEN))
+            col = (tile0 + r) * 16 + g
+            loads = loads + (load_unless_even(s_ptr + group * stride_g + col * stride_gn, here, 0, EVEN),
+                             load_unless_even(s_ptr + group * stride_g + (col + 8) * stride_gn, here, 0, EVEN),
+                             load_unless_even(z_ptr + group * stride_g + col * stride_gn, here, 0, EVEN),
+                             load_unless_even(z_ptr + group * stride_g + (col + 8) * stride_gn, here, 0, EVEN))
     return loads
-
-
-@triton.jit
-def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr):
-    """``acc`` plus one step's products: ``now`` is what :func:`_step_loads` read for it, ``acc``
-    the ``TILES * TOKEN_TILES * 4`` float32 sums (tile, token tile, MMA output register)."""
-    T: tl.constexpr = acc[0].shape[0]
-    QUADS: tl.constexpr = VECS * 256 // BITS // 64
-    WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
-    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
-    X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
-    S0: tl.constexpr = X0 + QUADS * 2 * TOKEN_TILES  # the first scale
-    words = ()  # tile r's word w at r * 4 VECS + w
-    for v in tl.static_range(TILES * VECS):
-        words = words + _words(now[v])
-    xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
-    for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
-        xs = xs + _words(now[X0 + v])
-    for run in tl.static_range(QUADS // RUN):
-        new_acc = ()
-        for r in tl.static_range(TILES):
-            s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
-            s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
-            ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
-                                          EMULATE)  # even fields: row g
-            _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
-                                          EMULATE)  # odd fields: row g + 8
-            sums = ()
-            for _ in tl.static_range(TOKEN_TILES * 4):
-                sums = sums + (tl.zeros((T,), tl.float32),)
-            for qr in tl.static_range(RUN):
-                for j in tl.static_range(4):
-                    word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
-                    a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
-                                         EMULATE)
-                    a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
-                                         BITS, EMULATE)
-                    new_sums = ()
-                    for nt in tl.static_range(TOKEN_TILES):
-                        new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
-                                                           xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j],
-                                                           xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j + 1],
-                                                           sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
-                                                           sums[4 * nt + 3], EMULATE)
-                    sums = new_sums
-            for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
-                for e in tl.static_range(4):
-                    if e < 2:
-                        new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_top * sums[4 * nt + e],)
-                    else:
-                        new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
-        acc = new_acc
-    return acc
-
-
-@triton.jit
-def _advance(ring, acc, step, qf_ptr, xw, s_ptr, z_ptr, steps, M, stride_xw, stride_g, stride_gn, tile0, i, magic,
-             BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-             VECS: tl.constexpr, RUN: tl.constexpr, AHEAD: tl.constexpr, EVEN: tl.constexpr, EMULATE: tl.constexpr):
-    """One turn of the pipeline: step ``step`` requested, then the oldest of the ``AHEAD`` steps in
-    flight (``ring``, oldest first) multiplied into ``acc``; returns the new ring and sums."""
-    loads = _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                        BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
-    acc = _step_products(ring[0], acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
-    if AHEAD == 2:
-        return (ring[1], loads), acc
-    else:
-        return (loads,), acc
 
 
 @triton.jit
@@ -298,48 +228,90 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
                          stride_g, stride_gn, magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RESIDUAL: tl.constexpr, TILES: tl.constexpr,
                          WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
-                         AHEAD: tl.constexpr, LEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
-                         EMULATE: tl.constexpr):
+                         AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
     """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias) (+ res[m, n] with ``RESIDUAL``, a decoder layer's
     residual stream, added before the one rounding)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
     ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
-    ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: as many for every warp, else the
-    missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2, at most a
-    warp's steps) steps before it is used. The MMAs of a run of ``RUN`` quads in one group
-    (:func:`quads_per_run`) sum into the same registers before the group's scale. Every tensor is
-    ``[32 WARPS]``, one element a thread.
+    ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
+    else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
+    before it is used. The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
+    into the same registers before the group's scale. Every tensor is ``[32 WARPS]``, one element a thread.
 
-    The loop's body takes ``AHEAD + 1`` steps, so that each step's loads can land in the registers
-    of the step just used and none is copied at the back edge (a one-step body moved the loads in
-    flight, 28 moves a step at M = 16); ``LEAD`` steps go one by one before it so that the loop
-    takes whole bodies, and the last ``AHEAD`` after it, requesting nothing past a warp's last."""
+    The steps ahead are read by masked loads, whose registers ptxas zeroes first, and are copied into
+    place at the back edge: 52 of the 346 instructions a step at M = 16. Unmasked loads and a body
+    of ``AHEAD + 1`` steps drop both (273 a step) and measured slower on an H200 in 7 cases of 8
+    (session 23, ``0bf99b0``): ptxas then issues the next step's loads at the end of the body, just
+    before their use, and at M = 16 holds 138 registers, one program an SM."""
     T: tl.constexpr = 32 * WARPS
-    BODY: tl.constexpr = AHEAD + 1
-    steps = K // (VECS * 256 // BITS)
+    STEP: tl.constexpr = VECS * 256 // BITS
+    QUADS: tl.constexpr = STEP // 64
+    WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
+    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
+    X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
+    S0: tl.constexpr = X0 + QUADS * 2 * TOKEN_TILES  # the first scale
+    steps = K // STEP
     i = tl.arange(0, T)
     warp = i // 32
     tile0 = tl.program_id(0) * TILES
     xw = x_ptr.to(tl.pointer_type(tl.int32))  # fp16 pairs; stride_xw: x's row stride in them
     wait_for_previous_grid(PDL)
-    ring = (_step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                        BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN),)
+    ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
+                        BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
     if AHEAD == 2:
-        ring = ring + (_step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn,
-                                   tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN),)
+        further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn, tile0,
+                              i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
     acc = ()
     for _ in tl.static_range(TILES * TOKEN_TILES * 4):
         acc = acc + (tl.zeros((T,), tl.float32),)
-    for u in tl.static_range(LEAD):
-        ring, acc = _advance(ring, acc, warp + (u + AHEAD) * WARPS, qf_ptr, xw, s_ptr, z_ptr, steps, M, stride_xw,
-                             stride_g, stride_gn, tile0, i, magic, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, AHEAD,
-                             EVEN, EMULATE)
-    for j in range(LEAD, tl.cdiv(steps, WARPS) - AHEAD, BODY):
-        for u in tl.static_range(BODY):
-            ring, acc = _advance(ring, acc, warp + (j + u + AHEAD) * WARPS, qf_ptr, xw, s_ptr, z_ptr, steps, M,
-                                 stride_xw, stride_g, stride_gn, tile0, i, magic, BITS, GROUP, TILES, TOKEN_TILES,
-                                 VECS, RUN, AHEAD, EVEN, EMULATE)
-    for u in tl.static_range(AHEAD):
-        acc = _step_products(ring[u], acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
+    for s0 in range(0, steps, WARPS):
+        now = ahead
+        if AHEAD == 2:
+            ahead = further
+            further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
+                                  stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+        else:
+            ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
+                                stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+        words = ()  # tile r's word w at r * 4 VECS + w
+        for v in tl.static_range(TILES * VECS):
+            words = words + _words(now[v])
+        xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
+        for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
+            xs = xs + _words(now[X0 + v])
+        for run in tl.static_range(QUADS // RUN):
+            new_acc = ()
+            for r in tl.static_range(TILES):
+                s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
+                s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
+                ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
+                                              EMULATE)  # even fields: row g
+                _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
+                                              EMULATE)  # odd fields: row g + 8
+                sums = ()
+                for _ in tl.static_range(TOKEN_TILES * 4):
+                    sums = sums + (tl.zeros((T,), tl.float32),)
+                for qr in tl.static_range(RUN):
+                    for j in tl.static_range(4):
+                        word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
+                        a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
+                                             EMULATE)
+                        a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
+                                             BITS, EMULATE)
+                        new_sums = ()
+                        for nt in tl.static_range(TOKEN_TILES):
+                            new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
+                                                               xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j],
+                                                               xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j + 1],
+                                                               sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
+                                                               sums[4 * nt + 3], EMULATE)
+                        sums = new_sums
+                for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
+                    for e in tl.static_range(4):
+                        if e < 2:
+                            new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_top * sums[4 * nt + e],)
+                        else:
+                            new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
+            acc = new_acc
     release_next_grid(PDL)
     lane = tl.arange(0, 32)
     for r in tl.static_range(TILES):
@@ -397,16 +369,12 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
                          f"{tuple(residual.shape)} of strides {tuple(residual.stride())}")
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     res = residual if residual is not None else y
-    steps = K // step
-    turns = -(-steps // cfg.num_warps)  # steps a warp takes
-    ahead = min(max(cfg.block_k, 1), turns)
     launcher(_dq_fragments_kernel, (N // cfg.block_n,))(
         x, fragments, scales, zeros, bias if bias is not None else x, res, y, M, N, K, x.stride(0) // 2, res.stride(0),
         y.stride(0), *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
         WARPS=cfg.num_warps,
         TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
-        AHEAD=ahead, LEAD=(turns - ahead) % (ahead + 1), EVEN=steps % cfg.num_warps == 0, PDL=cfg.pdl,
-        EMULATE=interpreting(),
+        AHEAD=max(cfg.block_k, 1), EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y

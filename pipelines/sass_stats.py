@@ -123,7 +123,7 @@ def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: i
     constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, RESIDUAL=False,
                      TILES=block_n // fragments.TILE_ROWS,
                      WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
-                     RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, LEAD=0, EVEN=True, PDL=False, EMULATE=False)
+                     RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
     return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
 
 

@@ -1474,7 +1474,7 @@ def test_fragment_repack_in_column_chunks_matches_one_pass(monkeypatch):
 def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead, vectors):
     """The ``mma.sync`` decode kernel over codes in fragment order against float64: one or two token
     tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps; 2560: 10 on 4),
-    one or two steps taken alone before the loop's two- or three-step bodies (16 steps a warp, two ahead), per-channel
+    a long loop two steps ahead (16 steps a warp), per-channel
     groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
     steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
     of a group at per-channel), groups of 192 (a group's quads over two steps); with two vectors a
