@@ -239,9 +239,10 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
 
     The steps ahead are read by masked loads, whose registers ptxas zeroes first, and are copied into
     place at the back edge: 52 of the 346 instructions a step at M = 16. Unmasked loads and a body
-    of ``AHEAD + 1`` steps drop both (273 a step) and measured slower on an H200 in 7 cases of 8
-    (session 23, ``0bf99b0``): ptxas then issues the next step's loads at the end of the body, just
-    before their use, and at M = 16 holds 138 registers, one program an SM."""
+    of ``AHEAD + 1`` steps drop both (273 a step), but on an H200 (session 23, ``0bf99b0``) that
+    kernel was slower in 6 tiles of 10 and beat no tuned tile (w4g128 M = 16: 21.6 against 15.7 µs):
+    ptxas issues the next step's loads at the end of the body, just before their use, and at
+    M = 16 holds 138 registers, one program an SM."""
     T: tl.constexpr = 32 * WARPS
     STEP: tl.constexpr = VECS * 256 // BITS
     QUADS: tl.constexpr = STEP // 64
