@@ -42,16 +42,22 @@ TREE = "tree"
 
 
 def load_revision(rev: str, root: Path = Path(__file__).resolve().parents[1]) -> ModuleType:
-    """``kernels/fragments.py`` as git revision ``rev`` of the checkout at ``root`` holds it (``tree``:
-    the working tree's module), imported as ``efficientqat.kernels._fragments_<rev>``."""
+    """``kernels/fragments.py`` as git revision ``rev`` of the checkout at ``root`` holds it, or as the
+    file ``rev`` names where it ends in ``.py`` (a copy for a machine without the git history);
+    ``tree``: the working tree's module. Imported as ``efficientqat.kernels._fragments_<rev>``."""
     if rev == TREE:
         return fragments
-    shown = subprocess.run(["git", "show", f"{rev}:{KERNEL}"], cwd=root, capture_output=True, text=True)
-    if shown.returncode:
-        raise SystemExit(f"--revs: git has no {KERNEL} at revision {rev!r}: {shown.stderr.strip()}")
     name = "efficientqat.kernels._fragments_" + re.sub(r"\W", "_", rev)
-    path = Path(tempfile.mkdtemp()) / f"{name.rsplit('.', 1)[1]}.py"
-    path.write_text(shown.stdout)  # Triton reads a kernel's source from its file
+    if rev.endswith(".py"):
+        if not Path(rev).is_file():
+            raise SystemExit(f"--revs: no file {rev!r}")
+        path = Path(rev)
+    else:
+        shown = subprocess.run(["git", "show", f"{rev}:{KERNEL}"], cwd=root, capture_output=True, text=True)
+        if shown.returncode:
+            raise SystemExit(f"--revs: git has no {KERNEL} at revision {rev!r}: {shown.stderr.strip()}")
+        path = Path(tempfile.mkdtemp()) / f"{name.rsplit('.', 1)[1]}.py"
+        path.write_text(shown.stdout)  # Triton reads a kernel's source from its file
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     try:
@@ -124,7 +130,8 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--revs", default=f"HEAD,{TREE}", help=f"git revisions, or {TREE!r}, joined by commas")
+    p.add_argument("--revs", default=f"HEAD,{TREE}",
+                   help=f"git revisions, copies of the kernel file (*.py) or {TREE!r}, joined by commas")
     p.add_argument("--shape", default="8192,8192", help="N,K")
     p.add_argument("--quants", default="w4g128")
     p.add_argument("--tokens", default="1,16", help="M values")

@@ -4,6 +4,8 @@ revision's two timings against cuBLAS."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,9 +37,19 @@ def test_a_revisions_kernel_is_its_own_module_and_matches_float64(ab):
     assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
 
 
-def test_unknown_revisions_and_malformed_tiles_are_refused_by_name(ab):
+def test_a_copy_of_the_kernel_file_loads_as_its_own_module(ab, tmp_path):
+    copy = tmp_path / "fragments_copy.py"
+    copy.write_text(Path(fragments.__file__).read_text())
+    module = ab.load_revision(str(copy))
+    assert module is not fragments and module.fragment_codes is not fragments.fragment_codes
+    assert module.__name__.startswith("efficientqat.kernels._fragments_") and module.__name__.endswith("fragments_copy_py")
+
+
+def test_unknown_revisions_and_malformed_tiles_are_refused_by_name(ab, tmp_path):
     with pytest.raises(SystemExit, match="no-such-rev"):
         ab.load_revision("no-such-rev")
+    with pytest.raises(SystemExit, match="missing.py"):
+        ab.load_revision(str(tmp_path / "missing.py"))
     assert ab.parse_tiles("32:8:1:2,16:4:2:1") == [(32, 8, 1, 2), (16, 4, 2, 1)]
     for bad in ("32:8:1", "32:8:0:2", "32:8:a:2"):
         with pytest.raises(SystemExit, match=bad):
