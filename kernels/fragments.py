@@ -187,14 +187,15 @@ def _words(vectors):
 @triton.jit
 def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                 BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr):
+                VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr, CLAMP_ROWS: tl.constexpr = False):
     """Everything step ``step`` (``[T]``: each warp's own; ``VECS`` vectors of :func:`step_k` values
     of K) reads, requested and not yet used, as one flat tuple: each tile's ``VECS`` code vectors
     ``[T, 4]`` (tile-major); per quad, each token tile's two x vectors (lane ``t``'s 8 words from
-    value ``k0 + 16 t``, rows past M zeros); per run of ``RUN`` quads in one group
+    value ``k0 + 16 t``; rows past M zeros, or with ``EVEN`` and ``CLAMP_ROWS`` row M - 1's,
+    unmasked); per run of ``RUN`` quads in one group
     (:func:`quads_per_run`), each tile's scale of row ``g``, of row ``g + 8``, zero point of row
-    ``g``, of row ``g + 8``. ``EVEN``: the step exists for every warp, else the warps past the
-    last step read zeros."""
+    ``g``, of row ``g + 8``. ``EVEN``: the step exists for every warp and no load is masked (ptxas
+    zeroes a masked load's registers first), else the warps past the last step read zeros."""
     STEP: tl.constexpr = VECS * 256 // BITS
     here = step < steps
     lane = i % 32
@@ -209,9 +210,13 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
     for q in tl.static_range(STEP // 64):
         base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
-            valid = (here & (g + 8 * nt < M))[:, None]
-            loads = loads + (tl.load(xw + base[:, None] + 8 * nt * stride_xw + vec, mask=valid, other=0),
-                             tl.load(xw + base[:, None] + 8 * nt * stride_xw + 4 + vec, mask=valid, other=0))
+            if EVEN and CLAMP_ROWS:  # rows past M read row M - 1: their products land in columns never stored
+                x_row = xw + (tl.minimum(g + 8 * nt, M - 1) * stride_xw + base - g * stride_xw)[:, None] + vec
+                loads = loads + (tl.load(x_row), tl.load(x_row + 4))
+            else:
+                valid = (here & (g + 8 * nt < M))[:, None]
+                loads = loads + (tl.load(xw + base[:, None] + 8 * nt * stride_xw + vec, mask=valid, other=0),
+                                 tl.load(xw + base[:, None] + 8 * nt * stride_xw + 4 + vec, mask=valid, other=0))
     for run in tl.static_range(STEP // 64 // RUN):
         group = (step * STEP + 64 * RUN * run) // GROUP
         for r in tl.static_range(TILES):
@@ -221,6 +226,67 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
                              load_unless_even(z_ptr + group * stride_g + col * stride_gn, here, 0, EVEN),
                              load_unless_even(z_ptr + group * stride_g + (col + 8) * stride_gn, here, 0, EVEN))
     return loads
+
+
+@triton.jit
+def _zero_sums(T: tl.constexpr, COUNT: tl.constexpr):
+    """``COUNT`` float32 zeros ``[T]``, as a tuple."""
+    sums = ()
+    for _ in tl.static_range(COUNT):
+        sums = sums + (tl.zeros((T,), tl.float32),)
+    return sums
+
+
+@triton.jit
+def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
+                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr):
+    """``acc`` (the ``TILES * TOKEN_TILES * 4`` float32 sums: tile, token tile, MMA output register)
+    plus the products of one step, from what :func:`_step_loads` read for it (``now``)."""
+    T: tl.constexpr = acc[0].shape[0]
+    QUADS: tl.constexpr = VECS * 256 // BITS // 64
+    WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
+    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
+    X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
+    S0: tl.constexpr = X0 + QUADS * 2 * TOKEN_TILES  # the first scale
+    words = ()  # tile r's word w at r * 4 VECS + w
+    for v in tl.static_range(TILES * VECS):
+        words = words + _words(now[v])
+    xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
+    for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
+        xs = xs + _words(now[X0 + v])
+    for run in tl.static_range(QUADS // RUN):
+        new_acc = ()
+        for r in tl.static_range(TILES):
+            s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
+            s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
+            ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
+                                          EMULATE)  # even fields: row g
+            _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
+                                          EMULATE)  # odd fields: row g + 8
+            sums = _zero_sums(T, TOKEN_TILES * 4)
+            for qr in tl.static_range(RUN):
+                for j in tl.static_range(4):
+                    word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
+                    a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
+                                         EMULATE)
+                    a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
+                                         BITS, EMULATE)
+                    new_sums = ()
+                    for nt in tl.static_range(TOKEN_TILES):
+                        new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
+                                                           xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j],
+                                                           xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j + 1],
+                                                           sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
+                                                           sums[4 * nt + 3], EMULATE)
+                    sums = new_sums
+            for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
+                for e in tl.static_range(4):
+                    if e < 2:
+                        new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_top * sums[4 * nt + e],)
+                    else:
+                        new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
+        acc = new_acc
+    return acc
 
 
 @triton.jit
@@ -234,7 +300,8 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
     ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
-    before it is used. The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
+    before it is used, or with ``AHEAD`` 0 just before (the loads unmasked where ``EVEN``, fewer
+    registers, the latency left to the other warps). The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
     into the same registers before the group's scale. Every tensor is ``[32 WARPS]``, one element a thread.
 
     The steps ahead are read by masked loads, whose registers ptxas zeroes first, and are copied into
@@ -244,75 +311,35 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     ptxas issues the next step's loads at the end of the body, just before their use, and at
     M = 16 holds 138 registers, one program an SM."""
     T: tl.constexpr = 32 * WARPS
-    STEP: tl.constexpr = VECS * 256 // BITS
-    QUADS: tl.constexpr = STEP // 64
-    WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
-    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
-    X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
-    S0: tl.constexpr = X0 + QUADS * 2 * TOKEN_TILES  # the first scale
-    steps = K // STEP
+    steps = K // (VECS * 256 // BITS)
     i = tl.arange(0, T)
     warp = i // 32
     tile0 = tl.program_id(0) * TILES
     xw = x_ptr.to(tl.pointer_type(tl.int32))  # fp16 pairs; stride_xw: x's row stride in them
     wait_for_previous_grid(PDL)
-    ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                        BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
-    if AHEAD == 2:
-        further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn, tile0,
-                              i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
-    acc = ()
-    for _ in tl.static_range(TILES * TOKEN_TILES * 4):
-        acc = acc + (tl.zeros((T,), tl.float32),)
-    for s0 in range(0, steps, WARPS):
-        now = ahead
+    if AHEAD == 0:
+        acc = _zero_sums(T, TILES * TOKEN_TILES * 4)
+        for s0 in range(0, steps, WARPS):
+            now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
+                              BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True)
+            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
+    else:
+        ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
+                            BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
         if AHEAD == 2:
-            ahead = further
-            further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
-                                  stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
-        else:
-            ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
-                                stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
-        words = ()  # tile r's word w at r * 4 VECS + w
-        for v in tl.static_range(TILES * VECS):
-            words = words + _words(now[v])
-        xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
-        for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
-            xs = xs + _words(now[X0 + v])
-        for run in tl.static_range(QUADS // RUN):
-            new_acc = ()
-            for r in tl.static_range(TILES):
-                s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
-                s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
-                ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
-                                              EMULATE)  # even fields: row g
-                _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
-                                              EMULATE)  # odd fields: row g + 8
-                sums = ()
-                for _ in tl.static_range(TOKEN_TILES * 4):
-                    sums = sums + (tl.zeros((T,), tl.float32),)
-                for qr in tl.static_range(RUN):
-                    for j in tl.static_range(4):
-                        word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
-                        a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
-                                             EMULATE)
-                        a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
-                                             BITS, EMULATE)
-                        new_sums = ()
-                        for nt in tl.static_range(TOKEN_TILES):
-                            new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
-                                                               xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j],
-                                                               xs[((run * RUN + qr) * TOKEN_TILES + nt) * 8 + 2 * j + 1],
-                                                               sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
-                                                               sums[4 * nt + 3], EMULATE)
-                        sums = new_sums
-                for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
-                    for e in tl.static_range(4):
-                        if e < 2:
-                            new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_top * sums[4 * nt + e],)
-                        else:
-                            new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
-            acc = new_acc
+            further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn,
+                                  tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+        acc = _zero_sums(T, TILES * TOKEN_TILES * 4)
+        for s0 in range(0, steps, WARPS):
+            now = ahead
+            if AHEAD == 2:
+                ahead = further
+                further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
+                                      stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+            else:
+                ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
+                                    stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
     release_next_grid(PDL)
     lane = tl.arange(0, 32)
     for r in tl.static_range(TILES):
@@ -351,20 +378,21 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
     """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
     ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K in steps
     of ``cfg.vectors`` vectors a lane and tile (K a whole number of steps), ``cfg.block_k`` steps
-    requested ahead (1 or 2). ``residual`` (``[M, N]``, unit column stride): added to the output
+    requested ahead (0, 1 or 2). ``residual`` (``[M, N]``, unit column stride): added to the output
     (the epilogue of a decoder layer's o and down projections, :mod:`.prologue`)."""
     M, K = x.shape
     N = fragments.shape[0] * TILE_ROWS
     tiles = cfg.block_n // TILE_ROWS
     step = cfg.vectors * step_k(bits)
     if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K) or cfg.block_n % TILE_ROWS
+            or cfg.block_k not in (0, 1, 2)
             or fragments.shape != (N // TILE_ROWS, K // step_k(bits), 32, 4) or (N // TILE_ROWS) % tiles
             or K % step or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
         raise ValueError(f"the fragment-order decode kernel takes 1-16 fp16 rows of 16-byte aligned x and {FRAGMENT_BITS}-"
                          f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
                          f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
                          f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
-                         f"{cfg.block_n}, steps of {step}")
+                         f"{cfg.block_n}, steps of {step}, {cfg.block_k} steps ahead (0, 1 or 2)")
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise ValueError(f"the residual must be [M, N] = {(M, N)} with unit column stride, not "
                          f"{tuple(residual.shape)} of strides {tuple(residual.stride())}")
@@ -376,6 +404,6 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
         WARPS=cfg.num_warps,
         TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
-        AHEAD=max(cfg.block_k, 1), EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
+        AHEAD=cfg.block_k, EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y

@@ -178,7 +178,7 @@ def main() -> None:
                    help="the mma.sync kernel over codes in fragment order instead (--block-n columns a program, "
                         "--warps splitting K, --tokens rows of x)")
     p.add_argument("--tokens", type=int, default=1, help="--fragments: rows of x (1-16)")
-    p.add_argument("--ahead", type=int, default=1, choices=(1, 2), help="--fragments: steps loaded ahead")
+    p.add_argument("--ahead", type=int, default=1, choices=(0, 1, 2), help="--fragments: steps loaded ahead")
     p.add_argument("--vectors", type=int, default=1, choices=(1, 2), help="--fragments: code vectors a lane, tile and step")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
