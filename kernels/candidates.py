@@ -217,10 +217,6 @@ FRAGMENTS_TABLE = [
     # holds a whole group: sm_90 SASS 2.70 against 3.64 instructions a weight at M = 16, 32 columns).
     (16, 8, 1, 1), (32, 8, 1, 1), (16, 8, 2, 1), (16, 4, 2, 1), (64, 8, 1, 1), (16, 4, 1, 1), (32, 16, 1, 1),
     (64, 8, 2, 1), (16, 8, 1, 2), (32, 8, 1, 2), (16, 4, 1, 2), (32, 16, 1, 2),
-    # Session 23, not yet timed: no step ahead, the latency left to more resident warps (w4g128 sm_90
-    # SASS: M = 16 on 16 columns 2.34 instructions a weight at 61 registers, on 32 columns 2.10 at 98;
-    # M = 1 on 16 columns 2.02 at 43, against 2.61 at 64 one step ahead).
-    (16, 8, 0, 2), (32, 8, 0, 2), (32, 8, 0, 1),
 ]
 
 

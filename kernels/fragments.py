@@ -301,7 +301,8 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
     before it is used, or with ``AHEAD`` 0 just before (the loads unmasked where ``EVEN``, fewer
-    registers, the latency left to the other warps). The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
+    registers, the latency left to the other warps; for studies until timed on a GPU: the tuner's
+    table, ``candidates.FRAGMENTS_TABLE``, offers none). The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
     into the same registers before the group's scale. Every tensor is ``[32 WARPS]``, one element a thread.
 
     The steps ahead are read by masked loads, whose registers ptxas zeroes first, and are copied into
