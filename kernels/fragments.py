@@ -211,7 +211,7 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
         base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
             if EVEN and CLAMP_ROWS:  # rows past M read row M - 1: their products land in columns never stored
-                x_row = xw + (tl.minimum(g + 8 * nt, M - 1) * stride_xw + base - g * stride_xw)[:, None] + vec
+                x_row = xw + (base + (tl.minimum(g + 8 * nt, M - 1) - g) * stride_xw)[:, None] + vec
                 loads = loads + (tl.load(x_row), tl.load(x_row + 4))
             else:
                 valid = (here & (g + 8 * nt < M))[:, None]
@@ -302,8 +302,9 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
     before it is used, or with ``AHEAD`` 0 just before (the loads unmasked where ``EVEN``, fewer
     registers, the latency left to the other warps; for studies until timed on a GPU: the tuner's
-    table, ``candidates.FRAGMENTS_TABLE``, offers none). The MMAs of a run of ``RUN`` quads in one group (:func:`quads_per_run`) sum
-    into the same registers before the group's scale. Every tensor is ``[32 WARPS]``, one element a thread.
+    table, ``candidates.FRAGMENTS_TABLE``, offers none). The MMAs of a run of ``RUN`` quads in one
+    group (:func:`quads_per_run`) sum into the same registers before the group's scale. Every
+    tensor is ``[32 WARPS]``, one element a thread.
 
     The steps ahead are read by masked loads, whose registers ptxas zeroes first, and are copied into
     place at the back edge: 52 of the 346 instructions a step at M = 16. Unmasked loads and a body
