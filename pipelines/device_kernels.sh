@@ -23,6 +23,9 @@
 #                                                     # (bf16, against cuBLAS and dequantize-then-matmul)
 #   bash pipelines/device_kernels.sh tuning [QUANT]   # first-start tuning time of the 4096^2 layer at M = 1,
 #                                                     # candidate tiles compiled one by one vs by 8 threads
+#   bash pipelines/device_kernels.sh ab [QUANTS [TILES [REVS]]]  # fragments_ab: the fragment kernel's tiles
+#                                                     # (cols:warps:ahead:vectors, default one step ahead against
+#                                                     # none) side by side, M = 16 and 1, then its GPU tests
 #   bash pipelines/device_kernels.sh profile ["N,K:QUANT:M[:LAYOUT] ..."]  # ncu counters and per-instruction
 #                                                     # stalls (LAYOUT: profile_kernel.py --layout)
 #                                                     # (default: M = 16 tensor cores, M = 1 w2g64 and 4096^2)
@@ -80,6 +83,13 @@ case $stage in
   tuning)
     timeout 560 python3 pipelines/bench_tuning.py --shape 4096,4096 --quant "${2:-w3g128}" --m 1 --threads 0,8 \
       --out "$out/tuning" 2>&1 | tail -8 ;;
+  ab)
+    # session 23: tiles with no step ahead hold fewer registers and instructions (sm_90 SASS) but were not
+    # timed; each tile of each revision in one process, checked against float64
+    timeout 380 python3 pipelines/fragments_ab.py --revs "${4:-tree}" --quants "${2:-w4g128,w2g64}" --tokens 16,1 \
+      --tiles "${3:-32:8:1:2,32:8:0:2,16:8:1:2,16:8:0:2,32:8:1:1,32:8:0:1}" --out "$out/ab.json" 2>&1 \
+      | grep -v -i warn | tail -40
+    timeout 180 python3 -m pytest -q tests/test_kernels.py -k fragment_kernel 2>&1 | tail -3 ;;
   profile)
     # hardware counters of the tuned kernel (session 7: M = 16 at 12.5% occupancy, 221 registers, 0.23 IPC,
     # long-scoreboard stalls first): the sections, the stall and L2-atomic metrics by name (retried without
@@ -110,7 +120,7 @@ case $stage in
         "$base.txt" | head -40
     done ;;
   *)
-    echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, layout, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT] or profile [CASES]" >&2; exit 2 ;;
+    echo "unknown stage '$stage': tests, generate SETTING, attention, sweep, kmajor, layout, table QUANTS, layers QUANTS, large [QUANT], tuning [QUANT], ab [QUANTS [TILES [REVS]]] or profile [CASES]" >&2; exit 2 ;;
 esac
 echo "$stage done in $(( $(date +%s) - start )) s"
 mkdir -p "$out/tc" && cp -r "$EFFICIENTQAT_CACHE_DIR"/. "$out/tc"/  # a second stage in one command overwrites, not nests
