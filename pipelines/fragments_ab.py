@@ -68,12 +68,15 @@ def load_revision(rev: str, root: Path = Path(__file__).resolve().parents[1]) ->
 
 
 def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
-    """``--tiles``: ``cols:warps:ahead:vectors`` tiles joined by commas; anything else exits naming it."""
+    """``--tiles``: ``cols:warps:ahead:vectors`` tiles joined by commas, steps ahead 0, 1 or 2 (the
+    kernel's ``AHEAD``) and the rest positive; anything else exits naming it."""
     tiles = []
     for tile in text.split(","):
         fields = tile.split(":")
-        if len(fields) != 4 or not all(f.isdigit() and int(f) > 0 for f in fields):
-            raise SystemExit(f"--tiles takes cols:warps:ahead:vectors tiles of positive integers, not {tile!r}")
+        if (len(fields) != 4 or not all(f.isdigit() for f in fields) or int(fields[2]) > 2
+                or 0 in (int(fields[0]), int(fields[1]), int(fields[3]))):
+            raise SystemExit(f"--tiles takes cols:warps:ahead:vectors tiles, ahead 0, 1 or 2 and the rest positive "
+                             f"integers, not {tile!r}")
         tiles.append(tuple(int(f) for f in fields))
     return tiles
 

@@ -50,8 +50,8 @@ def test_unknown_revisions_and_malformed_tiles_are_refused_by_name(ab, tmp_path)
         ab.load_revision("no-such-rev")
     with pytest.raises(SystemExit, match="missing.py"):
         ab.load_revision(str(tmp_path / "missing.py"))
-    assert ab.parse_tiles("32:8:1:2,16:4:2:1") == [(32, 8, 1, 2), (16, 4, 2, 1)]
-    for bad in ("32:8:1", "32:8:0:2", "32:8:a:2"):
+    assert ab.parse_tiles("32:8:1:2,16:4:2:1,16:8:0:2") == [(32, 8, 1, 2), (16, 4, 2, 1), (16, 8, 0, 2)]
+    for bad in ("32:8:1", "32:0:1:2", "32:8:3:2", "32:8:a:2", "0:8:1:2", "32:8:1:0"):
         with pytest.raises(SystemExit, match=bad):
             ab.parse_tiles(f"16:8:1:1,{bad}")
 
