@@ -301,8 +301,8 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
     before it is used, or with ``AHEAD`` 0 just before (the loads unmasked where ``EVEN``, fewer
-    registers, the latency left to the other warps; for studies until timed on a GPU: the tuner's
-    table, ``candidates.FRAGMENTS_TABLE``, offers none). The MMAs of a run of ``RUN`` quads in one
+    registers, the latency left to the other warps: on an H200 the faster form at w2g64 and the
+    slower at w4g128, session 24; ``candidates.FRAGMENTS_TABLE`` offers both). The MMAs of a run of ``RUN`` quads in one
     group (:func:`quads_per_run`) sum into the same registers before the group's scale. Every
     tensor is ``[32 WARPS]``, one element a thread.
 
