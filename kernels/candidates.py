@@ -223,13 +223,21 @@ FRAGMENTS_TABLE = [
     # w4g128 each lost 1.5-2.5 us to the one-ahead tiles.
     (32, 8, 0, 1), (16, 8, 0, 2),
 ]
+FRAGMENTS_X_LATE_TABLE = [
+    # (BLOCK_N, warps, steps loaded ahead, vectors) with x read just before use, the codes ahead. H200,
+    # fragments_ab, session 24, 8192^2, against the same tile with x ahead: w2g64 M = 16 15.6 against 21.7 us
+    # (the best tile above: 16.8), M = 4 16.4 against 15.4; w4g128 M = 16 19.2 against 17.05 (two vectors:
+    # 16.0 against 15.7).
+    (32, 8, 1, 1),
+]
 
 
 def fragments_candidates(N: int, K: int, bits: int) -> list[Config]:
     """Tiles of the fragment-order kernel (``fragments.py``) with BLOCK_N dividing N and steps
     dividing K, for a layer holding codes in that order (the caller's check)."""
-    return [Config(1, block_n, ahead, 1, warps, 1, FRAGMENTS, vectors=vectors)
-            for block_n, warps, ahead, vectors in FRAGMENTS_TABLE
+    tiles = [(tile, True) for tile in FRAGMENTS_TABLE] + [(tile, False) for tile in FRAGMENTS_X_LATE_TABLE]
+    return [Config(1, block_n, ahead, 1, warps, 1, FRAGMENTS, vectors=vectors, x_ahead=x_ahead)
+            for (block_n, warps, ahead, vectors), x_ahead in tiles
             if N % block_n == 0 and K % (vectors * 256 // bits) == 0]
 
 

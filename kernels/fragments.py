@@ -187,9 +187,11 @@ def _words(vectors):
 @triton.jit
 def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                 BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr, CLAMP_ROWS: tl.constexpr = False):
-    """Everything step ``step`` (``[T]``: each warp's own; ``VECS`` vectors of :func:`step_k` values
-    of K) reads, requested and not yet used, as one flat tuple: each tile's ``VECS`` code vectors
+                VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr, CLAMP_ROWS: tl.constexpr = False,
+                WEIGHTS: tl.constexpr = True, X: tl.constexpr = True):
+    """What step ``step`` (``[T]``: each warp's own; ``VECS`` vectors of :func:`step_k` values
+    of K) reads (its codes, scales and zero points with ``WEIGHTS``, its x with ``X``), requested and
+    not yet used, as one flat tuple: each tile's ``VECS`` code vectors
     ``[T, 4]`` (tile-major); per quad, each token tile's two x vectors (lane ``t``'s 8 words from
     value ``k0 + 16 t``; rows past M zeros, or with ``EVEN`` and ``CLAMP_ROWS`` row M - 1's,
     unmasked); per run of ``RUN`` quads in one group
@@ -202,12 +204,12 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
     g = lane // 4
     vec = tl.arange(0, 4)[None, :]
     loads = ()
-    for r in tl.static_range(TILES):
+    for r in tl.static_range(TILES if WEIGHTS else 0):
         for u in tl.static_range(VECS):
             block = ((tile0 + r) * steps + step) * VECS + u  # the repack's [tile, K / step_k] blocks
             vectors = qf_ptr + (block * 32 + lane)[:, None] * 4 + vec
             loads = loads + (load_unless_even(vectors, here[:, None], 0, EVEN),)
-    for q in tl.static_range(STEP // 64):
+    for q in tl.static_range(STEP // 64 if X else 0):
         base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
             if EVEN and CLAMP_ROWS:  # rows past M read row M - 1: their products land in columns never stored
@@ -217,7 +219,7 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
                 valid = (here & (g + 8 * nt < M))[:, None]
                 loads = loads + (tl.load(xw + base[:, None] + 8 * nt * stride_xw + vec, mask=valid, other=0),
                                  tl.load(xw + base[:, None] + 8 * nt * stride_xw + 4 + vec, mask=valid, other=0))
-    for run in tl.static_range(STEP // 64 // RUN):
+    for run in tl.static_range(STEP // 64 // RUN if WEIGHTS else 0):
         group = (step * STEP + 64 * RUN * run) // GROUP
         for r in tl.static_range(TILES):
             col = (tile0 + r) * 16 + g
@@ -239,21 +241,25 @@ def _zero_sums(T: tl.constexpr, COUNT: tl.constexpr):
 
 @triton.jit
 def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr):
+                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr, x_now=(), X_APART: tl.constexpr = False):
     """``acc`` (the ``TILES * TOKEN_TILES * 4`` float32 sums: tile, token tile, MMA output register)
-    plus the products of one step, from what :func:`_step_loads` read for it (``now``)."""
+    plus the products of one step, from what :func:`_step_loads` read for it (``now``; with
+    ``X_APART`` its x in ``x_now``, read apart from the codes)."""
     T: tl.constexpr = acc[0].shape[0]
     QUADS: tl.constexpr = VECS * 256 // BITS // 64
     WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
     MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
     X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
-    S0: tl.constexpr = X0 + QUADS * 2 * TOKEN_TILES  # the first scale
+    S0: tl.constexpr = X0 + (0 if X_APART else QUADS * 2 * TOKEN_TILES)  # the first scale
     words = ()  # tile r's word w at r * 4 VECS + w
     for v in tl.static_range(TILES * VECS):
         words = words + _words(now[v])
     xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
     for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
-        xs = xs + _words(now[X0 + v])
+        if X_APART:
+            xs = xs + _words(x_now[v])
+        else:
+            xs = xs + _words(now[X0 + v])
     for run in tl.static_range(QUADS // RUN):
         new_acc = ()
         for r in tl.static_range(TILES):
@@ -294,7 +300,8 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
                          stride_g, stride_gn, magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RESIDUAL: tl.constexpr, TILES: tl.constexpr,
                          WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
-                         AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr, EMULATE: tl.constexpr):
+                         AHEAD: tl.constexpr, X_AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+                         EMULATE: tl.constexpr):
     """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias) (+ res[m, n] with ``RESIDUAL``, a decoder layer's
     residual stream, added before the one rounding)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
     ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
@@ -302,7 +309,10 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
     before it is used, or with ``AHEAD`` 0 just before (the loads unmasked where ``EVEN``, fewer
     registers, the latency left to the other warps: on an H200 the faster form at w2g64 and the
-    slower at w4g128, session 24; ``candidates.FRAGMENTS_TABLE`` offers both). The MMAs of a run of ``RUN`` quads in one
+    slower at w4g128, session 24; ``candidates.FRAGMENTS_TABLE`` offers both). Without ``X_AHEAD`` only the
+    codes, scales and zero points are requested ahead and x, which L1 and L2 serve, just before use:
+    fewer registers (w2g64 M = 16, 32 columns: 128 against 134, two programs an SM where one fitted).
+    The MMAs of a run of ``RUN`` quads in one
     group (:func:`quads_per_run`) sum into the same registers before the group's scale. Every
     tensor is ``[32 WARPS]``, one element a thread.
 
@@ -327,21 +337,28 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
             acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
     else:
         ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                            BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN)
+                            BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, X=X_AHEAD)
         if AHEAD == 2:
             further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn,
-                                  tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+                                  tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False, X=X_AHEAD)
         acc = _zero_sums(T, TILES * TOKEN_TILES * 4)
         for s0 in range(0, steps, WARPS):
             now = ahead
             if AHEAD == 2:
                 ahead = further
                 further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
-                                      stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
+                                      stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False,
+                                      X=X_AHEAD)
             else:
                 ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
-                                    stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False)
-            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
+                                    stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False, X=X_AHEAD)
+            if X_AHEAD:
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
+            else:  # x from L1 / L2 just before use; the codes, scales and zero points from DRAM ahead
+                x_now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn,
+                                    tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True,
+                                    WEIGHTS=False)
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, x_now, True)
     release_next_grid(PDL)
     lane = tl.arange(0, 32)
     for r in tl.static_range(TILES):
@@ -380,21 +397,23 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
     """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
     ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K in steps
     of ``cfg.vectors`` vectors a lane and tile (K a whole number of steps), ``cfg.block_k`` steps
-    requested ahead (0, 1 or 2). ``residual`` (``[M, N]``, unit column stride): added to the output
-    (the epilogue of a decoder layer's o and down projections, :mod:`.prologue`)."""
+    requested ahead (0, 1 or 2; ``cfg.x_ahead`` False: x not with them, read just before use).
+    ``residual`` (``[M, N]``, unit column stride): added to the output (the epilogue of a decoder
+    layer's o and down projections, :mod:`.prologue`)."""
     M, K = x.shape
     N = fragments.shape[0] * TILE_ROWS
     tiles = cfg.block_n // TILE_ROWS
     step = cfg.vectors * step_k(bits)
     if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K) or cfg.block_n % TILE_ROWS
-            or cfg.block_k not in (0, 1, 2)
+            or cfg.block_k not in (0, 1, 2) or (cfg.block_k == 0 and not cfg.x_ahead)
             or fragments.shape != (N // TILE_ROWS, K // step_k(bits), 32, 4) or (N // TILE_ROWS) % tiles
             or K % step or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
         raise ValueError(f"the fragment-order decode kernel takes 1-16 fp16 rows of 16-byte aligned x and {FRAGMENT_BITS}-"
                          f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
                          f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
                          f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
-                         f"{cfg.block_n}, steps of {step}, {cfg.block_k} steps ahead (0, 1 or 2)")
+                         f"{cfg.block_n}, steps of {step}, {cfg.block_k} steps ahead (0, 1 or 2; x read apart only with 1 or 2: "
+                         f"{not cfg.x_ahead})")
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise ValueError(f"the residual must be [M, N] = {(M, N)} with unit column stride, not "
                          f"{tuple(residual.shape)} of strides {tuple(residual.stride())}")
@@ -406,6 +425,6 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
         WARPS=cfg.num_warps,
         TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
-        AHEAD=cfg.block_k, EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
+        AHEAD=cfg.block_k, X_AHEAD=cfg.x_ahead, EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y

@@ -7,7 +7,7 @@ A change to a decode kernel moves a launch by a few percent, about what separate
 one GPU (their cuBLAS times differ by 1-3%). So each revision's ``kernels/fragments.py`` (``tree``:
 the working tree's) is imported beside the others as a module of ``efficientqat.kernels``; its
 relative imports take the working tree's helpers, so a revision written against helpers that have
-since changed fails to import, named. Every tile (``cols:warps:ahead:vectors``) runs every
+since changed fails to import, named. Every tile (``cols:warps:ahead:vectors[:x_ahead]``) runs every
 revision twice, in alternating order, chained over rotated copies as the tuner times
 (:func:`read_floor.chained_us`, PDL where the GPU has it), beside cuBLAS fp16 on the same rotation;
 each launch is checked against float64 first. Rows go to ``--out`` (JSON); the table is printed last.
@@ -67,32 +67,36 @@ def load_revision(rev: str, root: Path = Path(__file__).resolve().parents[1]) ->
     return module
 
 
-def parse_tiles(text: str) -> list[tuple[int, int, int, int]]:
-    """``--tiles``: ``cols:warps:ahead:vectors`` tiles joined by commas, steps ahead 0, 1 or 2 (the
-    kernel's ``AHEAD``) and the rest positive; anything else exits naming it."""
+def parse_tiles(text: str) -> list[tuple[int, int, int, int, int]]:
+    """``--tiles``: ``cols:warps:ahead:vectors[:x_ahead]`` tiles joined by commas, steps ahead 0, 1 or 2
+    (the kernel's ``AHEAD``), ``x_ahead`` 1 (default: x requested ahead with the codes) or 0 (x just
+    before use; steps ahead 1 or 2) and the rest positive; anything else exits naming it."""
     tiles = []
     for tile in text.split(","):
         fields = tile.split(":")
-        if (len(fields) != 4 or not all(f.isdigit() for f in fields) or int(fields[2]) > 2
-                or 0 in (int(fields[0]), int(fields[1]), int(fields[3]))):
-            raise SystemExit(f"--tiles takes cols:warps:ahead:vectors tiles, ahead 0, 1 or 2 and the rest positive "
-                             f"integers, not {tile!r}")
+        fields += ["1"] * (len(fields) == 4)
+        if (len(fields) != 5 or not all(f.isdigit() for f in fields) or int(fields[2]) > 2 or int(fields[4]) > 1
+                or 0 in (int(fields[0]), int(fields[1]), int(fields[3])) or fields[2] == fields[4] == "0"):
+            raise SystemExit(f"--tiles takes cols:warps:ahead:vectors[:x_ahead] tiles, ahead 0, 1 or 2, x_ahead 1 "
+                             f"or 0 (with ahead 1 or 2) and the rest positive integers, not {tile!r}")
         tiles.append(tuple(int(f) for f in fields))
     return tiles
 
 
 def launch(module: ModuleType, x: torch.Tensor, own: tuple[torch.Tensor, ...], spec: QuantSpec,
-           tile: tuple[int, int, int, int]) -> torch.Tensor:
+           tile: tuple[int, int, int, int, int]) -> torch.Tensor:
     """One launch of ``module``'s fragment-order kernel at ``tile`` on ``own = (codes in fragment
-    order, scales, zeros)``."""
-    block_n, warps, ahead, vectors = tile
+    order, scales, zeros)``; x read apart (``x_ahead`` 0) exits for a revision whose kernel predates it."""
+    block_n, warps, ahead, vectors, x_ahead = tile
+    if not x_ahead and "X_AHEAD" not in module._dq_fragments_kernel.arg_names:
+        raise SystemExit(f"{module.__name__}: this revision's kernel always reads x ahead; tile {tile} asks otherwise")
     cfg = tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, pdl=tuning.pdl_supported(x.device),
-                        vectors=vectors)
+                        vectors=vectors, x_ahead=bool(x_ahead))
     return module.gemv_fragments_forward(x, *own, None, spec.bits, spec.group_size, cfg)
 
 
 def time_case(revs: dict[str, ModuleType], n: int, k: int, quant: str, m: int,
-              tiles: list[tuple[int, int, int, int]], repeats: int) -> list[dict]:
+              tiles: list[tuple[int, int, int, int, int]], repeats: int) -> list[dict]:
     """One row a tile: cuBLAS's µs and, per revision, its two µs (forward and reversed order) and error."""
     spec = QuantSpec.from_name(quant)
     layer = make_layer(n, k, spec, "cuda")
@@ -122,7 +126,7 @@ def time_case(revs: dict[str, ModuleType], n: int, k: int, quant: str, m: int,
 def table(rows: list[dict]) -> str:
     """Per tile: cuBLAS, then each revision's two µs (forward / reversed order) and its best ratio to cuBLAS."""
     revs = list(rows[0]["us"])
-    lines = ["| quant | M | tile (cols, warps, ahead, vectors) | cuBLAS us | " + " | ".join(revs) + " |",
+    lines = ["| quant | M | tile (cols, warps, ahead, vectors, x ahead) | cuBLAS us | " + " | ".join(revs) + " |",
              "|---" * (4 + len(revs)) + "|"]
     for row in rows:
         cells = [f"{us[0]:.2f} / {us[1]:.2f} ({row['cublas_us'] / min(us):.2f}x)" for us in row["us"].values()]

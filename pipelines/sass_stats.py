@@ -115,7 +115,7 @@ def compile_kmajor(bits: int, group: int, block_n: int, warps: int, chunks: int)
 
 
 def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: int, ahead: int,
-                      vectors: int) -> tuple[str, str]:
+                      vectors: int, x_ahead: bool = True) -> tuple[str, str]:
     """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``."""
     types = {"x_ptr": "*fp16", "qf_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "res_ptr": "*fp16",
              "y_ptr": "*fp16", **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_res", "stride_ym", "stride_g",
@@ -123,7 +123,8 @@ def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: i
     constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, RESIDUAL=False,
                      TILES=block_n // fragments.TILE_ROWS,
                      WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
-                     RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, EVEN=True, PDL=False, EMULATE=False)
+                     RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, X_AHEAD=x_ahead, EVEN=True, PDL=False,
+                     EMULATE=False)
     return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
 
 
@@ -179,6 +180,8 @@ def main() -> None:
                         "--warps splitting K, --tokens rows of x)")
     p.add_argument("--tokens", type=int, default=1, help="--fragments: rows of x (1-16)")
     p.add_argument("--ahead", type=int, default=1, choices=(0, 1, 2), help="--fragments: steps loaded ahead")
+    p.add_argument("--x-late", action="store_true",
+                   help="--fragments: x read just before use, only the codes ahead (--ahead 1 or 2)")
     p.add_argument("--vectors", type=int, default=1, choices=(1, 2), help="--fragments: code vectors a lane, tile and step")
     p.add_argument("--split", type=int, default=1, help="--half2: split-K")
     p.add_argument("--k", type=int, default=4096, help="--half2: the layer's K")
@@ -271,11 +274,12 @@ def fragments_stats(args: argparse.Namespace) -> None:
     """``--fragments``: registers and the K loop of the ``mma.sync`` kernel per weight a lane
     takes in a step (its ``--vectors`` x 4 words in each of ``--block-n / 16`` tiles)."""
     if args.bits not in fragments.FRAGMENT_BITS or args.group % fragments.QUAD_K or args.block_n % fragments.TILE_ROWS \
-            or not 1 <= args.tokens <= 16:
+            or not 1 <= args.tokens <= 16 or (args.x_late and args.ahead == 0):
         raise SystemExit(f"--fragments takes --bits in {fragments.FRAGMENT_BITS}, --group a multiple of "
-                         f"{fragments.QUAD_K}, --block-n a multiple of {fragments.TILE_ROWS} and --tokens 1-16")
+                         f"{fragments.QUAD_K}, --block-n a multiple of {fragments.TILE_ROWS}, --tokens 1-16 and "
+                         f"--x-late only with --ahead 1 or 2")
     usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead,
-                                    args.vectors)
+                                    args.vectors, not args.x_late)
     loop = opcodes(k_loop(sass))
     weights = args.block_n // fragments.TILE_ROWS * args.vectors * 4 * 32 // args.bits
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),

@@ -32,9 +32,10 @@ def test_a_revisions_kernel_is_its_own_module_and_matches_float64(ab):
                                     torch.randint(0, 4, (32, 8), generator=gen), None, spec)
     x = torch.randn(3, 512, generator=gen).half()
     own = (fragments.fragment_codes(layer.qweight, 2), layer.scales.half(), layer.kernel_zeros())
-    y = ab.launch(head, x, own, spec, (16, 2, 1, 1))
     ref = x.double() @ layer.dequantize_weight().double().t()
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
+    for module, tile in ((head, (16, 2, 1, 1, 1)), (fragments, (16, 2, 1, 1, 0))):  # x ahead; x just before use
+        y = ab.launch(module, x, own, spec, tile)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 3e-3
 
 
 def test_a_copy_of_the_kernel_file_loads_as_its_own_module(ab, tmp_path):
@@ -50,8 +51,10 @@ def test_unknown_revisions_and_malformed_tiles_are_refused_by_name(ab, tmp_path)
         ab.load_revision("no-such-rev")
     with pytest.raises(SystemExit, match="missing.py"):
         ab.load_revision(str(tmp_path / "missing.py"))
-    assert ab.parse_tiles("32:8:1:2,16:4:2:1,16:8:0:2") == [(32, 8, 1, 2), (16, 4, 2, 1), (16, 8, 0, 2)]
-    for bad in ("32:8:1", "32:0:1:2", "32:8:3:2", "32:8:a:2", "0:8:1:2", "32:8:1:0"):
+    assert ab.parse_tiles("32:8:1:2,16:4:2:1,16:8:0:2,32:8:1:1:0") == [
+        (32, 8, 1, 2, 1), (16, 4, 2, 1, 1), (16, 8, 0, 2, 1), (32, 8, 1, 1, 0)]
+    for bad in ("32:8:1", "32:0:1:2", "32:8:3:2", "32:8:a:2", "0:8:1:2", "32:8:1:0", "32:8:1:1:2", "32:8:0:1:0",
+                "32:8:1:1:0:1"):
         with pytest.raises(SystemExit, match=bad):
             ab.parse_tiles(f"16:8:1:1,{bad}")
 

@@ -1467,16 +1467,20 @@ def test_fragment_repack_in_column_chunks_matches_one_pass(monkeypatch):
     assert torch.equal(chunked, fragments.fragment_codes(qw.t().contiguous().t(), 2))
 
 
-@pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead,vectors", [
-    (4, 128, 1, 1024, False, 16, 2, 1, 1), (2, 64, 5, 1536, True, 16, 8, 2, 1), (4, -1, 16, 512, True, 16, 4, 2, 2),
-    (2, 128, 9, 1024, False, 48, 1, 1, 2), (4, 64, 3, 1536, True, 16, 4, 1, 2), (4, 192, 2, 768, False, 16, 1, 1, 1),
-    (4, 64, 7, 2048, False, 16, 2, 2, 1), (2, 128, 12, 2560, True, 16, 4, 2, 2), (4, 128, 11, 1024, False, 16, 2, 0, 2),
-    (2, 64, 3, 1536, True, 48, 8, 0, 1)])
-def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead, vectors):
+@pytest.mark.parametrize("bits,group,m,k,column_scales,block_n,warps,ahead,vectors,x_ahead", [
+    (4, 128, 1, 1024, False, 16, 2, 1, 1, True), (2, 64, 5, 1536, True, 16, 8, 2, 1, True),
+    (4, -1, 16, 512, True, 16, 4, 2, 2, True), (2, 128, 9, 1024, False, 48, 1, 1, 2, True),
+    (4, 64, 3, 1536, True, 16, 4, 1, 2, True), (4, 192, 2, 768, False, 16, 1, 1, 1, True),
+    (4, 64, 7, 2048, False, 16, 2, 2, 1, True), (2, 128, 12, 2560, True, 16, 4, 2, 2, True),
+    (4, 128, 11, 1024, False, 16, 2, 0, 2, True), (2, 64, 3, 1536, True, 48, 8, 0, 1, True),
+    (2, 64, 13, 1024, False, 48, 2, 1, 1, False), (4, 128, 6, 1280, True, 16, 4, 1, 2, False),
+    (2, 64, 16, 2560, False, 16, 4, 2, 1, False)])
+def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead, vectors, x_ahead):
     """The ``mma.sync`` decode kernel over codes in fragment order against float64: one or two token
     tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps; 2560: 10 on 4),
     a long loop two steps ahead (16 steps a warp), steps loaded just before use (none ahead: rows past M read
-    unmasked where the steps fill the warps, 11 rows on 8 steps and 2 warps), per-channel
+    unmasked where the steps fill the warps, 11 rows on 8 steps and 2 warps), x alone read just before use
+    (one or two steps of codes ahead; 10 steps on 4 warps, which they do not fill, 20 on 4, 8 on 2), per-channel
     groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
     steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
     of a group at per-channel), groups of 192 (a group's quads over two steps); with two vectors a
@@ -1492,8 +1496,8 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
     residual = torch.randn(m, 48, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
     y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
-                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors),
-                               residual=residual)
+                               tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors,
+                                             x_ahead=x_ahead), residual=residual)
     ref = reference(x, q, z, scales, gl, bias)[0] + (0 if residual is None else residual.double().cpu())
     assert y.shape == (m, 48) and rel(y, ref) < 3e-3
 
@@ -1518,6 +1522,9 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="3 steps ahead"):
         gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.float16), codes, scales, zeros, None, 4, 128,
                                replace(cfg, block_k=3))
+    with pytest.raises(ValueError, match="x read apart only with 1 or 2: True"):
+        gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.float16), codes, scales, zeros, None, 4, 128,
+                               replace(cfg, block_k=0, x_ahead=False))
 
 
 def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fallback(monkeypatch):
