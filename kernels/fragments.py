@@ -241,10 +241,11 @@ def _zero_sums(T: tl.constexpr, COUNT: tl.constexpr):
 
 @triton.jit
 def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr, x_now=(), X_APART: tl.constexpr = False):
+                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr, x_now, X_APART: tl.constexpr):
     """``acc`` (the ``TILES * TOKEN_TILES * 4`` float32 sums: tile, token tile, MMA output register)
     plus the products of one step, from what :func:`_step_loads` read for it (``now``; with
-    ``X_APART`` its x in ``x_now``, read apart from the codes)."""
+    ``X_APART`` its x in ``x_now``, read apart from the codes, else ``x_now`` is not read: Triton 3.6
+    compiles no tuple default)."""
     T: tl.constexpr = acc[0].shape[0]
     QUADS: tl.constexpr = VECS * 256 // BITS // 64
     WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
@@ -334,7 +335,7 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
         for s0 in range(0, steps, WARPS):
             now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                               BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True)
-            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
+            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
     else:
         ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                             BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, X=X_AHEAD)
@@ -353,7 +354,7 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
                 ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
                                     stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False, X=X_AHEAD)
             if X_AHEAD:
-                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE)
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
             else:  # x from L1 / L2 just before use; the codes, scales and zero points from DRAM ahead
                 x_now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn,
                                     tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True,
