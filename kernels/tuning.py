@@ -33,6 +33,7 @@ from typing import Callable, Iterable
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .tiling import PDL_IN_TRITON, compile_only, zero_workspaces
 
@@ -332,7 +333,8 @@ def choose(key: str, candidates: Callable[[], Iterable[Config]], run: Callable[[
             for c in cands:
                 try:
                     run(c)
-                except Exception:  # e.g. triton OutOfResources (shared memory) for this tile
+                except Exception as err:  # e.g. triton OutOfResources (shared memory) for this tile
+                    _log_skipped(c, err)
                     continue
                 cfg = c
                 break
@@ -395,6 +397,18 @@ def _precompile(cands: list[Config], run: Callable[[Config], object]) -> None:
         list(pool.map(build, cands))
 
 
+def _log_skipped(cfg: Config, err: Exception) -> None:
+    """Say why the tuner skips a tile that failed to run. Out of resources (shared memory, registers)
+    is a tile too large for this GPU: expected, at DEBUG. Anything else (a compile error under this
+    Triton, a launch error) is a bug the other tiles would hide, as a Triton 3.6 compile failure of
+    the fragment kernel was hidden on an H200 (session 24): a WARNING naming the tile and the error."""
+    if isinstance(err, OutOfResources):
+        log.debug("tile %s skipped: %s", cfg, err)
+    else:
+        lines = str(err).strip().splitlines()  # a CompilationError ends with its cause, after the source
+        log.warning("tile %s failed and is skipped: %s%s", cfg, type(err).__name__, f": {lines[-1]}" if lines else "")
+
+
 def _fastest(cands: list[Config], run: Callable[[Config], object],
              copies: Callable[[], list[Callable[[Config], object]]] | None = None) -> Config:
     """The candidate with the least device time among those that run and agree with the first
@@ -423,7 +437,8 @@ def _fastest(cands: list[Config], run: Callable[[Config], object],
             elif not _agrees(out, ref):
                 continue
             times[c] = [time_ms(c)]
-        except Exception:  # e.g. out of shared memory for this tile: skip it
+        except Exception as err:  # e.g. out of shared memory for this tile: skip it
+            _log_skipped(c, err)
             continue
     if not times:
         return cands[0]

@@ -268,19 +268,25 @@ def test_choose_builds_candidates_only_on_a_miss(monkeypatch):
 def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch, caplog):
     """One noisy first timing must not decide: A (truly 10) first reads 12 and B (truly 11) 11;
     the three leaders are re-timed and ranked by their median, the rest timed once. A tile that
-    fails or computes something else never wins, however fast."""
+    fails or computes something else never wins, however fast. A tile too large for the GPU is
+    skipped quietly; one that fails otherwise (a compile error) is skipped with a warning that
+    names it and the error's cause."""
+    from triton.runtime.errors import OutOfResources
+
     monkeypatch.setenv("EFFICIENTQAT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(tuning, "_MEMO", {})
     monkeypatch.setattr(tuning, "CACHE", tuning.ConfigCache())
     monkeypatch.setattr(tuning, "autotune_enabled", lambda: True)
-    a, b, c, d, bad, wrong = (tuning.Config(1, n, 1, 1, 4, 1) for n in (32, 64, 128, 256, 512, 1024))
+    a, b, c, d, big, wrong, broken = (tuning.Config(1, n, 1, 1, 4, 1) for n in (32, 64, 128, 256, 512, 1024, 2048))
     samples = {a: [12.0, 10.0, 10.0], b: [11.0, 11.0, 11.0], c: [20.0, 20.0, 20.0], d: [30.0, 30.0, 30.0],
                wrong: [1.0, 1.0, 1.0]}
     current = []
 
     def run(cfg):
-        if cfg == bad:
-            raise RuntimeError("out of shared memory")
+        if cfg == big:
+            raise OutOfResources(300000, 232448, "shared memory")
+        if cfg == broken:
+            raise RuntimeError("at 58:22:\n    acc = _step_products(now, acc)\nAttributeError(\"no attribute 'type'\")")
         current[:] = [cfg]
         return torch.ones(4) * (2.0 if cfg == wrong else 1.0)
 
@@ -290,12 +296,15 @@ def test_tuner_times_the_leaders_again_before_choosing(tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(tuning, "cold_time_ms", fake_time)
     with caplog.at_level(logging.INFO, logger=tuning.__name__):
-        assert tuning.choose("cpu|test|m=1", lambda: [b, bad, d, c, wrong, a], run) == a
+        assert tuning.choose("cpu|test|m=1", lambda: [b, big, d, broken, c, wrong, a], run) == a
     assert [len(samples[x]) for x in (a, b, c, d, wrong)] == [0, 0, 0, 2, 3]
-    # the wait is announced with what is timed and where it is kept, and the choice is reported
-    started, done = (r.getMessage() for r in caplog.records)
-    assert "cpu|test|m=1" in started and "6 tiles" in started and str(tmp_path) in started
-    assert done.startswith("tuned cpu|test|m=1 in ") and "block_n=32" in done
+    # the wait is announced with what is timed and where it is kept, the broken tile named, the choice reported
+    started, skipped, done = caplog.records
+    assert "cpu|test|m=1" in started.getMessage() and "7 tiles" in started.getMessage()
+    assert str(tmp_path) in started.getMessage()
+    assert skipped.levelno == logging.WARNING and "block_n=2048" in skipped.getMessage()
+    assert skipped.getMessage().endswith("RuntimeError: AttributeError(\"no attribute 'type'\")")
+    assert done.getMessage().startswith("tuned cpu|test|m=1 in ") and "block_n=32" in done.getMessage()
     caplog.clear()
     tuning._MEMO.clear()
     assert tuning.choose("cpu|test|m=1", lambda: [b, a], run) == a and not caplog.records  # from the cache: silent
