@@ -413,8 +413,8 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
                          f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
                          f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
                          f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
-                         f"{cfg.block_n}, steps of {step}, {cfg.block_k} steps ahead (0, 1 or 2; x read apart only with 1 or 2: "
-                         f"{not cfg.x_ahead})")
+                         f"{cfg.block_n}, steps of {step}, {cfg.block_k} steps ahead (0, 1 or 2), x "
+                         f"{'ahead' if cfg.x_ahead else 'just before use (only with 1 or 2 steps ahead)'}")
     if residual is not None and (residual.shape != (M, N) or residual.stride(1) != 1):
         raise ValueError(f"the residual must be [M, N] = {(M, N)} with unit column stride, not "
                          f"{tuple(residual.shape)} of strides {tuple(residual.stride())}")

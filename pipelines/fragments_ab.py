@@ -76,7 +76,7 @@ def parse_tiles(text: str) -> list[tuple[int, int, int, int, int]]:
         fields = tile.split(":")
         fields += ["1"] * (len(fields) == 4)
         if (len(fields) != 5 or not all(f.isdigit() for f in fields) or int(fields[2]) > 2 or int(fields[4]) > 1
-                or 0 in (int(fields[0]), int(fields[1]), int(fields[3])) or fields[2] == fields[4] == "0"):
+                or 0 in (int(fields[0]), int(fields[1]), int(fields[3])) or int(fields[2]) == int(fields[4]) == 0):
             raise SystemExit(f"--tiles takes cols:warps:ahead:vectors[:x_ahead] tiles, ahead 0, 1 or 2, x_ahead 1 "
                              f"or 0 (with ahead 1 or 2) and the rest positive integers, not {tile!r}")
         tiles.append(tuple(int(f) for f in fields))
