@@ -218,7 +218,7 @@ FRAGMENTS_TABLE = [
     (16, 8, 1, 1), (32, 8, 1, 1), (16, 8, 2, 1), (16, 4, 2, 1), (64, 8, 1, 1), (16, 4, 1, 1), (32, 16, 1, 1),
     (64, 8, 2, 1), (16, 8, 1, 2), (32, 8, 1, 2), (16, 4, 1, 2), (32, 16, 1, 2),
     # No step ahead (fewer registers, the latency left to more resident warps). H200, pipelines/fragments_ab.py,
-    # session 24, 8192^2: the best of 12 such tiles at w2g64, M = 16 16.8 us (32 columns, one vector; the
+    # session 24, 8192^2: the best of the five such tiles timed at w2g64, M = 16 16.8 us (32 columns, one vector; the
     # tiles above: 18.1 at best, session 22) and M = 1 11.35 (16 columns, two vectors; above: 13.0); at
     # w4g128 each lost 1.5-2.5 us to the one-ahead tiles.
     (32, 8, 0, 1), (16, 8, 0, 2),
