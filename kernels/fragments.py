@@ -52,7 +52,7 @@ import triton.language as tl
 
 from efficientqat.packing import unpack_qweight
 
-from .half2 import unpack_h2
+from .half2 import MAGIC, field_pairs, pair_constants, unpack_h2
 from .tiling import (add_bias, group_strides, launch_options, launcher, load_unless_even, release_next_grid,
                      wait_for_previous_grid)
 from .tuning import Config, interpreting
@@ -240,47 +240,18 @@ def _zero_sums(T: tl.constexpr, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _raw_pairs(w, shift: tl.constexpr, BITS: tl.constexpr):
-    """The b-bit fields of each half word of ``w`` at bits ``shift`` ("even") and ``shift + b``
-    ("odd") as fp16 pairs with no exponent: subnormals ``q 2^-24`` and ``q 2^(b - 24)``, exactly."""
-    EVEN_MASK: tl.constexpr = ((1 << BITS) - 1) * 0x10001
-    s = w >> shift  # arithmetic: the fields taken stay below bit 16 + 2b <= 24
-    return s & EVEN_MASK, s & (EVEN_MASK << BITS)
-
-
-@triton.jit
-def _run_x_sums(xs, first, T: tl.constexpr, TOKEN_TILES: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr):
-    """Per token tile, ``2^-24`` times the sums of x over the K of a run's ``RUN`` quads (quad
-    ``first`` on) for tokens ``2 t`` and ``2 t + 1``: MMAs of its x by an A of 2^-24 pairs, whose
-    C registers hold them as the tile MMAs' hold their tokens."""
-    TINY_PAIR: tl.constexpr = 0x00010001  # the fp16 pair (2^-24, 2^-24), the smallest subnormal
-    tiny = tl.full((T,), TINY_PAIR, tl.int32)
-    x_sums = ()
-    for nt in tl.static_range(TOKEN_TILES):
-        c = _zero_sums(T, 4)
-        for qr in tl.static_range(RUN):
-            for j in tl.static_range(4):
-                c = mma_m16n8k16(tiny, tiny, tiny, tiny, xs[((first + qr) * TOKEN_TILES + nt) * 8 + 2 * j],
-                                 xs[((first + qr) * TOKEN_TILES + nt) * 8 + 2 * j + 1], c[0], c[1], c[2], c[3],
-                                 EMULATE)
-        x_sums = x_sums + (c[0], c[1])
-    return x_sums
-
-
-@triton.jit
-def _step_products(now, acc, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
+def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
                    VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr, x_now, X_APART: tl.constexpr):
-    """``acc`` (the ``TILES * TOKEN_TILES * 4`` float32 sums, in units of ``2^-24``: tile, token
-    tile, MMA output register) plus the products of one step, from what :func:`_step_loads` read
-    for it (``now``; with ``X_APART`` its x in ``x_now``, read apart from the codes, else
-    ``x_now`` is not read: Triton 3.6 compiles no tuple default)."""
+    """``acc`` (the ``TILES * TOKEN_TILES * 4`` float32 sums: tile, token tile, MMA output register)
+    plus the products of one step, from what :func:`_step_loads` read for it (``now``; with
+    ``X_APART`` its x in ``x_now``, read apart from the codes, else ``x_now`` is not read: Triton 3.6
+    compiles no tuple default)."""
     T: tl.constexpr = acc[0].shape[0]
     QUADS: tl.constexpr = VECS * 256 // BITS // 64
     WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
     MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
     X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
     S0: tl.constexpr = X0 + (0 if X_APART else QUADS * 2 * TOKEN_TILES)  # the first scale
-    ODD: tl.constexpr = 1.0 / (1 << BITS)  # the odd fields' factor 2^b undone
     words = ()  # tile r's word w at r * 4 VECS + w
     for v in tl.static_range(TILES * VECS):
         words = words + _words(now[v])
@@ -291,20 +262,22 @@ def _step_products(now, acc, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILE
         else:
             xs = xs + _words(now[X0 + v])
     for run in tl.static_range(QUADS // RUN):
-        x_sums = _run_x_sums(xs, run * RUN, T, TOKEN_TILES, RUN, EMULATE)
         new_acc = ()
         for r in tl.static_range(TILES):
-            s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)  # row g: the even fields
-            s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)  # row g + 8: the odd ones
-            s_odd = s_bottom * ODD
-            zs_top = s_top * now[S0 + (run * TILES + r) * 4 + 2].to(tl.float32)
-            zs_bottom = s_bottom * now[S0 + (run * TILES + r) * 4 + 3].to(tl.float32)
+            s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
+            s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
+            ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
+                                          EMULATE)  # even fields: row g
+            _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
+                                          EMULATE)  # odd fields: row g + 8
             sums = _zero_sums(T, TOKEN_TILES * 4)
             for qr in tl.static_range(RUN):
                 for j in tl.static_range(4):
                     word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
-                    a0, a1 = _raw_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), BITS)
-                    a2, a3 = _raw_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, BITS)
+                    a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
+                                         EMULATE)
+                    a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
+                                         BITS, EMULATE)
                     new_sums = ()
                     for nt in tl.static_range(TOKEN_TILES):
                         new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
@@ -313,21 +286,19 @@ def _step_products(now, acc, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILE
                                                            sums[4 * nt], sums[4 * nt + 1], sums[4 * nt + 2],
                                                            sums[4 * nt + 3], EMULATE)
                     sums = new_sums
-            for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8; tokens 2 t, 2 t + 1
+            for nt in tl.static_range(TOKEN_TILES):  # c0, c1: row g; c2, c3: row g + 8
                 for e in tl.static_range(4):
-                    old = acc[(r * TOKEN_TILES + nt) * 4 + e]
-                    x_sum = x_sums[2 * nt + e % 2]
-                    if e < 2:  # + s (sum x q - z sum x), the sums' factor 2^-24 kept: two FMAs
-                        new_acc = new_acc + (old + s_top * sums[4 * nt + e] - zs_top * x_sum,)
+                    if e < 2:
+                        new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_top * sums[4 * nt + e],)
                     else:
-                        new_acc = new_acc + (old + s_odd * sums[4 * nt + e] - zs_bottom * x_sum,)
+                        new_acc = new_acc + (acc[(r * TOKEN_TILES + nt) * 4 + e] + s_bottom * sums[4 * nt + e],)
         acc = new_acc
     return acc
 
 
 @triton.jit
 def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, N, K, stride_xw, stride_res, stride_ym,
-                         stride_g, stride_gn, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         stride_g, stride_gn, magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RESIDUAL: tl.constexpr, TILES: tl.constexpr,
                          WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
                          AHEAD: tl.constexpr, X_AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
@@ -364,7 +335,7 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
         for s0 in range(0, steps, WARPS):
             now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                               BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True)
-            acc = _step_products(now, acc, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
+            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
     else:
         ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                             BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, X=X_AHEAD)
@@ -383,12 +354,12 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
                 ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
                                     stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False, X=X_AHEAD)
             if X_AHEAD:
-                acc = _step_products(now, acc, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
             else:  # x from L1 / L2 just before use; the codes, scales and zero points from DRAM ahead
                 x_now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn,
                                     tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True,
                                     WEIGHTS=False)
-                acc = _step_products(now, acc, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, x_now, True)
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, x_now, True)
     release_next_grid(PDL)
     lane = tl.arange(0, 32)
     for r in tl.static_range(TILES):
@@ -399,7 +370,7 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
             totals = _sums_across_warps(acc[(r * TOKEN_TILES + nt) * 4], acc[(r * TOKEN_TILES + nt) * 4 + 1],
                                         acc[(r * TOKEN_TILES + nt) * 4 + 2], acc[(r * TOKEN_TILES + nt) * 4 + 3], WARPS)
             for e in tl.static_range(4):
-                total = totals[e] * 16777216.0  # the sums' units, 2^-24
+                total = totals[e] * 256.0
                 col = (tile0 + r) * 16 + lane // 4 + 8 * (e // 2)
                 token = 8 * nt + 2 * (lane % 4) + e % 2
                 out = add_bias(total, b_ptr, col, col < N, 0, HAS_BIAS)
@@ -451,7 +422,7 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
     res = residual if residual is not None else y
     launcher(_dq_fragments_kernel, (N // cfg.block_n,))(
         x, fragments, scales, zeros, bias if bias is not None else x, res, y, M, N, K, x.stride(0) // 2, res.stride(0),
-        y.stride(0), *group_strides(scales, zeros),
+        y.stride(0), *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
         WARPS=cfg.num_warps,
         TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),

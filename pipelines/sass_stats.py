@@ -118,7 +118,8 @@ def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: i
                       vectors: int, x_ahead: bool = True) -> tuple[str, str]:
     """``fragments._dq_fragments_kernel`` for ``tokens`` rows of x, scales and zero points ``[G, N]``."""
     types = {"x_ptr": "*fp16", "qf_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*u8", "b_ptr": "*fp16", "res_ptr": "*fp16",
-             "y_ptr": "*fp16", **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_res", "stride_ym", "stride_g")}}
+             "y_ptr": "*fp16", **{n: "i32" for n in ("M", "N", "K", "stride_xw", "stride_res", "stride_ym", "stride_g",
+                                                     "magic")}}
     constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, RESIDUAL=False,
                      TILES=block_n // fragments.TILE_ROWS,
                      WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
