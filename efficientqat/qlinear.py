@@ -267,7 +267,7 @@ def store_codes_k_major(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.
 
 
 def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.Module:
-    """Give the packed layers of ``bits`` (2 and 4 only) whose shapes allow it a second copy of
+    """Give the packed layers of ``bits`` (2, 3 or 4) whose shapes allow it a second copy of
     their codes in ``mma`` fragment order (``fragment_codes``, a buffer outside the state dict:
     ``kernels/fragments.fragment_codes``), in place. The tuner then also offers those layers the
     ``mma.sync`` decode kernel (``kernels/fragments.py``) at M <= 16 for fp16 x and calls without a
@@ -276,8 +276,9 @@ def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 4)) -> n
     On an H200 (session 21, BENCHMARKS.md) tuned layers at 8192^2 w4g128 took 11.9 against 13.1 µs
     at M = 1, 12.2 against 23.0 at M = 4 and 16.8 against 24.9 at M = 16; w2g64 13.2 against 21.3
     at M = 4 and 20.1 against 35.9 at M = 16 (at M = 1 the tuner keeps the paired-fp16 kernel). The codes are held twice (every other kernel, the
-    backward and prefill read ``qweight``): 0.5 bytes a weight more at 4 bits. A no-op where
-    Triton is missing."""
+    backward and prefill read ``qweight``): 0.5 bytes a weight more at 4 bits. 3-bit layers take
+    the kernel too (K a multiple of 256) but only when ``bits`` names them: that form is checked
+    against float64 on the CPU and not yet timed on a GPU. A no-op where Triton is missing."""
     try:
         from efficientqat.kernels.fragments import fragment_codes, takes
     except ImportError:

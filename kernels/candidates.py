@@ -11,6 +11,7 @@ import triton
 
 from efficientqat.packing import chunk_values
 
+from .fragments import step_k as fragments_step_k
 from .gemv import PAIRED_CODES, PAIRED_TMA, PAIRED_WGMMA, PAIRED_XTILE, pairs_codes
 from .tuning import DENSE_CONFIG, DENSE_FIRST_M, FRAGMENTS, HALF2, HALF2_BITS, HALF2_MAX_M, KMAJOR, Config, m_bucket
 
@@ -238,7 +239,7 @@ def fragments_candidates(N: int, K: int, bits: int) -> list[Config]:
     tiles = [(tile, True) for tile in FRAGMENTS_TABLE] + [(tile, False) for tile in FRAGMENTS_X_LATE_TABLE]
     return [Config(1, block_n, ahead, 1, warps, 1, FRAGMENTS, vectors=vectors, x_ahead=x_ahead)
             for (block_n, warps, ahead, vectors), x_ahead in tiles
-            if N % block_n == 0 and K % (vectors * 256 // bits) == 0]
+            if N % block_n == 0 and K % (vectors * fragments_step_k(bits)) == 0]
 
 
 def balanced_split(cfg: Config, K: int, bits: int) -> Config:

@@ -37,7 +37,15 @@ register moves around the assembly. On an H200 (BENCHMARKS.md, session 21) tuned
 8192^2 w4g128 took 11.9 µs at M = 1, 12.2 at M = 4 and 16.8 at M = 16, against 13.1, 23.0 and
 24.9 on the project's codes.
 
-2- and 4-bit codes, groups of a multiple of 64 (a quad must not straddle two), fp16 x. The
+At 3 bits a quad's 32 codes a lane fill 3 words: fields of 3 bits at bits 0-14 of each half
+(5 pairs a word: one ``lop3`` each, fields 3-4 after one shift, ``m`` = 1, 8 or 64 in the
+and-or pairs ``1024 + m q``, :func:`_pair3`), the 16th pair spread over the three words' bit 15.
+A unit of two quads (128 K, :func:`step_k`) is 6 words a lane, stored three blocks every two
+units so that each load is a 16- or 8-byte vector (:func:`_blocks3`). sm_90 SASS (Triton 3.6):
+2.86 instructions a weight at M = 1 (16 columns, one unit), 2.19 with no step ahead (two units),
+3.02 at M = 16 (32 columns, 167 registers); not yet timed on a GPU.
+
+2-, 3- and 4-bit codes, groups of a multiple of 64 (a quad must not straddle two), fp16 x. The
 lanes' fragment registers follow the PTX ISA's layout for ``mma.m16n8k16`` with ``.f16`` A/B
 (row ``g = lane / 4`` or ``g + 8``, K ``2 t`` / ``2 t + 8`` within the MMA, ``t = lane % 4``);
 on the CPU interpreter, which cannot run assembly, :func:`mma_m16n8k16` emulates the warp with
@@ -52,12 +60,12 @@ import triton.language as tl
 
 from efficientqat.packing import unpack_qweight
 
-from .half2 import MAGIC, field_pairs, pair_constants, unpack_h2
+from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, unpack_h2
 from .tiling import (add_bias, group_strides, launch_options, launcher, load_unless_even, release_next_grid,
                      wait_for_previous_grid)
 from .tuning import Config, interpreting
 
-FRAGMENT_BITS = (2, 4)
+FRAGMENT_BITS = (2, 3, 4)
 TILE_ROWS = 16
 """Output columns (weight rows) of one MMA tile."""
 QUAD_K = 64
@@ -65,13 +73,25 @@ QUAD_K = 64
 
 
 def step_k(bits: int) -> int:
-    """Values of K a warp covers with one 16-byte vector a lane: 4 words of ``32 / bits`` codes
-    for each of 32 lanes over 16 rows (64 at 4 bits, 128 at 2)."""
-    return 256 // bits
+    """Values of K of one *unit*, what a warp covers with ``Config.vectors`` 1: one 16-byte vector
+    a lane, 4 words of ``32 / bits`` codes for each of 32 lanes over 16 rows (64 at 4 bits, 128 at
+    2); at 3 bits 6 words a lane, 128 (:func:`fragment_codes`)."""
+    return 128 if bits == 3 else 256 // bits
+
+
+def repack_k(bits: int) -> int:
+    """Values of K in a whole number of the repack's ``[32, 4]`` blocks: one unit, or at 3 bits
+    two (three blocks)."""
+    return 256 if bits == 3 else step_k(bits)
+
+
+def code_blocks(bits: int, k: int) -> int:
+    """The repack's ``[32, 4]`` blocks a 16-row tile holds over ``k`` values of K."""
+    return 3 * k // 256 if bits == 3 else k // step_k(bits)
 
 
 def quads_per_run(bits: int, group: int, vectors: int) -> int:
-    """Quads of a step of ``vectors`` vectors that share one group's scales and zero points (their
+    """Quads of a step of ``vectors`` units that share one group's scales and zero points (their
     MMAs sum into the same registers before the scale): a whole group where a step holds whole
     groups, the whole step where a group holds whole steps, else one."""
     step = vectors * step_k(bits)
@@ -80,15 +100,23 @@ def quads_per_run(bits: int, group: int, vectors: int) -> int:
 
 def takes(bits: int, group: int, n: int, k: int) -> bool:
     """Whether a layer of this shape and quantisation can be repacked for this kernel."""
-    return bits in FRAGMENT_BITS and group % QUAD_K == 0 and n % TILE_ROWS == 0 and k % step_k(bits) == 0
+    return bits in FRAGMENT_BITS and group % QUAD_K == 0 and n % TILE_ROWS == 0 and k % repack_k(bits) == 0
+
+
+def _mma_position(lane: torch.Tensor, quad: torch.Tensor, mma: torch.Tensor, register: torch.Tensor,
+                  half: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(row, k)`` inside a 16-row tile of the code that half ``half`` of A register ``register``
+    of MMA ``mma`` of quad ``quad`` holds in lane ``(g, t)``: row ``g`` or ``g + 8``, K ``64 q +
+    16 t + 4 j + 2 (register // 2) + h``, the value B's lane ``t`` holds in that register."""
+    return lane // 4 + 8 * (register % 2), QUAD_K * quad + 16 * (lane % 4) + 4 * mma + 2 * (register // 2) + half
 
 
 def _fragment_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(row, k)`` inside a 16-row tile and a step (:func:`step_k`) of every code of a step's
-    vectors, indexed ``[lane, word, half, field]``: field ``f`` of half ``h`` of word ``v`` of
+    """2 and 4 bits: ``(row, k)`` inside a 16-row tile and a step (:func:`step_k`) of every code of
+    a step's vectors, indexed ``[lane, word, half, field]``: field ``f`` of half ``h`` of word ``v`` of
     lane ``(g, t)`` feeds A register ``f % 4`` (:func:`half2.field_pairs` pairs fields ``f`` and
-    ``f + 1`` of a shift as rows ``g`` and ``g + 8``) of MMA ``j`` of quad ``q``, at K
-    ``64 q + 16 t + 4 j + 2 (f % 4 // 2) + h``: the value B's lane ``t`` holds in that register."""
+    ``f + 1`` of a shift as rows ``g`` and ``g + 8``) of MMA ``j`` of quad ``q``
+    (:func:`_mma_position`)."""
     fields = 16 // bits  # per half word
     per_word = fields // 4  # MMAs a word serves
     lane = torch.arange(32).view(32, 1, 1, 1)
@@ -96,11 +124,42 @@ def _fragment_positions(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     half = torch.arange(2).view(1, 1, 2, 1)
     field = torch.arange(fields).view(1, 1, 1, fields)
     quad, slot = word // (4 // per_word), word % (4 // per_word)
-    mma = slot * per_word + field // 4
-    register = field % 4
-    row = lane // 4 + 8 * (register % 2)
-    k = QUAD_K * quad + 16 * (lane % 4) + 4 * mma + 2 * (register // 2) + half
+    row, k = _mma_position(lane, quad, slot * per_word + field // 4, field % 4, half)
     return row.expand(32, 4, 2, fields), k.expand(32, 4, 2, fields)
+
+
+def _pair_positions3() -> tuple[torch.Tensor, torch.Tensor]:
+    """3 bits: ``(row, k)`` inside a 16-row tile and a 128-K unit of the codes of every pair,
+    indexed ``[lane, pair, half]``: pair ``p`` is register ``p % 4`` of MMA ``p % 16 // 4`` of quad
+    ``p // 16`` (:func:`_mma_position`)."""
+    lane = torch.arange(32).view(32, 1, 1)
+    pair = torch.arange(32).view(1, 32, 1)
+    row, k = _mma_position(lane, pair // 16, pair % 16 // 4, pair % 4, torch.arange(2).view(1, 1, 2))
+    return row.expand(32, 32, 2), k.expand(32, 32, 2)
+
+
+def _words3(codes: torch.Tensor) -> torch.Tensor:
+    """3 bits: a lane's codes of a unit (int64 ``[..., 32 pairs, 2 halves]``, :func:`_pair_positions3`)
+    -> its 6 words ``[..., 6]``, three a quad. Word ``i`` of a quad holds pairs ``5 i .. 5 i + 4`` in
+    fields of 3 bits at bits ``3 f`` of each half (one shift serves fields 0-2, a second 3-4); the
+    quad's 16th pair has bit ``i`` of each half's code in bit 15 of that half."""
+    quads = codes.unflatten(-2, (2, 16))  # [..., quad, pair of the quad, half]
+    fields = quads[..., :15, :].unflatten(-2, (3, 5))  # [..., quad, word, field, half]
+    at = 3 * torch.arange(5, device=codes.device).view(5, 1) + 16 * torch.arange(2, device=codes.device)
+    words = (fields << at).sum(dim=(-2, -1))  # [..., quad, word]
+    bit = torch.arange(3, device=codes.device).view(3, 1)
+    last = quads[..., 15, :].unsqueeze(-2)  # [..., quad, 1, half]
+    words += ((last >> bit & 1) << (15 + 16 * torch.arange(2, device=codes.device))).sum(dim=-1)
+    return words.flatten(-2)
+
+
+def _blocks3(words: torch.Tensor) -> torch.Tensor:
+    """3 bits: units' words ``[tiles, units, 32, 6]`` (an even number of units) -> the repack's
+    blocks ``[tiles, 3 units / 2, 32, 4]``: of each two units, the first's words 0-3, the second's,
+    then both units' words 4-5 (every load a 16- or 8-byte vector)."""
+    pairs = words.unflatten(1, (words.shape[1] // 2, 2))  # [tiles, unit pairs, 2, 32, 6]
+    rest = torch.cat((pairs[:, :, 0, :, 4:], pairs[:, :, 1, :, 4:]), dim=-1)
+    return torch.stack((pairs[:, :, 0, :, :4], pairs[:, :, 1, :, :4], rest), dim=2).flatten(1, 2)
 
 
 REPACK_ROWS = 1024
@@ -109,20 +168,28 @@ REPACK_ROWS = 1024
 
 
 def fragment_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
-    """The layer's codes (``qweight [K b / 32, N]``, any storage order) as int32 ``[N / 16, K /
-    step, 32, 4]``: per 16-row tile and step, each lane's vector of 4 words in fragment order
-    (:func:`_fragment_positions`). A one-off repack at load time, :data:`REPACK_ROWS` columns at a
-    time; the checkpoint keeps its format."""
+    """The layer's codes (``qweight [K b / 32, N]``, any storage order) as int32 ``[N / 16,``
+    :func:`code_blocks` ``, 32, 4]``: per 16-row tile, each lane's vectors of 4 words in fragment
+    order, one a unit at 2 and 4 bits (:func:`_fragment_positions`), three every two units at 3
+    bits (:func:`_words3`, :func:`_blocks3`). A one-off repack at load time, :data:`REPACK_ROWS`
+    columns at a time; the checkpoint keeps its format."""
     K, N = qweight.shape[0] * 32 // bits, qweight.shape[1]
     step = step_k(bits)
-    row, k = (p.to(qweight.device) for p in _fragment_positions(bits))
-    shifts = (16 * torch.arange(2).view(2, 1) + bits * torch.arange(16 // bits).view(1, -1)).to(qweight.device)
-    out = torch.empty(N // TILE_ROWS, K // step, 32, 4, dtype=torch.int32, device=qweight.device)
+    if bits == 3:
+        row, k = (p.to(qweight.device) for p in _pair_positions3())
+    else:
+        row, k = (p.to(qweight.device) for p in _fragment_positions(bits))
+        shifts = (16 * torch.arange(2).view(2, 1) + bits * torch.arange(16 // bits).view(1, -1)).to(qweight.device)
+    out = torch.empty(N // TILE_ROWS, code_blocks(bits, K), 32, 4, dtype=torch.int32, device=qweight.device)
     for n0 in range(0, N, REPACK_ROWS):
         codes = unpack_qweight(qweight[:, n0:n0 + REPACK_ROWS], bits)  # [rows, K]
         tiles = codes.view(-1, TILE_ROWS, K // step, step)
-        picked = tiles[:, row, :, k]  # [32, 4, 2, F, rows / 16, K / step]
-        words = (picked.permute(4, 5, 0, 1, 2, 3).to(torch.int64) << shifts).sum(dim=(-2, -1))
+        if bits == 3:
+            picked = tiles[:, row, :, k].permute(3, 4, 0, 1, 2).to(torch.int64)  # [rows / 16, units, 32, 32, 2]
+            words = _blocks3(_words3(picked))
+        else:
+            picked = tiles[:, row, :, k]  # [32, 4, 2, F, rows / 16, K / step]
+            words = (picked.permute(4, 5, 0, 1, 2, 3).to(torch.int64) << shifts).sum(dim=(-2, -1))
         out[n0 // TILE_ROWS:(n0 + codes.shape[0]) // TILE_ROWS] = torch.where(words >= 1 << 31, words - (1 << 32), words)
     return out
 
@@ -187,28 +254,25 @@ def _words(vectors):
 @triton.jit
 def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
                 BITS: tl.constexpr, GROUP: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                VECS: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr, CLAMP_ROWS: tl.constexpr = False,
-                WEIGHTS: tl.constexpr = True, X: tl.constexpr = True):
-    """What step ``step`` (``[T]``: each warp's own; ``VECS`` vectors of :func:`step_k` values
-    of K) reads (its codes, scales and zero points with ``WEIGHTS``, its x with ``X``), requested and
-    not yet used, as one flat tuple: each tile's ``VECS`` code vectors
-    ``[T, 4]`` (tile-major); per quad, each token tile's two x vectors (lane ``t``'s 8 words from
+                VECS: tl.constexpr, STEP_K: tl.constexpr, RUN: tl.constexpr, EVEN: tl.constexpr,
+                CLAMP_ROWS: tl.constexpr = False, WEIGHTS: tl.constexpr = True, X: tl.constexpr = True):
+    """What step ``step`` (``[T]``: each warp's own; ``VECS`` units of ``STEP_K`` values of K,
+    :func:`step_k`) reads (its codes, scales and zero points with ``WEIGHTS``, its x with ``X``),
+    requested and not yet used, as one flat tuple: each tile's code vectors (tile-major;
+    :func:`_code_loads`); per quad, each token tile's two x vectors (lane ``t``'s 8 words from
     value ``k0 + 16 t``; rows past M zeros, or with ``EVEN`` and ``CLAMP_ROWS`` row M - 1's,
     unmasked); per run of ``RUN`` quads in one group
     (:func:`quads_per_run`), each tile's scale of row ``g``, of row ``g + 8``, zero point of row
     ``g``, of row ``g + 8``. ``EVEN``: the step exists for every warp and no load is masked (ptxas
     zeroes a masked load's registers first), else the warps past the last step read zeros."""
-    STEP: tl.constexpr = VECS * 256 // BITS
+    STEP: tl.constexpr = VECS * STEP_K
     here = step < steps
     lane = i % 32
     g = lane // 4
     vec = tl.arange(0, 4)[None, :]
     loads = ()
     for r in tl.static_range(TILES if WEIGHTS else 0):
-        for u in tl.static_range(VECS):
-            block = ((tile0 + r) * steps + step) * VECS + u  # the repack's [tile, K / step_k] blocks
-            vectors = qf_ptr + (block * 32 + lane)[:, None] * 4 + vec
-            loads = loads + (load_unless_even(vectors, here[:, None], 0, EVEN),)
+        loads = loads + _code_loads(qf_ptr, tile0 + r, step, steps, lane, here, BITS, VECS, EVEN)
     for q in tl.static_range(STEP // 64 if X else 0):
         base = g * stride_xw + (step * STEP + 64 * q) // 2 + 8 * (i % 4)
         for nt in tl.static_range(TOKEN_TILES):
@@ -231,6 +295,79 @@ def _step_loads(qf_ptr, xw, s_ptr, z_ptr, step, steps, M, stride_xw, stride_g, s
 
 
 @triton.jit
+def _code_loads(qf_ptr, tile, step, steps, lane, here, BITS: tl.constexpr, VECS: tl.constexpr, EVEN: tl.constexpr):
+    """One tile's code vectors of step ``step`` (``[T]``) of ``steps``: ``VECS`` ``[T, 4]`` vectors
+    (the repack's blocks ``[tile, K / step_k]``), or at 3 bits (:func:`_blocks3`) with ``VECS`` 2
+    the three blocks of a unit pair, with ``VECS`` 1 the unit's first block and its half ``[T, 2]``
+    of the pair's third."""
+    vec = tl.arange(0, 4)[None, :]
+    loads = ()
+    if BITS == 3:
+        pair = tile * (steps * VECS // 2) + step * VECS // 2  # the unit pair's first block / 3
+        unit = step * VECS % 2  # 0 with VECS 2
+        for u in tl.static_range(VECS):
+            first = qf_ptr + ((3 * pair + unit + u) * 32 + lane)[:, None] * 4 + vec
+            loads = loads + (load_unless_even(first, here[:, None], 0, EVEN),)
+        rest = qf_ptr + ((3 * pair + 2) * 32 + lane)[:, None] * 4 + 2 * unit[:, None] + tl.arange(0, 2 * VECS)[None, :]
+        loads = loads + (load_unless_even(rest, here[:, None], 0, EVEN),)
+    else:
+        for u in tl.static_range(VECS):
+            block = (tile * steps + step) * VECS + u
+            loads = loads + (load_unless_even(qf_ptr + (block * 32 + lane)[:, None] * 4 + vec, here[:, None], 0, EVEN),)
+    return loads
+
+
+@triton.jit
+def _tile_words(now, first: tl.constexpr, BITS: tl.constexpr, VECS: tl.constexpr):
+    """A tile's words of a step, from its :func:`_code_loads` at ``now[first]`` on: at 2 and 4 bits
+    the ``VECS`` vectors' words in order; at 3 bits each unit's 6 words (:func:`_words3`)."""
+    words = ()
+    if BITS == 3:
+        if VECS == 2:
+            r0, r1, r2, r3 = _words(now[first + 2])
+            words = _words(now[first]) + (r0, r1) + _words(now[first + 1]) + (r2, r3)
+        else:
+            r0, r1 = tl.split(now[first + 1])
+            words = _words(now[first]) + (r0, r1)
+    else:
+        for u in tl.static_range(VECS):
+            words = words + _words(now[first + u])
+    return words
+
+
+@triton.jit
+def _zero_offsets3(z, magic, EMULATE: tl.constexpr):
+    """3 bits: the offsets that make ``(q - z) / 256`` of the pairs ``1024 + m q`` (``m`` 1, 8,
+    64) by an ``fma.f16x2`` with ``2^-8 / m``: ``(1024 + z) (-2^-8) + 4 - 4 / m``, exact in fp16."""
+    z_pair = z * 0x10001 | magic
+    low = tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32)  # -2^-8
+    return (fma_h2(z_pair, low, tl.zeros(z.shape, tl.int32), EMULATE),
+            fma_h2(z_pair, low, tl.full(z.shape, 0x43004300, tl.int32), EMULATE),  # 3.5
+            fma_h2(z_pair, low, tl.full(z.shape, 0x43E043E0, tl.int32), EMULATE))  # 3.9375
+
+
+@triton.jit
+def _pair3(words, W0: tl.constexpr, P: tl.constexpr, top, bottom, magic, EMULATE: tl.constexpr):
+    """3 bits: pair ``P`` (0-15) of the quad whose words start at ``words[W0]`` (:func:`_words3`) as
+    the fp16 pair ``(q - z) / 256``; ``top`` / ``bottom``: :func:`_zero_offsets3` of rows ``g`` (even
+    ``P``) and ``g + 8`` (odd)."""
+    FIELD: tl.constexpr = P % 5
+    LEVEL: tl.constexpr = 0 if P == 15 else FIELD % 3  # fields 0-2 at bits 0, 3, 6; 3-4 at 9, 12 (shifted by 9)
+    MASK: tl.constexpr = 0x00070007 << (3 * LEVEL)
+    if P == 15:  # bit i of each half's code in bit 15 of that half of word i
+        raw = ((words[W0] >> 15) & 0x00010001) | ((words[W0 + 1] >> 14) & 0x00020002) | \
+            ((words[W0 + 2] >> 13) & 0x00040004) | magic
+    else:
+        if FIELD < 3:
+            raw = (words[W0 + P // 5] & MASK) | magic
+        else:
+            raw = ((words[W0 + P // 5] >> 9) & MASK) | magic
+    SCALE: tl.constexpr = 0x1C001C00 if LEVEL == 0 else 0x10001000 if LEVEL == 1 else 0x04000400  # 2^-8 / 8^LEVEL
+    offsets = top if P % 2 == 0 else bottom
+    return fma_h2(raw, tl.full(raw.shape, SCALE, tl.int32), offsets[LEVEL], EMULATE)
+
+
+@triton.jit
 def _zero_sums(T: tl.constexpr, COUNT: tl.constexpr):
     """``COUNT`` float32 zeros ``[T]``, as a tuple."""
     sums = ()
@@ -241,20 +378,22 @@ def _zero_sums(T: tl.constexpr, COUNT: tl.constexpr):
 
 @triton.jit
 def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOKEN_TILES: tl.constexpr,
-                   VECS: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr, x_now, X_APART: tl.constexpr):
+                   VECS: tl.constexpr, STEP_K: tl.constexpr, RUN: tl.constexpr, EMULATE: tl.constexpr, x_now,
+                   X_APART: tl.constexpr):
     """``acc`` (the ``TILES * TOKEN_TILES * 4`` float32 sums: tile, token tile, MMA output register)
     plus the products of one step, from what :func:`_step_loads` read for it (``now``; with
     ``X_APART`` its x in ``x_now``, read apart from the codes, else ``x_now`` is not read: Triton 3.6
     compiles no tuple default)."""
     T: tl.constexpr = acc[0].shape[0]
-    QUADS: tl.constexpr = VECS * 256 // BITS // 64
-    WORDS_PER_QUAD: tl.constexpr = 4 // (256 // BITS // 64)  # of a tile's 4 VECS words
-    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD
-    X0: tl.constexpr = TILES * VECS  # _step_loads: the first x vector
+    QUADS: tl.constexpr = VECS * STEP_K // 64
+    WORDS_PER_QUAD: tl.constexpr = 3 if BITS == 3 else 4 // (256 // BITS // 64)
+    MMAS_PER_WORD: tl.constexpr = 4 // WORDS_PER_QUAD  # 2 and 4 bits
+    LOADS: tl.constexpr = VECS + 1 if BITS == 3 else VECS  # a tile's code loads (_code_loads)
+    X0: tl.constexpr = TILES * LOADS  # _step_loads: the first x vector
     S0: tl.constexpr = X0 + (0 if X_APART else QUADS * 2 * TOKEN_TILES)  # the first scale
-    words = ()  # tile r's word w at r * 4 VECS + w
-    for v in tl.static_range(TILES * VECS):
-        words = words + _words(now[v])
+    words = ()  # tile r's word w at r * WORDS_PER_QUAD * QUADS + w
+    for r in tl.static_range(TILES):
+        words = words + _tile_words(now, r * LOADS, BITS, VECS)
     xs = ()  # quad q's token tile nt: words (q * TOKEN_TILES + nt) * 8 + 0..7
     for v in tl.static_range(QUADS * 2 * TOKEN_TILES):
         if X_APART:
@@ -266,18 +405,30 @@ def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOK
         for r in tl.static_range(TILES):
             s_top = now[S0 + (run * TILES + r) * 4].to(tl.float32)
             s_bottom = now[S0 + (run * TILES + r) * 4 + 1].to(tl.float32)
-            ce, _, ze, _ = pair_constants(now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32), magic, BITS,
-                                          EMULATE)  # even fields: row g
-            _, co, _, zo = pair_constants(now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32), magic, BITS,
-                                          EMULATE)  # odd fields: row g + 8
+            z_top = now[S0 + (run * TILES + r) * 4 + 2].to(tl.int32)
+            z_bottom = now[S0 + (run * TILES + r) * 4 + 3].to(tl.int32)
+            if BITS == 3:
+                top = _zero_offsets3(z_top, magic, EMULATE)
+                bottom = _zero_offsets3(z_bottom, magic, EMULATE)
+            else:
+                ce, _, ze, _ = pair_constants(z_top, magic, BITS, EMULATE)  # even fields: row g
+                _, co, _, zo = pair_constants(z_bottom, magic, BITS, EMULATE)  # odd fields: row g + 8
             sums = _zero_sums(T, TOKEN_TILES * 4)
             for qr in tl.static_range(RUN):
                 for j in tl.static_range(4):
-                    word = words[r * 4 * VECS + (run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
-                    a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
-                                         EMULATE)
-                    a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo, magic,
-                                         BITS, EMULATE)
+                    # the quad's first word: (r * QUADS + run * RUN + qr) * WORDS_PER_QUAD (Triton 3.6 indexes a
+                    # tuple by constant expressions only, not by names assigned in the loop)
+                    if BITS == 3:
+                        a0 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j, top, bottom, magic, EMULATE)
+                        a1 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j + 1, top, bottom, magic, EMULATE)
+                        a2 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j + 2, top, bottom, magic, EMULATE)
+                        a3 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j + 3, top, bottom, magic, EMULATE)
+                    else:
+                        word = words[(r * QUADS + run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
+                        a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,
+                                             EMULATE)
+                        a2, a3 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD) + 2 * BITS, ce, co, ze, zo,
+                                             magic, BITS, EMULATE)
                     new_sums = ()
                     for nt in tl.static_range(TOKEN_TILES):
                         new_sums = new_sums + mma_m16n8k16(a0, a1, a2, a3,  # B: the quad's token tile nt, MMA j
@@ -300,13 +451,14 @@ def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOK
 def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, N, K, stride_xw, stride_res, stride_ym,
                          stride_g, stride_gn, magic, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
                          RESIDUAL: tl.constexpr, TILES: tl.constexpr,
-                         WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, RUN: tl.constexpr,
-                         AHEAD: tl.constexpr, X_AHEAD: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr,
+                         WARPS: tl.constexpr, TOKEN_TILES: tl.constexpr, VECS: tl.constexpr, STEP_K: tl.constexpr,
+                         RUN: tl.constexpr, AHEAD: tl.constexpr, X_AHEAD: tl.constexpr, EVEN: tl.constexpr,
+                         PDL: tl.constexpr,
                          EMULATE: tl.constexpr):
     """``y[m, n] = sum_k x[m, k] W[n, k] (+ bias) (+ res[m, n] with ``RESIDUAL``, a decoder layer's
     residual stream, added before the one rounding)`` for ``m < M <= 8 TOKEN_TILES`` and program 0's
     ``TILES`` 16-row tiles over the whole of K: warp ``w`` takes steps ``w, w + WARPS, ...`` of
-    ``VECS`` vectors of :func:`step_k` values of K (``EVEN``: the steps fill every warp's turns,
+    ``VECS`` units of ``STEP_K`` values of K (:func:`step_k`; ``EVEN``: the steps fill every warp's turns,
     else the missing ones read zeros), everything a step reads requested ``AHEAD`` (1 or 2) steps
     before it is used, or with ``AHEAD`` 0 just before (the loads unmasked where ``EVEN``, fewer
     registers, the latency left to the other warps: on an H200 the faster form at w2g64 and the
@@ -324,7 +476,7 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
     ptxas issues the next step's loads at the end of the body, just before their use, and at
     M = 16 holds 138 registers, one program an SM."""
     T: tl.constexpr = 32 * WARPS
-    steps = K // (VECS * 256 // BITS)
+    steps = K // (VECS * STEP_K)
     i = tl.arange(0, T)
     warp = i // 32
     tile0 = tl.program_id(0) * TILES
@@ -334,32 +486,33 @@ def _dq_fragments_kernel(x_ptr, qf_ptr, s_ptr, z_ptr, b_ptr, res_ptr, y_ptr, M, 
         acc = _zero_sums(T, TILES * TOKEN_TILES * 4)
         for s0 in range(0, steps, WARPS):
             now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                              BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True)
-            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
+                              BITS, GROUP, TILES, TOKEN_TILES, VECS, STEP_K, RUN, EVEN, CLAMP_ROWS=True)
+            acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, STEP_K, RUN, EMULATE, now, False)
     else:
         ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp, steps, M, stride_xw, stride_g, stride_gn, tile0, i,
-                            BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, X=X_AHEAD)
+                            BITS, GROUP, TILES, TOKEN_TILES, VECS, STEP_K, RUN, EVEN, X=X_AHEAD)
         if AHEAD == 2:
             further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, warp + WARPS, steps, M, stride_xw, stride_g, stride_gn,
-                                  tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False, X=X_AHEAD)
+                                  tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, STEP_K, RUN, False, X=X_AHEAD)
         acc = _zero_sums(T, TILES * TOKEN_TILES * 4)
         for s0 in range(0, steps, WARPS):
             now = ahead
             if AHEAD == 2:
                 ahead = further
                 further = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + 2 * WARPS, steps, M, stride_xw, stride_g,
-                                      stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False,
+                                      stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, STEP_K, RUN, False,
                                       X=X_AHEAD)
             else:
                 ahead = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp + WARPS, steps, M, stride_xw, stride_g,
-                                    stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, False, X=X_AHEAD)
+                                    stride_gn, tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, STEP_K, RUN, False,
+                                    X=X_AHEAD)
             if X_AHEAD:
-                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, now, False)
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, STEP_K, RUN, EMULATE, now, False)
             else:  # x from L1 / L2 just before use; the codes, scales and zero points from DRAM ahead
                 x_now = _step_loads(qf_ptr, xw, s_ptr, z_ptr, s0 + warp, steps, M, stride_xw, stride_g, stride_gn,
-                                    tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, RUN, EVEN, CLAMP_ROWS=True,
+                                    tile0, i, BITS, GROUP, TILES, TOKEN_TILES, VECS, STEP_K, RUN, EVEN, CLAMP_ROWS=True,
                                     WEIGHTS=False)
-                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, RUN, EMULATE, x_now, True)
+                acc = _step_products(now, acc, magic, BITS, TILES, TOKEN_TILES, VECS, STEP_K, RUN, EMULATE, x_now, True)
     release_next_grid(PDL)
     lane = tl.arange(0, 32)
     for r in tl.static_range(TILES):
@@ -397,7 +550,8 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
                            residual: torch.Tensor | None = None) -> torch.Tensor:
     """fp16 ``x [M, K]`` (M <= 16) -> ``[M, N]`` over codes in fragment order (:func:`fragment_codes`);
     ``cfg.block_n`` columns a program (a multiple of 16), ``cfg.num_warps`` warps splitting K in steps
-    of ``cfg.vectors`` vectors a lane and tile (K a whole number of steps), ``cfg.block_k`` steps
+    of ``cfg.vectors`` units (:func:`step_k`; 1 or 2 at 3 bits) a lane and tile (K a whole number of
+    steps), ``cfg.block_k`` steps
     requested ahead (0, 1 or 2; ``cfg.x_ahead`` False: x not with them, read just before use).
     ``residual`` (``[M, N]``, unit column stride): added to the output (the epilogue of a decoder
     layer's o and down projections, :mod:`.prologue`)."""
@@ -407,11 +561,13 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
     step = cfg.vectors * step_k(bits)
     if (not 1 <= M <= 16 or x.dtype != torch.float16 or not takes(bits, group, N, K) or cfg.block_n % TILE_ROWS
             or cfg.block_k not in (0, 1, 2) or (cfg.block_k == 0 and not cfg.x_ahead)
-            or fragments.shape != (N // TILE_ROWS, K // step_k(bits), 32, 4) or (N // TILE_ROWS) % tiles
+            or (bits == 3 and cfg.vectors not in (1, 2))
+            or fragments.shape != (N // TILE_ROWS, code_blocks(bits, K), 32, 4) or (N // TILE_ROWS) % tiles
             or K % step or x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16):
         raise ValueError(f"the fragment-order decode kernel takes 1-16 fp16 rows of 16-byte aligned x and {FRAGMENT_BITS}-"
                          f"bit codes from fragment_codes, groups a multiple of {QUAD_K}, a whole number of 16-row tiles "
-                         f"a program and of steps in K; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
+                         f"a program and of steps in K (at 3 bits K a multiple of {repack_k(3)}, steps of 1 or 2 units)"
+                         f"; not {M} {x.dtype} rows of strides {tuple(x.stride())}, codes "
                          f"{tuple(fragments.shape)}, {bits}-bit, group {group}, N = {N}, K = {K}, BLOCK_N = "
                          f"{cfg.block_n}, steps of {step}, {cfg.block_k} steps ahead (0, 1 or 2), x "
                          f"{'ahead' if cfg.x_ahead else 'just before use (only with 1 or 2 steps ahead)'}")
@@ -425,7 +581,8 @@ def gemv_fragments_forward(x: torch.Tensor, fragments: torch.Tensor, scales: tor
         y.stride(0), *group_strides(scales, zeros), MAGIC,
         BITS=bits, GROUP=group, HAS_BIAS=bias is not None, RESIDUAL=residual is not None, TILES=tiles,
         WARPS=cfg.num_warps,
-        TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, RUN=quads_per_run(bits, group, cfg.vectors),
+        TOKEN_TILES=1 if M <= 8 else 2, VECS=cfg.vectors, STEP_K=step_k(bits),
+        RUN=quads_per_run(bits, group, cfg.vectors),
         AHEAD=cfg.block_k, X_AHEAD=cfg.x_ahead, EVEN=(K // step) % cfg.num_warps == 0, PDL=cfg.pdl, EMULATE=interpreting(),
         num_warps=cfg.num_warps, **launch_options(cfg))
     return y

@@ -122,7 +122,7 @@ def compile_fragments(bits: int, group: int, block_n: int, warps: int, tokens: i
                                                      "magic")}}
     constants = dict(stride_gn=1, BITS=bits, GROUP=group, HAS_BIAS=False, RESIDUAL=False,
                      TILES=block_n // fragments.TILE_ROWS,
-                     WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors,
+                     WARPS=warps, TOKEN_TILES=1 if tokens <= 8 else 2, VECS=vectors, STEP_K=fragments.step_k(bits),
                      RUN=fragments.quads_per_run(bits, group, vectors), AHEAD=ahead, X_AHEAD=x_ahead, EVEN=True, PDL=False,
                      EMULATE=False)
     return compile_for_hopper(fragments._dq_fragments_kernel, types, constants, warps, 1)
@@ -272,7 +272,8 @@ def kmajor_stats(args: argparse.Namespace) -> None:
 
 def fragments_stats(args: argparse.Namespace) -> None:
     """``--fragments``: registers and the K loop of the ``mma.sync`` kernel per weight a lane
-    takes in a step (its ``--vectors`` x 4 words in each of ``--block-n / 16`` tiles)."""
+    takes in a step (``--vectors`` units of :func:`fragments.step_k` values of K over 16 rows, in each
+    of ``--block-n / 16`` tiles)."""
     if args.bits not in fragments.FRAGMENT_BITS or args.group % fragments.QUAD_K or args.block_n % fragments.TILE_ROWS \
             or not 1 <= args.tokens <= 16 or (args.x_late and args.ahead == 0):
         raise SystemExit(f"--fragments takes --bits in {fragments.FRAGMENT_BITS}, --group a multiple of "
@@ -281,7 +282,7 @@ def fragments_stats(args: argparse.Namespace) -> None:
     usage, sass = compile_fragments(args.bits, args.group, args.block_n, args.warps, args.tokens, args.ahead,
                                     args.vectors, not args.x_late)
     loop = opcodes(k_loop(sass))
-    weights = args.block_n // fragments.TILE_ROWS * args.vectors * 4 * 32 // args.bits
+    weights = args.block_n * args.vectors * fragments.step_k(args.bits) // 32
     stats = {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
              "local_stores": opcodes(sass.splitlines())["STL"],
              "loop_instructions": sum(loop.values()), "per_weight": sum(loop.values()) / weights,

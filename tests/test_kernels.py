@@ -1462,6 +1462,44 @@ def test_fragment_order_places_each_code_of_a_tile_step_once(bits):
     assert torch.equal(row % 8, lane // 4)  # rows g and g + 8
 
 
+def test_three_bit_fragment_order_places_each_code_of_a_unit_once():
+    """At 3 bits the map from (lane, pair, half) to (row, K) inside a tile and a 128-K unit is a
+    bijection with the same lane properties as at 2 and 4 bits."""
+    from efficientqat.kernels.fragments import _pair_positions3
+
+    row, k = _pair_positions3()
+    assert sorted((row * 128 + k).flatten().tolist()) == list(range(16 * 128))
+    lane = torch.arange(32).view(32, 1, 1).expand_as(k)
+    assert torch.equal(k % 64 // 16, lane % 4) and torch.equal(row % 8, lane // 4)
+
+
+def test_three_bit_fragment_codes_read_back_field_by_field():
+    """The 3-bit repack read back as the kernel reads it (:func:`fragments._pair3`): of every two
+    128-K units, the first block holds unit 0's words 0-3, the second unit 1's, the third both
+    units' words 4-5; word ``i`` of a quad holds pairs ``5 i .. 5 i + 4`` at bits ``3 f`` of each
+    half and bit ``i`` of the quad's 16th pair in bit 15 of each half."""
+    from efficientqat.kernels.fragments import _pair_positions3, fragment_codes
+
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 8, (32, 512), generator=gen)
+    blocks = fragment_codes(pack_qweight(codes, 3), 3).to(torch.int64) & 0xFFFFFFFF
+    assert blocks.shape == (2, 6, 32, 4)
+    row, k = _pair_positions3()
+    blocks = blocks.view(2, 2, 3, 32, 4)  # [tile, unit pair, block, lane, word]
+    for unit in range(2):
+        words = torch.cat((blocks[:, :, unit], blocks[:, :, 2, :, 2 * unit:2 * unit + 2]), dim=-1)  # [.., 32, 6]
+        for quad in range(2):
+            for pair in range(16):
+                for half in range(2):
+                    if pair < 15:
+                        got = words[..., 3 * quad + pair // 5] >> (16 * half + 3 * (pair % 5)) & 7
+                    else:
+                        got = sum((words[..., 3 * quad + i] >> (16 * half + 15) & 1) << i for i in range(3))
+                    r, kk = row[:, 16 * quad + pair, half], k[:, 16 * quad + pair, half]  # per lane
+                    want = codes.view(2, 16, 2, 2, 128)[:, r, :, unit, kk]  # [32 lanes, tile, unit pair]
+                    assert torch.equal(got.permute(2, 0, 1), want)
+
+
 def test_fragment_repack_in_column_chunks_matches_one_pass(monkeypatch):
     """The repack works :data:`REPACK_ROWS` columns at a time (a ragged last chunk here) and reads
     codes stored either way; every chunk size gives the same words."""
@@ -1483,7 +1521,9 @@ def test_fragment_repack_in_column_chunks_matches_one_pass(monkeypatch):
     (4, 64, 7, 2048, False, 16, 2, 2, 1, True), (2, 128, 12, 2560, True, 16, 4, 2, 2, True),
     (4, 128, 11, 1024, False, 16, 2, 0, 2, True), (2, 64, 3, 1536, True, 48, 8, 0, 1, True),
     (2, 64, 13, 1024, False, 48, 2, 1, 1, False), (4, 128, 6, 1280, True, 16, 4, 1, 2, False),
-    (2, 64, 16, 2560, False, 16, 4, 2, 1, False)])
+    (2, 64, 16, 2560, False, 16, 4, 2, 1, False), (3, 128, 1, 512, False, 16, 2, 1, 1, True),
+    (3, 64, 9, 768, True, 32, 2, 1, 2, True), (3, 128, 4, 1536, False, 16, 4, 0, 1, True),
+    (3, 256, 16, 1024, True, 16, 1, 2, 1, False), (3, -1, 5, 1024, False, 64, 2, 1, 2, False)])
 def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block_n, warps, ahead, vectors, x_ahead):
     """The ``mma.sync`` decode kernel over codes in fragment order against float64: one or two token
     tiles (M = 9, 16), steps its warps do not fill (1536 at 2 bits: 12 steps on 8 warps; 2560: 10 on 4),
@@ -1493,22 +1533,26 @@ def test_fragment_kernel_matches_float64(bits, group, m, k, column_scales, block
     groups, three tiles a program, a bias, scales and zero points N-major or column-major, one or two
     steps loaded ahead, steps of two vectors (a group a step at w2g128, two groups at w4g64, one step
     of a group at per-channel), groups of 192 (a group's quads over two steps); with two vectors a
-    step a residual added to the output. On the CPU the warp's MMA is emulated with the PTX fragment
+    step a residual added to the output. At 3 bits (units of 128 K in three blocks every two): one
+    unit a step (its half of the third block) or two, steps the warps do not fill (3 on 2 warps),
+    none ahead, x just before use two steps ahead, groups of 64, 256 and per-channel; 64 columns (3-bit
+    zero points pack 32 columns a word), 48 at 2 and 4 bits. On the CPU the warp's MMA is emulated with the PTX fragment
     layout; on the GPU this checks that layout against the hardware."""
     from efficientqat.kernels.fragments import fragment_codes, gemv_fragments_forward
 
     gen = torch.Generator().manual_seed(bits + k + m)
-    q, z, s, qw, zeros, scales, gl = rand_layer(48, k, bits, group, gen, scale_dtype=torch.float16)
+    n = 64 if bits == 3 else 48
+    q, z, s, qw, zeros, scales, gl = rand_layer(n, k, bits, group, gen, scale_dtype=torch.float16)
     x = torch.randn(m, k, generator=gen).to(DEV, torch.float16)
-    bias = torch.randn(48, generator=gen).to(DEV, torch.float16)
+    bias = torch.randn(n, generator=gen).to(DEV, torch.float16)
     if column_scales:
         scales, zeros = (t.t().contiguous().t() for t in (scales, zeros))
-    residual = torch.randn(m, 48, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
+    residual = torch.randn(m, n, generator=gen).to(DEV, torch.float16) if vectors == 2 else None
     y = gemv_fragments_forward(x, fragment_codes(qw, bits), scales, zeros, bias, bits, gl,
                                tuning.Config(1, block_n, ahead, 1, warps, 1, tuning.FRAGMENTS, vectors=vectors,
                                              x_ahead=x_ahead), residual=residual)
     ref = reference(x, q, z, scales, gl, bias)[0] + (0 if residual is None else residual.double().cpu())
-    assert y.shape == (m, 48) and rel(y, ref) < 3e-3
+    assert y.shape == (m, n) and rel(y, ref) < 3e-3
 
 
 def test_fragment_kernel_refuses_what_it_cannot_take():
@@ -1528,12 +1572,48 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
                                4, 128, replace(cfg, vectors=8))
     with pytest.raises(ValueError, match="bfloat16"):
         gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.bfloat16), codes, scales, zeros, None, 4, 128, cfg)
+    q, z, s, qw3, zeros3, scales3, gl = rand_layer(32, 1024, 3, 128, gen, scale_dtype=torch.float16)
+    with pytest.raises(ValueError, match="at 3 bits K a multiple of 256, steps of 1 or 2 units"):  # 4 units: 512
+        gemv_fragments_forward(torch.randn(1, 1024).to(DEV, torch.float16), fragment_codes(qw3, 3), scales3, zeros3,
+                               None, 3, 128, replace(cfg, vectors=4))
     with pytest.raises(ValueError, match="3 steps ahead"):
         gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.float16), codes, scales, zeros, None, 4, 128,
                                replace(cfg, block_k=3))
     with pytest.raises(ValueError, match=r"0 steps ahead \(0, 1 or 2\), x just before use \(only with 1 or 2 steps"):
         gemv_fragments_forward(torch.randn(1, 512).to(DEV, torch.float16), codes, scales, zeros, None, 4, 128,
                                replace(cfg, block_k=0, x_ahead=False))
+
+
+def test_three_bit_layers_hold_fragment_codes_only_when_asked_and_then_match_the_fallback(monkeypatch):
+    """``store_codes_fragments`` leaves 3-bit layers alone by default (their kernel is not timed
+    yet); asked for, it gives them codes in fragment order, whose kernel the tuner is offered and,
+    chosen, gives the fallback's output."""
+    from efficientqat.kernels import autograd
+    from efficientqat.qlinear import store_codes_fragments
+
+    chosen = []
+
+    def pick_fragments(key, candidates, run, chain=False, copies=None):
+        chosen.append(next(c for c in candidates() if c.variant == tuning.FRAGMENTS))
+        return chosen[-1]
+
+    monkeypatch.setattr(tuning, "choose", pick_fragments)
+
+    gen = torch.Generator().manual_seed(7)
+    layer = PackedLinear.from_codes(torch.randint(0, 8, (64, 256), generator=gen),
+                                    torch.rand(64, 2, generator=gen) * 0.01, torch.randint(0, 8, (64, 2), generator=gen),
+                                    None, QuantSpec.from_name("w3g128")).to(DEV)
+    store_codes_fragments(layer)
+    assert layer.fragment_codes is None
+    store_codes_fragments(layer, bits=(3,))
+    assert layer.fragment_codes.shape == (4, 3, 32, 4)
+    x = torch.randn(3, 256, generator=gen).to(DEV, torch.float16)
+    fallback = x.double().cpu() @ layer.dequantize_weight(torch.float64).cpu().t()
+    for m in (1, 3):
+        y = autograd.forward_2d(x[:m], layer.qweight, layer.scales, layer.kernel_zeros(), None, 3, 128,
+                                fragments=layer.fragment_codes)
+        assert rel(y, fallback[:m]) < 3e-3
+    assert len(chosen) == 2
 
 
 def test_layers_holding_fragment_codes_are_offered_their_kernel_and_match_the_fallback(monkeypatch):
