@@ -14,8 +14,10 @@
 #   bash pipelines/device_kernels.sh layout             # layout_study: M = 16 / 4 prototype over N-major vs
 #                                                     # micro-tile codes, against cuBLAS (8192^2, w4g128); further
 #                                                     # arguments go to layout_study, e.g. --production --split 8 --stages 1
-#   bash pipelines/device_kernels.sh table w4g128,w3g128 [SHAPES]  # bench_kernels --no-train, M = 1, 4, 16
-#                                                     # (SHAPES e.g. "8192,8192"; default the issue's five)
+#   bash pipelines/device_kernels.sh table w4g128,w3g128 [SHAPES [LAYOUT]]  # bench_kernels --no-train, M = 1, 4, 16
+#                                                     # (SHAPES e.g. "8192,8192", "" for the issue's five; LAYOUT
+#                                                     # fragments or k-major: bench_kernels --fragments / --k-major,
+#                                                     # with fragments its GPU float64 tests first)
 #   bash pipelines/device_kernels.sh layers w4g128,w2g64  # bench_kernels at M = 1 on a 7B model's four fused
 #                                                     # layer shapes, with the fixed-cost / streaming-rate fit
 #                                                     # and each layer again with the RMSNorm prologue
@@ -71,8 +73,16 @@ case $stage in
     timeout 560 python3 pipelines/layout_study.py --sass --time --m 16,4 --out "$out/layout_study.json" "${@:2}" 2>&1 \
       | grep -E "^\||^\{\"layout" | tail -20 ;;
   table)
+    layout=${4:-}
+    case $layout in
+      ""|n-major) layout_flag=() ;;
+      fragments) layout_flag=(--fragments)
+        timeout 200 python3 -m pytest -q tests/test_kernels.py -k "fragment_kernel or three_bit" 2>&1 | tail -3 ;;
+      k-major) layout_flag=(--k-major) ;;
+      *) echo "table: unknown layout '$layout' (n-major, fragments or k-major)" >&2; exit 2 ;;
+    esac
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/table" --no-train --ms 1,4,16 --small-quants-ms 1,4,16 \
-      --quants "${2:-w4g128,w3g128}" ${3:+--shapes "$3"} 2>&1 | grep -E "^\||^device" | tail -40 ;;
+      --quants "${2:-w4g128,w3g128}" ${3:+--shapes "$3"} "${layout_flag[@]}" 2>&1 | grep -E "^\||^device" | tail -40 ;;
   layers)
     timeout 560 python3 pipelines/bench_kernels.py --out "$out/layers" --no-train --ms 1 --small-quants-ms 1 --row-ops \
       --quants "${2:-w4g128,w3g128,w2g64}" --shapes "4096,4096;12288,4096;22016,4096;4096,11008" 2>&1 \
