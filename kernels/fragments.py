@@ -60,7 +60,7 @@ import triton.language as tl
 
 from efficientqat.packing import unpack_qweight
 
-from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, unpack_h2
+from .half2 import MAGIC, field_pairs, fma_h2, pair_constants, unpack_h2, zero_offset
 from .tiling import (add_bias, group_strides, launch_options, launcher, load_unless_even, release_next_grid,
                      wait_for_previous_grid)
 from .tuning import Config, interpreting
@@ -338,12 +338,10 @@ def _tile_words(now, first: tl.constexpr, BITS: tl.constexpr, VECS: tl.constexpr
 @triton.jit
 def _zero_offsets3(z, magic, EMULATE: tl.constexpr):
     """3 bits: the offsets that make ``(q - z) / 256`` of the pairs ``1024 + m q`` (``m`` 1, 8,
-    64) by an ``fma.f16x2`` with ``2^-8 / m``: ``(1024 + z) (-2^-8) + 4 - 4 / m``, exact in fp16."""
+    64) by an ``fma.f16x2`` with ``2^-8 / m`` (:func:`half2.zero_offset`), exact in fp16."""
     z_pair = z * 0x10001 | magic
-    low = tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32)  # -2^-8
-    return (fma_h2(z_pair, low, tl.zeros(z.shape, tl.int32), EMULATE),
-            fma_h2(z_pair, low, tl.full(z.shape, 0x43004300, tl.int32), EMULATE),  # 3.5
-            fma_h2(z_pair, low, tl.full(z.shape, 0x43E043E0, tl.int32), EMULATE))  # 3.9375
+    return (zero_offset(z_pair, 0, EMULATE), zero_offset(z_pair, 0x43004300, EMULATE),  # 4 - 4 / 8 = 3.5
+            zero_offset(z_pair, 0x43E043E0, EMULATE))  # 4 - 4 / 64 = 3.9375
 
 
 @triton.jit
@@ -365,6 +363,16 @@ def _pair3(words, W0: tl.constexpr, P: tl.constexpr, top, bottom, magic, EMULATE
     SCALE: tl.constexpr = 0x1C001C00 if LEVEL == 0 else 0x10001000 if LEVEL == 1 else 0x04000400  # 2^-8 / 8^LEVEL
     offsets = top if P % 2 == 0 else bottom
     return fma_h2(raw, tl.full(raw.shape, SCALE, tl.int32), offsets[LEVEL], EMULATE)
+
+
+@triton.jit
+def _mma_a3(words, W0: tl.constexpr, J: tl.constexpr, top, bottom, magic, EMULATE: tl.constexpr):
+    """3 bits: the four A registers of MMA ``J`` of the quad at ``words[W0]``: its pairs ``4 J ..
+    4 J + 3`` (:func:`_pair3`)."""
+    return (_pair3(words, W0, 4 * J, top, bottom, magic, EMULATE),
+            _pair3(words, W0, 4 * J + 1, top, bottom, magic, EMULATE),
+            _pair3(words, W0, 4 * J + 2, top, bottom, magic, EMULATE),
+            _pair3(words, W0, 4 * J + 3, top, bottom, magic, EMULATE))
 
 
 @triton.jit
@@ -419,10 +427,8 @@ def _step_products(now, acc, magic, BITS: tl.constexpr, TILES: tl.constexpr, TOK
                     # the quad's first word: (r * QUADS + run * RUN + qr) * WORDS_PER_QUAD (Triton 3.6 indexes a
                     # tuple by constant expressions only, not by names assigned in the loop)
                     if BITS == 3:
-                        a0 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j, top, bottom, magic, EMULATE)
-                        a1 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j + 1, top, bottom, magic, EMULATE)
-                        a2 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j + 2, top, bottom, magic, EMULATE)
-                        a3 = _pair3(words, (r * QUADS + run * RUN + qr) * 3, 4 * j + 3, top, bottom, magic, EMULATE)
+                        a0, a1, a2, a3 = _mma_a3(words, (r * QUADS + run * RUN + qr) * 3, j, top, bottom, magic,
+                                                 EMULATE)
                     else:
                         word = words[(r * QUADS + run * RUN + qr) * WORDS_PER_QUAD + j // MMAS_PER_WORD]
                         a0, a1 = field_pairs(word, 4 * BITS * (j % MMAS_PER_WORD), ce, co, ze, zo, magic, BITS,

@@ -165,10 +165,16 @@ def pair_constants(z, magic, BITS: tl.constexpr, EMULATE: tl.constexpr):
     # each: (1024 + z) * -2^-8 = -(4 + z / 256), exact in fp16 (the float route took ~12
     # instructions a column: conversions, negation, packing)
     z_pair = z * 0x10001 | magic
-    ze = fma_h2(z_pair, tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32), tl.zeros(z.shape, tl.int32), EMULATE)
-    zo = fma_h2(z_pair, tl.full(z.shape, 0x9C009C00 - (1 << 32), tl.int32), tl.full(z.shape, ODD_SHIFT, tl.int32),
-                EMULATE)
-    return ce, co, ze, zo
+    return ce, co, zero_offset(z_pair, 0, EMULATE), zero_offset(z_pair, ODD_SHIFT, EMULATE)
+
+
+@triton.jit
+def zero_offset(z_pair, SHIFT: tl.constexpr, EMULATE: tl.constexpr):
+    """``(1024 + z) * -2^-8 + SHIFT`` (fp16 pairs; ``z_pair`` holds ``1024 + z``): ``SHIFT - 4 -
+    z / 256``, the offset an ``fma.f16x2`` adds to an and-or pair ``1024 + m q`` scaled by
+    ``2^-8 / m`` to make ``(q - z) / 256``, with ``SHIFT`` = ``4 - 4 / m``."""
+    return fma_h2(z_pair, tl.full(z_pair.shape, 0x9C009C00 - (1 << 32), tl.int32),
+                  tl.full(z_pair.shape, SHIFT, tl.int32), EMULATE)
 
 
 @triton.jit
