@@ -266,19 +266,21 @@ def store_codes_k_major(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.
     return model
 
 
-def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 4)) -> nn.Module:
+def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 3, 4)) -> nn.Module:
     """Give the packed layers of ``bits`` (2, 3 or 4) whose shapes allow it a second copy of
     their codes in ``mma`` fragment order (``fragment_codes``, a buffer outside the state dict:
     ``kernels/fragments.fragment_codes``), in place. The tuner then also offers those layers the
     ``mma.sync`` decode kernel (``kernels/fragments.py``) at M <= 16 for fp16 x and calls without a
     fused norm or SiLU epilogue (the kernel adds a residual itself), under keys of their own.
+    Shapes it takes (``fragments.takes``): N a multiple of 16, groups of 64k, K a multiple of 64
+    (4-bit), 128 (2-bit) or 256 (3-bit).
 
-    On an H200 (session 21, BENCHMARKS.md) tuned layers at 8192^2 w4g128 took 11.9 against 13.1 µs
-    at M = 1, 12.2 against 23.0 at M = 4 and 16.8 against 24.9 at M = 16; w2g64 13.2 against 21.3
-    at M = 4 and 20.1 against 35.9 at M = 16 (at M = 1 the tuner keeps the paired-fp16 kernel). The codes are held twice (every other kernel, the
-    backward and prefill read ``qweight``): 0.5 bytes a weight more at 4 bits. 3-bit layers take
-    the kernel too (K a multiple of 256) but only when ``bits`` names them: that form is checked
-    against float64 on the CPU and not yet timed on a GPU. A no-op where Triton is missing."""
+    On an H200 (session 26, BENCHMARKS.md; ``bench_kernels.py --fragments``) tuned 8192^2 layers
+    took, against the N-major codes alone (sessions 25 and 26): w4g128 11.6 / 11.9 / 16.0 µs at M = 1 / 4 / 16 against
+    13.0 / 22.9 / 25.2; w3g128 11.4 / 11.9 / 16.2 against 12.0 / 23.9 / 41.5; w2g64 11.2 / 11.8 /
+    15.8 against 10.9 / 21.1 / 35.6 (at M = 1 the tuner may keep the N-major kernel). The codes are
+    held twice (every other kernel, the backward and prefill read ``qweight``): 0.5 bytes a weight
+    more at 4 bits, hence an opt-in for decoding. A no-op where Triton is missing."""
     try:
         from efficientqat.kernels.fragments import fragment_codes, takes
     except ImportError:

@@ -1584,10 +1584,10 @@ def test_fragment_kernel_refuses_what_it_cannot_take():
                                replace(cfg, block_k=0, x_ahead=False))
 
 
-def test_three_bit_layers_hold_fragment_codes_only_when_asked_and_then_match_the_fallback(monkeypatch):
-    """``store_codes_fragments`` leaves 3-bit layers alone by default (their kernel is not timed
-    yet); asked for, it gives them codes in fragment order, whose kernel the tuner is offered and,
-    chosen, gives the fallback's output."""
+def test_three_bit_layers_hold_fragment_codes_unless_left_out_and_then_match_the_fallback(monkeypatch):
+    """``store_codes_fragments`` gives 3-bit layers codes in fragment order by default (``bits``
+    leaving 3 out leaves them alone), whose kernel the tuner is offered and, chosen, gives the
+    fallback's output."""
     from efficientqat.kernels import autograd
     from efficientqat.qlinear import store_codes_fragments
 
@@ -1603,9 +1603,9 @@ def test_three_bit_layers_hold_fragment_codes_only_when_asked_and_then_match_the
     layer = PackedLinear.from_codes(torch.randint(0, 8, (64, 256), generator=gen),
                                     torch.rand(64, 2, generator=gen) * 0.01, torch.randint(0, 8, (64, 2), generator=gen),
                                     None, QuantSpec.from_name("w3g128")).to(DEV)
-    store_codes_fragments(layer)
+    store_codes_fragments(layer, bits=(2, 4))
     assert layer.fragment_codes is None
-    store_codes_fragments(layer, bits=(3,))
+    store_codes_fragments(layer)
     assert layer.fragment_codes.shape == (4, 3, 32, 4)
     x = torch.randn(3, 256, generator=gen).to(DEV, torch.float16)
     fallback = x.double().cpu() @ layer.dequantize_weight(torch.float64).cpu().t()
