@@ -22,7 +22,7 @@ from efficientqat.fused_attention import fuse_decode_attention_
 from efficientqat.fused_decoder import fuse_decoder_layers_
 from efficientqat.fused_projections import fuse_projections_
 from efficientqat.packed_model import QUANT_METHOD, load_packed_model, quantization_config
-from efficientqat.qlinear import prepare_kernel_zeros_
+from efficientqat.qlinear import prepare_kernel_zeros_, store_codes_fragments
 from efficientqat.quantizer import QuantSpec
 from efficientqat.run_folder import STATE_FILE
 
@@ -74,7 +74,7 @@ def gptq_v2_spec(qc: dict[str, Any]) -> QuantSpec:
 
 def load_quantized(
     path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-    fuse: bool = True, fused_attention: bool = True, fused_layers: bool = True,
+    fuse: bool = True, fused_attention: bool = True, fused_layers: bool = True, fragment_codes: bool = False,
 ) -> nn.Module:
     """A Hugging Face causal LM with our packed layers, ready for ``generate()``.
 
@@ -87,11 +87,17 @@ def load_quantized(
     over a static cache (rotary, cache write, attention; :mod:`efficientqat.fused_attention`);
     every other call keeps Hugging Face's forward. ``fused_layers`` (with both of the above)
     moves each decoder layer's RMSNorms and residual adds of those steps into its matmuls
-    (:mod:`efficientqat.fused_decoder`).
+    (:mod:`efficientqat.fused_decoder`). ``fragment_codes`` gives each packed layer whose shape allows it
+    a second copy of its codes in ``mma`` fragment order (:func:`efficientqat.qlinear.store_codes_fragments`), so
+    fp16 calls at M <= 16 without a fused norm may take that decode kernel: on an H200 8192^2 layers
+    ran 1.6-2.6x faster at M = 4 and 16 than on the codes as saved (BENCHMARKS.md, session 26), for
+    0.5 bytes a weight more memory at 4 bits; whole-model generation with it is not yet timed.
     """
     model = _load_unfused(path, device, dtype)
     if fuse:
         fuse_projections_(model)
+    if fragment_codes:
+        store_codes_fragments(model)
     if fused_attention:
         fuse_decode_attention_(model)
     if fused_layers:

@@ -128,6 +128,26 @@ def test_load_quantized_generates(tmp_path, tokenizer, target):
     torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_load_quantized_can_add_fragment_order_codes(tmp_path, tokenizer):
+    """``fragment_codes=True`` gives each (fused) packed layer its codes in fragment order, the
+    repack of its own ``qweight``, outside the state dict; the model computes what it did without."""
+    pytest.importorskip("triton")
+    from efficientqat.kernels.fragments import fragment_codes
+
+    run = make_run(tmp_path / "run", tokenizer, 2, 64)
+    plain = load_quantized(run, device="cpu")
+    model = load_quantized(run, device="cpu", fragment_codes=True)
+    layers = packed_layers(model).values()
+    assert len(layers) == 8 and all(layer.fragment_codes is not None for layer in layers)
+    for layer in layers:
+        torch.testing.assert_close(layer.fragment_codes, fragment_codes(layer.qweight, 2), rtol=0, atol=0)
+    assert all(layer.fragment_codes is None for layer in packed_layers(plain).values())
+    assert model.state_dict().keys() == plain.state_dict().keys()
+    ids = tokenizer("the quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)
+
+
 def test_static_cache_generate_compiles_the_packed_model(tmp_path, tokenizer):
     """``generate()`` with a static cache compiles the decode step (transformers' auto-compile)
     through our packed layers as one graph (``fullgraph``: any break fails), and its greedy
