@@ -87,11 +87,12 @@ def load_quantized(
     over a static cache (rotary, cache write, attention; :mod:`efficientqat.fused_attention`);
     every other call keeps Hugging Face's forward. ``fused_layers`` (with both of the above)
     moves each decoder layer's RMSNorms and residual adds of those steps into its matmuls
-    (:mod:`efficientqat.fused_decoder`). ``fragment_codes`` gives each packed layer whose shape allows it
-    a second copy of its codes in ``mma`` fragment order (:func:`efficientqat.qlinear.store_codes_fragments`), so
-    fp16 calls at M <= 16 without a fused norm may take that decode kernel: on an H200 8192^2 layers
-    ran 1.6-2.6x faster at M = 4 and 16 than on the codes as saved (BENCHMARKS.md, session 26), for
-    0.5 bytes a weight more memory at 4 bits; whole-model generation with it is not yet timed.
+    (:mod:`efficientqat.fused_decoder`). ``fragment_codes`` gives each packed layer whose shape
+    allows it a second copy of its codes in ``mma`` fragment order
+    (:func:`efficientqat.qlinear.store_codes_fragments`), so fp16 calls at M <= 16 without a fused
+    norm may take that decode kernel: on an H200 8192^2 layers ran 1.6-2.6x faster at M = 4 and 16
+    than on the codes as saved (BENCHMARKS.md, session 26), for 0.5 bytes a weight more memory at
+    4 bits; whole-model generation with it is not yet timed.
     """
     model = _load_unfused(path, device, dtype)
     if fuse:

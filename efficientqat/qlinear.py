@@ -276,11 +276,12 @@ def store_codes_fragments(model: nn.Module, bits: Collection[int] = (2, 3, 4)) -
     (4-bit), 128 (2-bit) or 256 (3-bit).
 
     On an H200 (session 26, BENCHMARKS.md; ``bench_kernels.py --fragments``) tuned 8192^2 layers
-    took, against the N-major codes alone (sessions 25 and 26): w4g128 11.6 / 11.9 / 16.0 µs at M = 1 / 4 / 16 against
-    13.0 / 22.9 / 25.2; w3g128 11.4 / 11.9 / 16.2 against 12.0 / 23.9 / 41.5; w2g64 11.2 / 11.8 /
-    15.8 against 10.9 / 21.1 / 35.6 (at M = 1 the tuner may keep the N-major kernel). The codes are
-    held twice (every other kernel, the backward and prefill read ``qweight``): 0.5 bytes a weight
-    more at 4 bits, hence an opt-in for decoding. A no-op where Triton is missing."""
+    took, against the N-major codes alone (sessions 25 and 26): w4g128 11.6 / 11.9 / 16.0 µs at
+    M = 1 / 4 / 16 against 13.0 / 22.9 / 25.2; w3g128 11.4 / 11.9 / 16.2 against 12.0 / 23.9 /
+    41.5; w2g64 11.2 / 11.8 / 15.8 against 10.9 / 21.1 / 35.6 (at M = 1 the tuner may keep the
+    N-major kernel). The codes are held twice (every other kernel, the backward and prefill read
+    ``qweight``): 0.5 bytes a weight more at 4 bits, hence an opt-in for decoding. A no-op where
+    Triton is missing."""
     try:
         from efficientqat.kernels.fragments import fragment_codes, takes
     except ImportError:
